@@ -1,0 +1,154 @@
+"""Element access for numba kernels: every storage dtype read as fp32/fp64, written back rounded.
+
+numba has no bfloat16 and no CPU float16, so the kernels see bf16 tensors as ``uint16``
+arrays and fp16 tensors as ``int16`` arrays (bit views, no copy). ``load`` widens one
+element to the accumulation type and ``store`` narrows with round-to-nearest-even, the
+rounding torch uses. The helpers are ``@overload``s chosen by the array's dtype at compile
+time, so one kernel source serves all four dtypes with no branch in the inner loops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba import njit
+from numba.extending import intrinsic, overload
+
+
+@intrinsic
+def _bits_as_f32(typingctx, bits):
+    """Reinterpret the low 32 bits of an integer as a float32 (LLVM bitcast, vectorizable)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if bits.bitwidth > 32:
+            value = builder.trunc(value, ir.IntType(32))
+        elif bits.bitwidth < 32:
+            value = builder.zext(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _f32_as_bits(typingctx, value):
+    """Reinterpret a float32 as its uint32 bit pattern."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(value), codegen
+
+
+@njit(inline="always")
+def _bf16_to_f32(h):
+    return _bits_as_f32((np.uint32(h) & np.uint32(0xFFFF)) << np.uint32(16))
+
+
+@njit(inline="always")
+def _f32_to_bf16(v):
+    u = np.uint32(_f32_as_bits(np.float32(v)))
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    # NaN: keep the sign and force a quiet NaN (the rounding above could carry it into Inf).
+    quiet_nan = (u >> np.uint32(16)) | np.uint32(0x40)
+    is_nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.uint16(quiet_nan if is_nan else rounded)
+
+
+@njit(inline="always")
+def _f16_to_f32(h):
+    # Written with one return and selects: inlined early returns upset numba's SSA pass.
+    u = np.uint32(h) & np.uint32(0xFFFF)
+    sign = (u & np.uint32(0x8000)) << np.uint32(16)
+    exponent = (u >> np.uint32(10)) & np.uint32(0x1F)
+    mantissa = u & np.uint32(0x3FF)
+    # zero and subnormals: m * 2^-24 is exact in float32
+    subnormal = np.float32(mantissa) * np.float32(5.9604644775390625e-08)
+    subnormal = -subnormal if sign != 0 else subnormal
+    biased = np.uint32(0x7F800000) if exponent == 31 else (exponent + np.uint32(112)) << np.uint32(23)
+    normal = _bits_as_f32(sign | biased | (mantissa << np.uint32(13)))
+    return subnormal if exponent == 0 else normal
+
+
+@njit(inline="always")
+def _f32_to_f16(v):
+    """float32 -> IEEE half bits, round-to-nearest-even, overflow to Inf, NaN stays NaN."""
+    f = np.uint32(_f32_as_bits(np.float32(v)))
+    sign = f & np.uint32(0x80000000)
+    f = f ^ sign
+    half_sign = sign >> np.uint32(16)
+    # |v| >= 65536 rounds to Inf; above 0x7F800000 is NaN
+    overflow = np.uint32(0x7E00) if f > np.uint32(0x7F800000) else np.uint32(0x7C00)
+    # below the smallest normal half: adding 0.5 makes the FPU round at the half subnormal
+    # ulp (2^-24), the result's low bits are the half's bits
+    subnormal = np.uint32(_f32_as_bits(_bits_as_f32(f) + np.float32(0.5))) - np.uint32(0x3F000000)
+    # normal: rebias the exponent by (15 - 127) << 23 (mod 2^32) and add the
+    # round-to-nearest-even bias; numba widens to 64 bits, the carry is masked off below
+    normal = (f + np.uint32(0xC8000FFF) + ((f >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+    bits = overflow if f >= np.uint32(0x47800000) else (subnormal if f < np.uint32(0x38800000) else normal)
+    # np.int16 of a wider integer truncates (LLVM trunc): the bit pattern is what we store
+    return np.int16((bits & np.uint32(0xFFFF)) | half_sign)
+
+
+def load(a, i, j):
+    """a[i, j] widened to the accumulation type (float32, or float64 for float64 arrays)."""
+
+
+def store(a, i, j, v):
+    """a[i, j] = v narrowed to a's storage type with round-to-nearest-even."""
+
+
+def acc_scalar(a, v):
+    """v as a scalar of a's accumulation type (float64 for float64 arrays, else float32)."""
+
+
+@overload(load, inline="always")
+def _load_overload(a, i, j):
+    if a.dtype in (types.float32, types.float64):
+        return lambda a, i, j: a[i, j]
+    if a.dtype == types.uint16:
+        return lambda a, i, j: _bf16_to_f32(a[i, j])
+    if a.dtype == types.int16:
+        return lambda a, i, j: _f16_to_f32(a[i, j])
+    return None
+
+
+@overload(store, inline="always")
+def _store_overload(a, i, j, v):
+    if a.dtype == types.float32:
+
+        def impl(a, i, j, v):
+            a[i, j] = np.float32(v)
+
+        return impl
+    if a.dtype == types.float64:
+
+        def impl(a, i, j, v):
+            a[i, j] = np.float64(v)
+
+        return impl
+    if a.dtype == types.uint16:
+
+        def impl(a, i, j, v):
+            a[i, j] = _f32_to_bf16(v)
+
+        return impl
+    if a.dtype == types.int16:
+
+        def impl(a, i, j, v):
+            a[i, j] = _f32_to_f16(v)
+
+        return impl
+    return None
+
+
+@overload(acc_scalar, inline="always")
+def _acc_scalar_overload(a, v):
+    if a.dtype == types.float64:
+        return lambda a, v: np.float64(v)
+    return lambda a, v: np.float32(v)

@@ -1,0 +1,185 @@
+"""Custom ops, their fake (meta) implementations, autograd, and the choice of backend.
+
+Two ops, both on 2-D row-major tensors (the front end flattens leading and normalized dims):
+
+- ``normfuse::norm_fwd(x, weight?, bias?, eps, rms) -> (out, mean, rstd)``
+- ``normfuse::norm_bwd(dy, x, weight?, mean, rstd, rms, need_dx, need_dweight, need_dbias)
+  -> (dx, dweight, dbias)``; a gradient not asked for comes back as an empty tensor.
+
+``rms`` selects RMSNorm in the same kernels. Registered with ``torch.library`` so autograd,
+``torch.compile(fullgraph=True)`` and the dispatcher treat them as native ops. The backward of
+the backward (double backward) goes through the differentiable reference formulas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from normfuse import reference
+
+BACKENDS = ("cpu", "triton", "reference")
+
+_forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("normfuse_backend", default=None)
+_warned_fallbacks: set[tuple[str, torch.dtype]] = set()
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force a backend (``"cpu"``, ``"triton"`` or ``"reference"``) inside the block.
+
+    ``None`` restores automatic choice. Overrides the ``NORMFUSE_BACKEND`` environment variable.
+    """
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown normfuse backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    token = _forced_backend.set(name)
+    try:
+        yield
+    finally:
+        _forced_backend.reset(token)
+
+
+def _load_backend(name: str) -> ModuleType:
+    if name == "cpu":
+        from normfuse.backends import cpu
+
+        return cpu
+    if name == "triton":
+        from normfuse.backends import triton as triton_backend
+
+        return triton_backend
+    return reference
+
+
+def _forced_name() -> str | None:
+    name = _forced_backend.get() or os.environ.get("NORMFUSE_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"NORMFUSE_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def backend_name(x: Tensor) -> str:
+    """The backend that will run for a tensor like ``x``: forced, else by device and dtype."""
+    forced = _forced_name()
+    if forced is not None:
+        return forced
+    if x.device.type == "cpu" and x.dtype in _CPU_DTYPES:
+        return "cpu"
+    if x.device.type == "cuda" and _triton_available():
+        return "triton"
+    key = (x.device.type, x.dtype)
+    if key not in _warned_fallbacks:
+        _warned_fallbacks.add(key)
+        warnings.warn(
+            f"normfuse has no kernel for {x.dtype} tensors on {x.device.type}; "
+            "using the (slower) plain-torch reference implementation",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "reference"
+
+
+def backend_for(x: Tensor) -> ModuleType:
+    return _load_backend(backend_name(x))
+
+
+_CPU_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
+
+
+def _triton_available() -> bool:
+    try:
+        from normfuse.backends import triton as triton_backend
+    except ImportError:
+        return False
+    return triton_backend.available()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("normfuse::norm_fwd", mutates_args=())
+def norm_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x (M, N) row-major -> out (M, N) in x's dtype, mean and rstd (M,) fp32 (fp64 for fp64)."""
+    return backend_for(x).norm_fwd(x, weight, bias, eps, rms)
+
+
+@norm_fwd.register_fake
+def _norm_fwd_fake(x, weight, bias, eps, rms):
+    acc = _acc_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("normfuse::norm_bwd", mutates_args=())
+def norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    rms: bool,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused gradients: dx (M, N) in x's dtype; dweight, dbias (N,) in the accumulation dtype."""
+    dx, dweight, dbias = backend_for(x).norm_bwd(dy, x, weight, mean, rstd, rms, need_dx, need_dweight, need_dbias)
+    empty = x.new_empty(0)
+    acc_empty = x.new_empty(0, dtype=_acc_dtype(x.dtype))
+    return (
+        dx if dx is not None else empty,
+        dweight if dweight is not None else acc_empty,
+        dbias if dbias is not None else acc_empty.clone(),
+    )
+
+
+@norm_bwd.register_fake
+def _norm_bwd_fake(dy, x, weight, mean, rstd, rms, need_dx, need_dweight, need_dbias):
+    acc = _acc_dtype(x.dtype)
+    n = x.shape[1]
+    return (
+        torch.empty_like(x) if need_dx else x.new_empty(0),
+        x.new_empty(n if need_dweight else 0, dtype=acc),
+        x.new_empty(n if need_dbias else 0, dtype=acc),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, rms = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.eps = eps
+    ctx.rms = rms
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dout, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        # create_graph=True: return gradients that are themselves differentiable
+        dx, dweight, dbias = reference.norm_bwd_differentiable(dout, x, weight, ctx.eps, ctx.rms)
+    else:
+        dx, dweight, dbias = torch.ops.normfuse.norm_bwd(
+            dout.contiguous(), x, weight, mean, rstd, ctx.rms, need_dx, need_dweight, need_dbias
+        )
+    return (
+        dx if need_dx else None,
+        dweight.to(weight.dtype) if need_dweight else None,
+        dbias.to(ctx.bias_dtype) if need_dbias else None,
+        None,
+        None,
+    )
+
+
+norm_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,159 @@
+"""Plain-torch float64 oracle: the definition every kernel and every test is held to.
+
+Forward and backward are written out explicitly (no autograd), computed in float64 whatever
+the input dtype. ``rms=True`` is RMSNorm: no mean, no bias term in the backward.
+
+The 2-D functions ``norm_fwd`` / ``norm_bwd`` have the same contract as the kernels of
+``normfuse.backends`` so the reference also serves as a backend (``use_backend("reference")``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["layer_norm", "layer_norm_backward", "norm_fwd", "norm_bwd", "norm_bwd_differentiable"]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _stats(x64: torch.Tensor, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean (0 for RMSNorm) and 1/sqrt(var + eps) of a float64 (M, N) tensor."""
+    if rms:
+        mean = torch.zeros(x64.shape[:-1] + (1,), dtype=x64.dtype, device=x64.device)
+    else:
+        mean = x64.mean(dim=-1, keepdim=True)
+    var = (x64 - mean).square().mean(dim=-1, keepdim=True)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t.reshape(-1, n)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    rms: bool = False,
+) -> torch.Tensor:
+    """LayerNorm (RMSNorm with ``rms``) over the trailing ``normalized_shape`` dims, in float64.
+
+    x: (*, *normalized_shape), any float dtype; weight, bias: normalized_shape or None.
+    Returns a float64 tensor of x's shape.
+    """
+    n = math.prod(normalized_shape)
+    x64 = _rows(x.to(torch.float64), n)
+    mean, rstd = _stats(x64, eps, rms)
+    y = (x64 - mean) * rstd
+    if weight is not None:
+        y = y * weight.to(torch.float64).reshape(n)
+    if bias is not None:
+        y = y + bias.to(torch.float64).reshape(n)
+    return y.reshape(x.shape)
+
+
+def layer_norm_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    rms: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Explicit float64 gradients (dx, dweight, dbias) of ``layer_norm`` for ``grad_out``.
+
+    dx has x's shape; dweight and dbias have normalized_shape (dbias is zeros for ``rms``).
+    """
+    n = math.prod(normalized_shape)
+    x64 = _rows(x.to(torch.float64), n)
+    dy = _rows(grad_out.to(torch.float64), n)
+    w = torch.ones(n, dtype=torch.float64) if weight is None else weight.to(torch.float64).reshape(n)
+    dx, dw, db = _explicit_backward(dy, x64, w, eps, rms)
+    return dx.reshape(x.shape), dw.reshape(normalized_shape), db.reshape(normalized_shape)
+
+
+def _explicit_backward(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float, rms: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mean, rstd = _stats(x, eps, rms)
+    xhat = (x - mean) * rstd
+    g = dy * w
+    mean_xhat_g = (xhat * g).mean(dim=-1, keepdim=True)
+    dx = g - xhat * mean_xhat_g
+    if not rms:
+        dx = dx - g.mean(dim=-1, keepdim=True)
+    dx = dx * rstd
+    dw = (dy * xhat).sum(dim=0)
+    db = dy.sum(dim=0) if not rms else torch.zeros_like(dw)
+    return dx, dw, db
+
+
+# --- the backend contract (2-D, row-major), see normfuse.backends.cpu -------------------------
+
+
+def norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, N) -> out (M, N) in x's dtype, mean and rstd (M,) in the accumulation dtype."""
+    acc = _acc_dtype(x.dtype)
+    x64 = x.to(torch.float64)
+    mean, rstd = _stats(x64, eps, rms)
+    y = (x64 - mean) * rstd
+    if weight is not None:
+        y = y * weight.to(torch.float64)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype), mean.reshape(-1).to(acc), rstd.reshape(-1).to(acc)
+
+
+def norm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    rms: bool,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients from the saved statistics, float64 math; dx in x's dtype, dweight/dbias in acc."""
+    acc = _acc_dtype(x.dtype)
+    x64 = x.to(torch.float64)
+    dy64 = dy.to(torch.float64)
+    w = torch.ones(x.shape[1], dtype=torch.float64, device=x.device) if weight is None else weight.to(torch.float64)
+    mean64 = mean.to(torch.float64).reshape(-1, 1)
+    rstd64 = rstd.to(torch.float64).reshape(-1, 1)
+    # recentre: the saved mean was rounded to the accumulation dtype
+    centred = x64 - mean64
+    if not rms:
+        centred = centred - centred.mean(dim=-1, keepdim=True)
+    xhat = centred * rstd64
+    g = dy64 * w
+    dx = None
+    if need_dx:
+        d = g - xhat * (xhat * g).mean(dim=-1, keepdim=True)
+        if not rms:
+            d = d - g.mean(dim=-1, keepdim=True)
+        dx = (d * rstd64).to(x.dtype)
+    dweight = (dy64 * xhat).sum(dim=0).to(acc) if need_dweight else None
+    dbias = dy64.sum(dim=0).to(acc) if need_dbias else None
+    return dx, dweight, dbias
+
+
+def norm_bwd_differentiable(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float, rms: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients as a differentiable function of (dy, x, weight), for double backward.
+
+    Statistics are recomputed from x so that second derivatives see their dependence on x.
+    Computed in x's dtype (float64 under gradgradcheck); dweight/dbias in x's dtype.
+    """
+    w = torch.ones(x.shape[1], dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
+    return _explicit_backward(dy.to(x.dtype), x, w, eps, rms)

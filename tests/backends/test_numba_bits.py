@@ -1,0 +1,59 @@
+"""The bf16/fp16 bit conversions of the numba kernels against torch's own casts, bit for bit."""
+
+import numpy as np
+import pytest
+import torch
+from numba import njit
+
+from normfuse.backends._numba_bits import load, store
+
+
+@njit
+def _widen(a):
+    out = np.empty(a.shape[1], dtype=np.float32)
+    for j in range(a.shape[1]):
+        out[j] = load(a, 0, j)
+    return out
+
+
+@njit
+def _narrow(values, out):
+    for j in range(values.shape[0]):
+        store(out, 0, j, values[j])
+
+
+_BIT_VIEW = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}
+
+
+def _same_bits_or_both_nan(got: torch.Tensor, want: torch.Tensor) -> None:
+    both_nan = got.isnan() & want.isnan()
+    bits_got = got.view(_BIT_VIEW.get(got.dtype, torch.int32))
+    bits_want = want.view(_BIT_VIEW.get(want.dtype, torch.int32))
+    mismatch = ~both_nan & (bits_got != bits_want)
+    assert not mismatch.any(), (got[mismatch][:8], want[mismatch][:8])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_widen_every_bit_pattern(dtype):
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype)
+    storage = values.view(_BIT_VIEW[dtype]).reshape(1, -1).numpy()
+    got = torch.from_numpy(_widen(storage))
+    _same_bits_or_both_nan(got, values.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrow_rounds_to_nearest_even(dtype):
+    gen = torch.Generator().manual_seed(0)
+    random_bits = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=gen, dtype=torch.int64)
+    edges = torch.tensor(
+        [0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, 65536.0, 1e-8, 2.98e-8, 5.96e-8, 6.1e-5, 6.0e-5,
+         3.3895e38, 3.4e38, float("inf"), -float("inf"), float("nan"), 1.00390625, 1.01171875],
+        dtype=torch.float32,
+    )  # fmt: skip
+    # every tie pattern around the rounding point, for both parities of the kept bit
+    ties = (torch.arange(0, 1 << 16, dtype=torch.int64) << 13 | 0x1000).to(torch.int32).view(torch.float32)
+    values = torch.cat([random_bits.to(torch.int32).view(torch.float32), edges, -edges, ties, ties * 2**-20])
+    out = torch.empty(1, values.numel(), dtype=dtype)
+    _narrow(values.numpy(), out.view(_BIT_VIEW[dtype]).numpy())
+    _same_bits_or_both_nan(out[0], values.to(dtype))
