@@ -114,21 +114,20 @@ def _needs_autograd(*tensors: Tensor | None) -> bool:
 
 
 def _normalize(
-    x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+    x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
 ) -> Tensor:
-    """Flatten to (rows, n), run the forward op, restore x's shape."""
-    x2d = x.reshape(-1, n)
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
-    w = weight.reshape(n) if weight is not None else None
-    b = bias.reshape(n) if bias is not None else None
-    if not _needs_autograd(x, weight, bias) and type(x) is Tensor and not torch.compiler.is_compiling():
+    """View x as (rows, n) row-major, run the forward, give the result x's shape."""
+    n = math.prod(normalized_shape)
+    rows = math.prod(x.shape[: x.dim() - len(normalized_shape)])
+    if not x.is_contiguous():
+        x = x.contiguous()
+    w = weight.reshape(n) if weight is not None and weight.dim() != 1 else weight
+    b = bias.reshape(n) if bias is not None and bias.dim() != 1 else bias
+    if type(x) is Tensor and not _needs_autograd(x, weight, bias) and not torch.compiler.is_compiling():
         # Eager inference: call the kernel directly. The dispatcher's round trip costs more
         # than the whole op on a few rows (token-at-a-time decoding).
-        out = ops.backend_for(x2d).norm_fwd(x2d, w, b, float(eps), rms)[0]
-    else:
-        out = torch.ops.normfuse.norm_fwd(x2d, w, b, float(eps), rms)[0]
-    return out.view(x.shape)
+        return ops.backend_for(x).norm_fwd_inference(x, rows, n, w, b, float(eps), rms)
+    return torch.ops.normfuse.norm_fwd(x.view(rows, n), w, b, float(eps), rms)[0].view(x.shape)
 
 
 def layer_norm(
@@ -157,4 +156,4 @@ def layer_norm(
     _check_optional_tensor("layer_norm", "bias", bias, 4)
     _check_eps("layer_norm", eps, 5)
     _check_layer_norm_inputs(input, shape, weight, bias)
-    return _normalize(input, math.prod(shape), weight, bias, eps, rms=False)
+    return _normalize(input, shape, weight, bias, eps, rms=False)

@@ -26,14 +26,15 @@ This module imports nothing from the front end; it takes 2-D row-major tensors.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import carray, njit, prange
 
-from normfuse.backends._numba_bits import acc_scalar, load, store
+from normfuse.backends._numba_bits import acc_scalar, address_as_pointer, load, store, store_not_nan
 
 # reassoc lets LLVM split the row sums across SIMD lanes (deterministic: fixed at compile
 # time); contract allows FMA. No nnan/ninf: NaN and Inf must propagate as in torch.
@@ -43,8 +44,8 @@ _FASTMATH = {"reassoc", "contract"}
 _PARALLEL_MIN_ELEMENTS = 1 << 15
 
 
-@njit(fastmath=_FASTMATH, inline="always")
-def _fwd_row(x, w, b, out, mean, rstd, eps, rms, i):
+@njit(fastmath=_FASTMATH)
+def _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i):
     n = x.shape[1]
     inv_n = acc_scalar(x, 1.0 / n)
     m1 = acc_scalar(x, 0.0)
@@ -64,29 +65,53 @@ def _fwd_row(x, w, b, out, mean, rstd, eps, rms, i):
     if var < 0:
         var = acc_scalar(x, 0.0)
     r = acc_scalar(x, 1.0) / np.sqrt(var + eps)
-    mean[i] = m1 + c
-    rstd[i] = r
-    for j in range(n):
-        store(out, i, j, ((load(x, i, j) - m1) - c) * r * w[j] + b[j])
+    if store_stats:
+        mean[i] = m1 + c
+        rstd[i] = r
+    if params_finite and np.isfinite(m1 + c) and np.isfinite(r):
+        # x is finite (else m1 is not), so no output can be NaN: the vectorizable store
+        for j in range(n):
+            store_not_nan(out, i, j, ((load(x, i, j) - m1) - c) * r * load(w, 0, j) + load(b, 0, j))
+    else:
+        for j in range(n):
+            store(out, i, j, ((load(x, i, j) - m1) - c) * r * load(w, 0, j) + load(b, 0, j))
 
 
-@njit(fastmath=_FASTMATH, cache=True)
-def _fwd_serial(x, w, b, out, mean, rstd, eps, rms):
-    for i in range(x.shape[0]):
-        _fwd_row(x, w, b, out, mean, rstd, eps, rms, i)
+@njit
+def _all_finite(row):
+    for j in range(row.shape[1]):
+        if not np.isfinite(load(row, 0, j)):
+            return False
+    return True
+
+
+@njit
+def _view(address, n_rows, n, kind):
+    return carray(address_as_pointer(address, kind), (n_rows, n))
 
 
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
-def _fwd_parallel(x, w, b, out, mean, rstd, eps, rms, rows_per_block):
-    n_rows = x.shape[0]
+def _fwd(x_at, w_at, b_at, out_at, mean_at, rstd_at, n_rows, n, eps, rms, store_stats, x_kind, w_kind, rows_per_block):
+    """Rows are independent: blocks of rows go to the threads (one block: no thread pool)."""
+    x = _view(x_at, n_rows, n, x_kind)
+    out = _view(out_at, n_rows, n, x_kind)
+    w = _view(w_at, 1, n, w_kind)
+    b = _view(b_at, 1, n, w_kind)
+    mean = _view(mean_at, 1, n_rows, eps)[0]
+    rstd = _view(rstd_at, 1, n_rows, eps)[0]
+    params_finite = _all_finite(w) and _all_finite(b)
     n_blocks = (n_rows + rows_per_block - 1) // rows_per_block
-    for k in prange(n_blocks):
-        for i in range(k * rows_per_block, min(n_rows, (k + 1) * rows_per_block)):
-            _fwd_row(x, w, b, out, mean, rstd, eps, rms, i)
+    if n_blocks == 1:
+        for i in range(n_rows):
+            _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i)
+    else:
+        for k in prange(n_blocks):
+            for i in range(k * rows_per_block, min(n_rows, (k + 1) * rows_per_block)):
+                _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i)
 
 
-@njit(fastmath=_FASTMATH, inline="always")
-def _bwd_rows(dy, x, w, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, need_dw, need_db, r0, r1):
+@njit(fastmath=_FASTMATH)
+def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, need_dw, need_db, r0, r1):
     """Rows [r0, r1): write dx, add dy*xhat and dy into the chunk's partial rows dw_acc, db_acc."""
     n = x.shape[1]
     inv_n = acc_scalar(x, 1.0 / n)
@@ -98,7 +123,7 @@ def _bwd_rows(dy, x, w, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, need_dw, n
         sg = acc_scalar(x, 0.0)
         for j in range(n):
             d = load(x, i, j) - m
-            g = load(dy, i, j) * w[j]
+            g = load(dy, i, j) * load(w, 0, j)
             sd += d
             sdg += d * g
             sg += g
@@ -106,11 +131,17 @@ def _bwd_rows(dy, x, w, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, need_dw, n
         cm = acc_scalar(x, 0.0) if rms else sd * inv_n
         mean_g = acc_scalar(x, 0.0) if rms else sg * inv_n
         mean_xhat_g = r * (sdg - cm * sg) * inv_n
+        # finite row statistics and weights: dx cannot be NaN, take the vectorizable store
+        not_nan = w_finite and np.isfinite(m) and np.isfinite(r) and np.isfinite(mean_xhat_g + mean_g + cm)
         for j in range(n):
             xhat = ((load(x, i, j) - m) - cm) * r
             dyj = load(dy, i, j)
             if need_dx:
-                store(dx, i, j, r * (dyj * w[j] - xhat * mean_xhat_g - mean_g))
+                dxj = r * (dyj * load(w, 0, j) - xhat * mean_xhat_g - mean_g)
+                if not_nan:
+                    store_not_nan(dx, i, j, dxj)
+                else:
+                    store(dx, i, j, dxj)
             if need_dw:
                 dw_acc[j] += dyj * xhat
             if need_db:
@@ -118,28 +149,34 @@ def _bwd_rows(dy, x, w, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, need_dw, n
 
 
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
-def _bwd_parallel(dy, x, w, mean, rstd, dx, dw_part, db_part, rms, need_dx, need_dw, need_db, rows_per_chunk):
-    n_rows = x.shape[0]
-    n_chunks = dw_part.shape[0]
+def _bwd(
+    dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_part_at, db_part_at, n_rows, n,
+    rms, need_dx, need_dw, need_db, rows_per_chunk, n_chunks, x_kind, w_kind, acc_kind,
+):  # fmt: skip
+    """Chunk k of rows_per_chunk rows adds into row k of the partial sums; chunks run in parallel."""
+    dy = _view(dy_at, n_rows, n, x_kind)
+    x = _view(x_at, n_rows, n, x_kind)
+    dx = _view(dx_at, n_rows if need_dx else 0, n, x_kind)
+    w = _view(w_at, 1, n, w_kind)
+    mean = _view(mean_at, 1, n_rows, acc_kind)[0]
+    rstd = _view(rstd_at, 1, n_rows, acc_kind)[0]
+    dw_part = _view(dw_part_at, n_chunks, n if need_dw else 0, acc_kind)
+    db_part = _view(db_part_at, n_chunks, n if need_db else 0, acc_kind)
+    w_finite = _all_finite(w)
+    if n_chunks == 1:  # small: skip the thread pool
+        _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_part[0], db_part[0], rms, need_dx, need_dw, need_db, 0, n_rows)
+        return
     for k in prange(n_chunks):
         r0 = k * rows_per_chunk
         r1 = min(n_rows, r0 + rows_per_chunk)
-        _bwd_rows(dy, x, w, mean, rstd, dx, dw_part[k], db_part[k], rms, need_dx, need_dw, need_db, r0, r1)
-
-
-@njit(fastmath=_FASTMATH, cache=True)
-def _bwd_serial(dy, x, w, mean, rstd, dx, dw_part, db_part, rms, need_dx, need_dw, need_db, rows_per_chunk):
-    n_rows = x.shape[0]
-    for k in range(dw_part.shape[0]):
-        r0 = k * rows_per_chunk
-        r1 = min(n_rows, r0 + rows_per_chunk)
-        _bwd_rows(dy, x, w, mean, rstd, dx, dw_part[k], db_part[k], rms, need_dx, need_dw, need_db, r0, r1)
+        _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_part[k], db_part[k], rms, need_dx, need_dw, need_db, r0, r1)
 
 
 @njit(cache=True, parallel=True)
-def _sum_chunks(part, out, cols_per_block):
+def _sum_chunks(part_at, out_at, n_chunks, n, cols_per_block, acc_kind):
     """out[j] = part[0, j] + part[1, j] + ... in chunk order (fixed, whatever the thread count)."""
-    n_chunks, n = part.shape
+    part = _view(part_at, n_chunks, n, acc_kind)
+    out = _view(out_at, 1, n, acc_kind)[0]
     n_blocks = (n + cols_per_block - 1) // cols_per_block
     for blk in prange(n_blocks):
         j0 = blk * cols_per_block
@@ -156,28 +193,52 @@ def rows_per_chunk(n_rows: int) -> int:
     return max(16, -(-n_rows // 128))
 
 
-_STORAGE_VIEW = {
-    torch.float32: torch.float32,
-    torch.float64: torch.float64,
-    torch.bfloat16: torch.uint16,
-    torch.float16: torch.int16,
+# numba element type of each torch dtype: bf16 and fp16 travel as their bits
+_KIND = {
+    torch.float32: np.float32(0),
+    torch.float64: np.float64(0),
+    torch.bfloat16: np.uint16(0),
+    torch.float16: np.int16(0),
 }
 
-SUPPORTED_DTYPES = frozenset(_STORAGE_VIEW)
-
-
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().view(_STORAGE_VIEW[t.dtype]).numpy()
+SUPPORTED_DTYPES = frozenset(_KIND)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _param_or_fill(p: torch.Tensor | None, n: int, fill: float, dtype: torch.dtype) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def _filled(n: int, value: float, dtype: torch.dtype) -> torch.Tensor:
+    """Ones for a missing weight, zeros for a missing bias (read-only, cached per size)."""
+    return torch.full((n,), value, dtype=dtype)
+
+
+def _param(p: torch.Tensor | None, n: int, fill: float, acc: torch.dtype) -> torch.Tensor:
     if p is None:
-        return np.full(n, fill, dtype=np.float64 if dtype == torch.float64 else np.float32)
-    return p.detach().to(dtype).contiguous().numpy()
+        return _filled(n, fill, acc)
+    return p if p.is_contiguous() else p.contiguous()
+
+
+def _rows_per_block(n_rows: int, n: int) -> int:
+    if n_rows * n < _PARALLEL_MIN_ELEMENTS:
+        return n_rows
+    # blocks of about 64 KiB of fp32 keep the scheduler's overhead small and balance well
+    return max(1, min(64, (1 << 14) // n))
+
+
+def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms):
+    # weight and bias share one element type (the front end guarantees it when both are given)
+    param_dtype = weight.dtype if weight is not None else bias.dtype if bias is not None else _acc_dtype(x.dtype)
+    w = _param(weight, n, 1.0, param_dtype)
+    b = _param(bias, n, 0.0, param_dtype)
+    store_stats = mean is not None
+    eps_acc = np.float64(eps) if x.dtype == torch.float64 else np.float32(eps)
+    _fwd(
+        x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(),
+        mean.data_ptr() if store_stats else 0, rstd.data_ptr() if store_stats else 0,
+        n_rows, n, eps_acc, bool(rms), store_stats, _KIND[x.dtype], _KIND[w.dtype], _rows_per_block(n_rows, n),
+    )  # fmt: skip
 
 
 def norm_fwd(
@@ -185,9 +246,9 @@ def norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward of LayerNorm (or RMSNorm when ``rms``) over the last dim of a 2-D tensor.
 
-    x: (M, N) row-major, float32/float64/bfloat16/float16. weight, bias: (N,) or None.
-    Returns out (M, N) in x's dtype, mean and rstd (M,) in the accumulation dtype
-    (float64 for float64 input, else float32); mean is 0 for ``rms``.
+    x: (M, N) row-major, float32/float64/bfloat16/float16. weight, bias: (N,) in x's dtype or
+    float32, or None. Returns out (M, N) in x's dtype, mean and rstd (M,) in the accumulation
+    dtype (float64 for float64 input, else float32); mean is 0 for ``rms``.
     """
     n_rows, n = x.shape
     acc = _acc_dtype(x.dtype)
@@ -198,16 +259,18 @@ def norm_fwd(
         mean.zero_()
         rstd.fill_(math.nan)
         return out, mean, rstd
-    w = _param_or_fill(weight, n, 1.0, acc)
-    b = _param_or_fill(bias, n, 0.0, acc)
-    eps_acc = np.float64(eps) if acc == torch.float64 else np.float32(eps)
-    args = (_as_numpy(x), w, b, _as_numpy(out), mean.numpy(), rstd.numpy(), eps_acc, bool(rms))
-    if n_rows * n < _PARALLEL_MIN_ELEMENTS or n_rows == 1:
-        _fwd_serial(*args)
-    else:
-        # blocks of rows of about 64 KiB keep the scheduler's overhead small and balance well
-        _fwd_parallel(*args, max(1, min(64, (1 << 14) // n)))
+    _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms)
     return out, mean, rstd
+
+
+def norm_fwd_inference(
+    x: torch.Tensor, n_rows: int, n: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool
+) -> torch.Tensor:
+    """The forward's output alone, in x's shape, for a row-major x of n_rows rows of n; nothing saved."""
+    out = torch.empty_like(x)
+    if n_rows and n:
+        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms)
+    return out
 
 
 def norm_bwd(
@@ -233,28 +296,25 @@ def norm_bwd(
     dbias = torch.zeros(n, dtype=acc) if need_dbias else None
     if n_rows == 0 or n == 0:
         return dx, dweight, dbias
-    w = _param_or_fill(weight, n, 1.0, acc)
+    w = _param(weight, n, 1.0, acc)
     chunk = rows_per_chunk(n_rows)
     n_chunks = -(-n_rows // chunk)
-    np_acc = np.float64 if acc == torch.float64 else np.float32
-    dw_part = np.empty((n_chunks, n) if need_dweight else (n_chunks, 0), dtype=np_acc)
-    db_part = np.empty((n_chunks, n) if need_dbias else (n_chunks, 0), dtype=np_acc)
-    dw_part[...] = 0
-    db_part[...] = 0
-    dx_np = _as_numpy(dx) if need_dx else _as_numpy(torch.empty((0, 0), dtype=x.dtype))
-    args = (
-        _as_numpy(dy), _as_numpy(x), w, mean.numpy(), rstd.numpy(), dx_np, dw_part, db_part,
-        bool(rms), need_dx, need_dweight, need_dbias, chunk,
+    dw_part = torch.zeros((n_chunks, n), dtype=acc) if need_dweight else None
+    db_part = torch.zeros((n_chunks, n), dtype=acc) if need_dbias else None
+    _bwd(
+        dy.data_ptr(), x.data_ptr(), w.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        dx.data_ptr() if need_dx else 0,
+        dw_part.data_ptr() if need_dweight else 0, db_part.data_ptr() if need_dbias else 0,
+        n_rows, n, bool(rms), bool(need_dx), bool(need_dweight), bool(need_dbias), chunk, n_chunks,
+        _KIND[x.dtype], _KIND[w.dtype], _KIND[acc],
     )  # fmt: skip
-    if n_chunks == 1:
-        _bwd_serial(*args)
-    else:
-        _bwd_parallel(*args)
-    cols = max(256, -(-n // 64))
-    if need_dweight:
-        _sum_chunks(dw_part, dweight.numpy(), cols)
-    if need_dbias:
-        _sum_chunks(db_part, dbias.numpy(), cols)
+    for part, total in ((dw_part, dweight), (db_part, dbias)):
+        if part is None:
+            continue
+        if n_chunks == 1:
+            total.copy_(part[0])
+        else:
+            _sum_chunks(part.data_ptr(), total.data_ptr(), n_chunks, n, max(256, -(-n // 64)), _KIND[acc])
     return dx, dweight, dbias
 
 

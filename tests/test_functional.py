@@ -1,0 +1,314 @@
+"""normfuse.layer_norm against the float64 reference and against torch.nn.functional.layer_norm."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import normfuse
+from normfuse import reference
+from tests._helpers import FWD_TOL, LOW_PRECISION, max_rel_err, norm_err
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# ||grad - reference|| / ||reference||: rounding of the stored gradient dominates
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _make(shape, normalized_shape, dtype, param_dtype=None, affine=True, with_bias=True, offset=0.0):
+    param_dtype = param_dtype or dtype
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + offset).to(dtype)
+    w = (1 + 0.5 * torch.randn(normalized_shape, dtype=torch.float64)).to(param_dtype) if affine else None
+    b = (0.5 * torch.randn(normalized_shape, dtype=torch.float64)).to(param_dtype) if affine and with_bias else None
+    return x, w, b
+
+
+def _grads(fn, x, normalized_shape, w, b, dy):
+    inputs = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+    it = iter(inputs)
+    xg = next(it)
+    wg = next(it) if w is not None else None
+    bg = next(it) if b is not None else None
+    out = fn(xg, normalized_shape, wg, bg, 1e-5)
+    grads = torch.autograd.grad(out, inputs, dy)
+    it = iter(grads)
+    return out.detach(), next(it), next(it) if w is not None else None, next(it) if b is not None else None
+
+
+def _check_against_reference(x, normalized_shape, w, b, dtype):
+    dy = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
+    out, dx, dw, db = _grads(normfuse.layer_norm, x, normalized_shape, w, b, dy)
+    assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous()
+    ref = reference.layer_norm(x, normalized_shape, w, b, 1e-5)
+    assert max_rel_err(out, ref) <= FWD_TOL[dtype]
+    rdx, rdw, rdb = reference.layer_norm_backward(dy, x, normalized_shape, w, 1e-5)
+    assert dx.dtype == x.dtype
+    assert norm_err(dx, rdx) <= GRAD_TOL[dtype]
+    if w is not None:
+        assert dw.dtype == w.dtype and dw.shape == w.shape
+        assert norm_err(dw, rdw) <= GRAD_TOL[w.dtype]
+    if b is not None:
+        assert db.dtype == b.dtype
+        assert norm_err(db, rdb) <= GRAD_TOL[b.dtype]
+    return out, dx, dw, db, dy
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,normalized_shape",
+    [((4, 32), (32,)), ((3, 5, 100), (100,)), ((2, 3, 4, 7), (4, 7)), ((6, 2, 3, 5), (2, 3, 5)), ((64, 1000), (1000,))],
+)
+@pytest.mark.parametrize("affine,with_bias", [(True, True), (True, False), (False, False)])
+def test_matches_reference_and_torch(dtype, shape, normalized_shape, affine, with_bias):
+    x, w, b = _make(shape, normalized_shape, dtype, affine=affine, with_bias=with_bias)
+    out, dx, dw, db, dy = _check_against_reference(x, normalized_shape, w, b, dtype)
+    tout, tdx, tdw, tdb = _grads(F.layer_norm, x, normalized_shape, w, b, dy)
+    # no worse than torch, up to a few units of the dtype's rounding
+    ref = reference.layer_norm(x, normalized_shape, w, b, 1e-5)
+    assert max_rel_err(out, ref) <= max_rel_err(tout, ref) + FWD_TOL[dtype] / 2
+    assert max_rel_err(out, tout) <= 2 * FWD_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_input_with_fp32_parameters(dtype):
+    x, w, b = _make((16, 48), (48,), dtype, param_dtype=torch.float32)
+    out, dx, dw, db, _ = _check_against_reference(x, (48,), w, b, dtype)
+    assert out.dtype == dtype and dx.dtype == dtype
+    assert dw.dtype == torch.float32 and db.dtype == torch.float32
+    assert torch.equal(out, F.layer_norm(x, (48,), w, b)) or max_rel_err(out, F.layer_norm(x, (48,), w, b)) <= 2 * (
+        FWD_TOL[dtype]
+    )
+
+
+@st.composite
+def _cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    normalized_shape = tuple(draw(st.lists(st.integers(1, 70), min_size=1, max_size=2)))
+    lead = tuple(draw(st.lists(st.integers(0, 6), min_size=0, max_size=3)))
+    affine = draw(st.booleans())
+    with_bias = draw(st.booleans())
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided", "expanded"]))
+    offset = draw(st.sampled_from([0.0, 10.0, -300.0]))
+    return dtype, normalized_shape, lead, affine, with_bias, layout, offset
+
+
+def _layout(x: torch.Tensor, layout: str, k: int) -> torch.Tensor:
+    """The same values as x in a non-contiguous view of the given kind."""
+    if layout == "transposed" and x.dim() >= 2:
+        return x.transpose(0, -1).contiguous().transpose(0, -1)
+    if layout == "strided":
+        wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "expanded" and x.dim() > k and x.shape[0] > 0:
+        return x[:1].expand(x.shape)
+    return x
+
+
+@given(_cases())
+def test_random_shapes_layouts_and_dtypes(case):
+    dtype, normalized_shape, lead, affine, with_bias, layout, offset = case
+    x, w, b = _make(lead + normalized_shape, normalized_shape, dtype, affine=affine, with_bias=with_bias, offset=offset)
+    x = _layout(x, layout, len(normalized_shape))
+    x_before = x.clone()
+    _check_against_reference(x, normalized_shape, w, b, dtype)
+    assert torch.equal(x, x_before)
+    # a strided view gives exactly what its contiguous copy gives
+    assert torch.equal(normfuse.layer_norm(x, normalized_shape, w, b), normfuse.layer_norm(x.contiguous(), normalized_shape, w, b))
+
+
+def test_inputs_are_never_modified():
+    x, w, b = _make((8, 64), (64,), torch.float32)
+    dy = torch.randn(8, 64)
+    copies = [t.clone() for t in (x, w, b, dy)]
+    _grads(normfuse.layer_norm, x, (64,), w, b, dy)
+    normfuse.layer_norm(x, (64,), w, b)
+    for before, after in zip(copies, (x, w, b, dy)):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_rows(dtype):
+    x, w, b = _make((0, 3, 16), (16,), dtype)
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    out = normfuse.layer_norm(xg, (16,), wg, bg)
+    assert out.shape == (0, 3, 16) and out.dtype == dtype
+    out.sum().backward()
+    assert torch.equal(wg.grad, torch.zeros_like(w)) and torch.equal(bg.grad, torch.zeros_like(b))
+    assert xg.grad.shape == x.shape
+
+
+def test_zero_features_like_torch():
+    x = torch.randn(3, 0)
+    assert normfuse.layer_norm(x, (0,)).shape == F.layer_norm(x, (0,)).shape == (3, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_feature(dtype):
+    x, w, b = _make((50, 1), (1,), dtype)
+    out, dx, dw, db = _grads(normfuse.layer_norm, x, (1,), w, b, torch.randn(50, 1).to(dtype))
+    assert torch.equal(out, b.expand(50, 1).to(dtype))
+    assert torch.equal(dx, torch.zeros_like(dx))
+    assert torch.equal(dw, torch.zeros_like(dw))  # torch gives a tiny non-zero value here
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_poison_only_their_row(dtype):
+    x, w, b = _make((6, 40), (40,), dtype)
+    x[1, 3] = math.nan
+    x[3, 0] = math.inf
+    x[4, 39] = -math.inf
+    out = normfuse.layer_norm(x, (40,), w, b)
+    expected = F.layer_norm(x, (40,), w, b)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert out[[1, 3, 4]].isnan().all()
+    clean = [0, 2, 5]
+    assert max_rel_err(out[clean], reference.layer_norm(x[clean], (40,), w, b)) <= FWD_TOL[dtype]
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4, 1e5, 1e6])
+def test_large_mean_no_worse_than_torch(offset):
+    """Rows of offset + N(0, 1) in float32: forward and dx errors against float64."""
+    x = (offset + torch.randn(128, 2048, dtype=torch.float64)).float()
+    w = 1 + 0.1 * torch.randn(2048)
+    b = 0.1 * torch.randn(2048)
+    dy = torch.randn(128, 2048)
+    out, dx, _, _ = _grads(normfuse.layer_norm, x, (2048,), w, b, dy)
+    tout, tdx, _, _ = _grads(F.layer_norm, x, (2048,), w, b, dy)
+    ref = reference.layer_norm(x, (2048,), w, b)
+    rdx, _, _ = reference.layer_norm_backward(dy, x, (2048,), w)
+    fwd_err, torch_fwd_err = (out.double() - ref).abs().max().item(), (tout.double() - ref).abs().max().item()
+    dx_err, torch_dx_err = norm_err(dx, rdx), norm_err(tdx, rdx)
+    assert fwd_err <= max(torch_fwd_err, 2e-6)
+    assert dx_err <= max(torch_dx_err, 2e-6)
+    # centered backward: dx accuracy does not depend on the mean
+    assert dx_err < 1e-6
+
+
+def test_naive_variance_would_fail_here():
+    """Guard that the large-mean test above is discriminating: E[x^2] - E[x]^2 breaks at 1e4."""
+    x = (1e4 + torch.randn(64, 1024, dtype=torch.float64)).float()
+    naive_var = (x * x).mean(-1) - x.mean(-1) ** 2
+    true_var = x.double().var(-1, unbiased=False)
+    assert (naive_var.double() - true_var).abs().max() > 0.5
+    out = normfuse.layer_norm(x, (1024,))
+    assert max_rel_err(out, reference.layer_norm(x, (1024,))) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_dweight_accumulates_in_fp32(dtype):
+    """8192 rows of bf16/fp16: dgamma and dbeta within the dtype's final rounding."""
+    x, w, b = _make((8192, 64), (64,), dtype)
+    dy = torch.randn(8192, 64).to(dtype)
+    _, _, dw, db = _grads(normfuse.layer_norm, x, (64,), w, b, dy)
+    _, rdw, rdb = reference.layer_norm_backward(dy, x, (64,), w)
+    unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # one rounding of the result
+    assert ((dw.double() - rdw).abs() / rdw.abs()).max() <= unit
+    assert ((db.double() - rdb).abs() / rdb.abs()).max() <= unit
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dweight_bitwise_identical_across_thread_counts(dtype):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs at least 2 numba threads to compare thread counts")
+    x, w, b = _make((3000, 256), (256,), dtype)
+    dy = torch.randn(3000, 256).to(dtype)
+    previous = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(threads)
+            results.append(_grads(normfuse.layer_norm, x, (256,), w, b, dy))
+    finally:
+        numba.set_num_threads(previous)
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "shape,normalized_shape,affine,with_bias",
+    [((3, 7), (7,), True, True), ((2, 3, 4), (3, 4), True, False), ((4, 5), (5,), False, False), ((5, 1), (1,), True, True)],
+)
+def test_gradcheck_and_gradgradcheck(shape, normalized_shape, affine, with_bias):
+    x, w, b = _make(shape, normalized_shape, torch.float64, affine=affine, with_bias=with_bias)
+    inputs = tuple(t.requires_grad_() for t in (x, w, b) if t is not None)
+
+    def fn(*args):
+        it = iter(args)
+        xx = next(it)
+        ww = next(it) if w is not None else None
+        bb = next(it) if b is not None else None
+        return normfuse.layer_norm(xx, normalized_shape, ww, bb)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_only_requested_gradients_are_computed():
+    x, w, b = _make((4, 16), (16,), torch.float32)
+    w.requires_grad_()
+    out = normfuse.layer_norm(x, (16,), w, b)
+    (dw,) = torch.autograd.grad(out, (w,), torch.ones_like(out))
+    assert dw.shape == w.shape
+    assert x.grad is None and b.grad is None
+
+
+# --- errors: same type and text as torch --------------------------------------------------------
+
+_x = torch.randn(3, 5)
+ERROR_CASES = {
+    "trailing shape": lambda f: f(_x, (4,)),
+    "too few dims": lambda f: f(torch.randn(5), (3, 5)),
+    "scalar input": lambda f: f(torch.tensor(1.0), (1,)),
+    "negative size": lambda f: f(_x, (-1,)),
+    "empty normalized_shape": lambda f: f(_x, ()),
+    "weight shape": lambda f: f(_x, (5,), torch.ones(4)),
+    "weight rank": lambda f: f(_x, (5,), torch.ones(1, 5)),
+    "bias shape": lambda f: f(_x, (5,), None, torch.ones(4)),
+    "long input": lambda f: f(_x.long(), (5,)),
+    "int input": lambda f: f(_x.int(), (5,)),
+    "bool input": lambda f: f(_x.bool(), (5,)),
+    "complex input": lambda f: f(_x.to(torch.complex64), (5,)),
+    "int input wrong shape": lambda f: f(_x.int(), (4,)),
+    "f64 input f32 weight": lambda f: f(_x.double(), (5,), torch.ones(5)),
+    "f64 input f32 bias": lambda f: f(_x.double(), (5,), None, torch.ones(5)),
+    "f32 input f64 weight": lambda f: f(_x, (5,), torch.ones(5).double()),
+    "f32 input bf16 weight": lambda f: f(_x, (5,), torch.ones(5).bfloat16()),
+    "f32 input int weight": lambda f: f(_x, (5,), torch.ones(5).int()),
+    "bf16 input f16 weight": lambda f: f(_x.bfloat16(), (5,), torch.ones(5).half()),
+    "bf16 input f32 weight bf16 bias": lambda f: f(_x.bfloat16(), (5,), torch.ones(5), torch.ones(5).bfloat16()),
+    "bf16 input bf16 weight f32 bias": lambda f: f(_x.bfloat16(), (5,), torch.ones(5).bfloat16(), torch.ones(5)),
+    "f64 input f64 weight f32 bias": lambda f: f(_x.double(), (5,), torch.ones(5).double(), torch.ones(5)),
+    "int input wrong weight shape": lambda f: f(_x.int(), (5,), torch.ones(4)),
+    "normalized_shape int": lambda f: f(_x, 5),
+    "normalized_shape str": lambda f: f(_x, "5"),
+    "normalized_shape float element": lambda f: f(_x, (5.0,)),
+    "normalized_shape bool element": lambda f: f(_x, (True,)),
+    "weight not a tensor": lambda f: f(_x, (5,), 3),
+    "eps None": lambda f: f(_x, (5,), None, None, None),
+    "weight on another device": lambda f: f(_x, (5,), torch.ones(5, device="meta")),
+    "bias on another device": lambda f: f(_x, (5,), None, torch.ones(5, device="meta")),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_errors_match_torch(case):
+    make = ERROR_CASES[case]
+    with pytest.raises(Exception) as torch_error:
+        make(F.layer_norm)
+    with pytest.raises(Exception) as our_error:
+        make(normfuse.layer_norm)
+    assert type(our_error.value) is type(torch_error.value)
+    assert str(our_error.value) == str(torch_error.value)
+
+
+def test_accepted_argument_forms_match_torch():
+    x = torch.randn(3, 5)
+    for shape in ((5,), [5], torch.Size([5]), (torch.tensor(5),)):
+        assert torch.equal(normfuse.layer_norm(x, shape), normfuse.layer_norm(x, (5,)))
+    assert max_rel_err(normfuse.layer_norm(x, (5,), eps=1), F.layer_norm(x, (5,), eps=1)) < 1e-6
