@@ -1,0 +1,67 @@
+"""The numba kernels directly, on the 2-D backend contract, LayerNorm and RMSNorm flags."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normfuse import reference
+from normfuse.backends import cpu
+from tests._helpers import FWD_TOL, max_rel_err, norm_err
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("rows,n", [(1, 7), (37, 130), (700, 64), (64, 5000)])
+def test_kernels_match_reference(dtype, rms, rows, n):
+    x = (torch.randn(rows, n, dtype=torch.float64) + 0.5).to(dtype)
+    w = (1 + 0.3 * torch.randn(n, dtype=torch.float64)).to(dtype)
+    b = (0.3 * torch.randn(n, dtype=torch.float64)).to(dtype)
+    dy = torch.randn(rows, n, dtype=torch.float64).to(dtype)
+    out, mean, rstd = cpu.norm_fwd(x, w, b, 1e-5, rms)
+    ref_out, ref_mean, ref_rstd = reference.norm_fwd(x, w, b, 1e-5, rms)
+    assert mean.dtype == rstd.dtype == _acc(dtype)
+    assert max_rel_err(out, reference.layer_norm(x, (n,), w, b, 1e-5, rms)) <= FWD_TOL[dtype]
+    assert max_rel_err(rstd, ref_rstd) < (1e-12 if dtype == torch.float64 else 1e-5)
+    if rms:
+        assert torch.equal(mean, torch.zeros_like(mean))
+    dx, dw, db = cpu.norm_bwd(dy, x, w, mean, rstd, rms, True, True, True)
+    rdx, rdw, rdb = reference.layer_norm_backward(dy, x, (n,), w, 1e-5, rms)
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert norm_err(dx, rdx) <= tol
+    assert dw.dtype == db.dtype == _acc(dtype)
+    acc_tol = 1e-10 if dtype == torch.float64 else 2e-5  # fp32 accumulation, no final rounding here
+    assert norm_err(dw, rdw) <= acc_tol
+    if not rms:
+        assert norm_err(db, rdb) <= acc_tol
+
+
+def test_backward_flags_skip_work_and_agree():
+    x, dy = torch.randn(300, 40), torch.randn(300, 40)
+    w = torch.randn(40)
+    _, mean, rstd = cpu.norm_fwd(x, w, None, 1e-5, False)
+    full = cpu.norm_bwd(dy, x, w, mean, rstd, False, True, True, True)
+    for mask in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:
+        part = cpu.norm_bwd(dy, x, w, mean, rstd, False, *mask)
+        for wanted, got, expected in zip(mask, part, full):
+            assert (got is None) != wanted
+            if wanted:
+                assert torch.equal(got, expected)
+
+
+def test_chunking_does_not_depend_on_threads():
+    assert cpu.rows_per_chunk(8192) == 64 and cpu.rows_per_chunk(10) == 16
+
+
+def test_inference_entry_matches_training_entry():
+    x = torch.randn(3, 4, 50).bfloat16()
+    w = torch.randn(50)
+    out = cpu.norm_fwd_inference(x, 12, 50, w, None, 1e-5, False)
+    assert out.shape == x.shape
+    assert torch.equal(out.reshape(12, 50), cpu.norm_fwd(x.reshape(12, 50), w, None, 1e-5, False)[0])

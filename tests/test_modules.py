@@ -1,0 +1,147 @@
+"""normfuse.LayerNorm: the same module contract as torch.nn.LayerNorm."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+import normfuse
+from normfuse import reference
+from tests._helpers import FWD_TOL, max_rel_err
+
+CONFIGS = [
+    dict(normalized_shape=8),
+    dict(normalized_shape=(4, 6), eps=1e-3),
+    dict(normalized_shape=[5], elementwise_affine=False),
+    dict(normalized_shape=5, bias=False),
+    dict(normalized_shape=5, elementwise_affine=False, bias=False),
+    dict(normalized_shape=16, dtype=torch.bfloat16),
+    dict(normalized_shape=16, dtype=torch.float64),
+]
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=str)
+def test_same_parameters_state_and_repr_as_torch(kwargs):
+    ours = normfuse.LayerNorm(**kwargs)
+    theirs = torch.nn.LayerNorm(**kwargs)
+    assert isinstance(ours, torch.nn.LayerNorm)
+    assert ours.normalized_shape == theirs.normalized_shape and isinstance(ours.normalized_shape, tuple)
+    assert ours.eps == theirs.eps and ours.elementwise_affine == theirs.elementwise_affine
+    assert repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert list(ours.buffers()) == []
+    for name in ("weight", "bias"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert isinstance(a, torch.nn.Parameter) and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_reset_parameters_gives_ones_and_zeros():
+    m = normfuse.LayerNorm(7)
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    m.reset_parameters()
+    assert torch.equal(m.weight, torch.ones(7)) and torch.equal(m.bias, torch.zeros(7))
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS[:5], ids=str)
+def test_state_dict_round_trip_both_ways(kwargs):
+    theirs = torch.nn.LayerNorm(**kwargs)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+    ours = normfuse.LayerNorm(**kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    back = torch.nn.LayerNorm(**kwargs)
+    back.load_state_dict(ours.state_dict())
+    for a, b in zip(theirs.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+    x = torch.randn(3, *ours.normalized_shape)
+    assert max_rel_err(ours(x), theirs(x)) <= 2 * FWD_TOL[torch.float32]
+
+
+def test_from_torch_keeps_device_dtype_values_and_parameters():
+    theirs = torch.nn.LayerNorm(12, eps=1e-6, dtype=torch.float64)
+    with torch.no_grad():
+        theirs.weight.normal_()
+        theirs.bias.normal_()
+    theirs.eval()
+    ours = normfuse.LayerNorm.from_torch(theirs)
+    assert type(ours) is normfuse.LayerNorm
+    assert ours.weight is theirs.weight and ours.bias is theirs.bias
+    assert ours.eps == 1e-6 and ours.normalized_shape == (12,) and not ours.training
+    assert ours.weight.dtype == torch.float64 and ours.weight.device == theirs.weight.device
+    x = torch.randn(5, 12, dtype=torch.float64)
+    assert max_rel_err(ours(x), theirs(x)) < 1e-12
+    no_affine = normfuse.LayerNorm.from_torch(torch.nn.LayerNorm(3, elementwise_affine=False))
+    assert no_affine.weight is None and no_affine.bias is None
+    with pytest.raises(TypeError):
+        normfuse.LayerNorm.from_torch(torch.nn.Linear(2, 2))
+
+
+def test_forward_and_parameter_gradients_match_reference():
+    m = normfuse.LayerNorm((3, 10))
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    x = torch.randn(4, 3, 10, requires_grad=True)
+    out = m(x)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    ref = reference.layer_norm(x.detach(), (3, 10), m.weight.detach(), m.bias.detach())
+    _, rdw, rdb = reference.layer_norm_backward(dy, x.detach(), (3, 10), m.weight.detach())
+    assert max_rel_err(out.detach(), ref) <= FWD_TOL[torch.float32]
+    assert max_rel_err(m.weight.grad, rdw) < 1e-5 and max_rel_err(m.bias.grad, rdb) < 1e-5
+
+
+def test_pickle_and_deepcopy():
+    m = normfuse.LayerNorm(6)
+    clone = pickle.loads(pickle.dumps(m))
+    assert type(clone) is normfuse.LayerNorm and torch.equal(clone.weight, m.weight)
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    torch._dynamo.reset()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1 = normfuse.LayerNorm(32)
+            self.lin = torch.nn.Linear(32, 32)
+            self.norm2 = normfuse.LayerNorm(32)
+
+        def forward(self, x):
+            return self.norm2(x + self.lin(self.norm1(x)))
+
+    model = Block()
+    with torch.no_grad():
+        for norm in (model.norm1, model.norm2):
+            norm.weight.normal_()
+            norm.bias.normal_()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(8, 32, requires_grad=True)
+    eager_out = model(x)
+    eager_grads = torch.autograd.grad(eager_out.sum(), [x, *model.parameters()])
+    compiled_out = compiled(x)
+    compiled_grads = torch.autograd.grad(compiled_out.sum(), [x, *model.parameters()])
+    assert torch.allclose(compiled_out, eager_out, atol=1e-6, rtol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0
+
+
+def test_torch_compile_inductor():
+    torch._dynamo.reset()
+    m = normfuse.LayerNorm(64)
+    compiled = torch.compile(m, fullgraph=True)
+    x = torch.randn(16, 64, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert max_rel_err(out.detach(), reference.layer_norm(x.detach(), (64,), m.weight, m.bias)) <= 2e-6
+    assert x.grad is not None and m.weight.grad is not None
