@@ -29,8 +29,17 @@ from __future__ import annotations
 import functools
 import math
 
-import numba
-import numpy as np
+import os
+
+# numba's OpenMP thread pool is a second pool beside torch's (torch bundles its own libgomp).
+# With OpenMP's default spin-waiting, numba's idle workers would keep spinning after each
+# kernel and steal the cores torch's next op needs (and 2-3x slower torch ops were measured
+# here, interleaved). Passive waiting for numba's pool only: this libgomp is loaded after
+# torch's and reads the variable then; torch's pool is not affected. A value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 import torch
 from numba import carray, njit, prange
 
@@ -131,21 +140,32 @@ def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, 
         cm = acc_scalar(x, 0.0) if rms else sd * inv_n
         mean_g = acc_scalar(x, 0.0) if rms else sg * inv_n
         mean_xhat_g = r * (sdg - cm * sg) * inv_n
-        # finite row statistics and weights: dx cannot be NaN, take the vectorizable store
-        not_nan = w_finite and np.isfinite(m) and np.isfinite(r) and np.isfinite(mean_xhat_g + mean_g + cm)
-        for j in range(n):
-            xhat = ((load(x, i, j) - m) - cm) * r
-            dyj = load(dy, i, j)
-            if need_dx:
-                dxj = r * (dyj * load(w, 0, j) - xhat * mean_xhat_g - mean_g)
-                if not_nan:
-                    store_not_nan(dx, i, j, dxj)
-                else:
-                    store(dx, i, j, dxj)
-            if need_dw:
-                dw_acc[j] += dyj * xhat
-            if need_db:
-                db_acc[j] += dyj
+        # One loop per output, each free of branches so that LLVM vectorizes it; the row is
+        # still in L1/L2 when the second and third loops read it again.
+        if need_dx:
+            # finite statistics and weights: dx cannot be NaN, take the vectorizable store
+            if w_finite and np.isfinite(m) and np.isfinite(r) and np.isfinite(mean_xhat_g + mean_g + cm):
+                for j in range(n):
+                    store_not_nan(dx, i, j, _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g))
+            else:
+                for j in range(n):
+                    store(dx, i, j, _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g))
+        if need_dw:
+            for j in range(n):
+                dw_acc[j] += load(dy, i, j) * _xhat(x, i, j, m, cm, r)
+        if need_db:
+            for j in range(n):
+                db_acc[j] += load(dy, i, j)
+
+
+@njit(fastmath=_FASTMATH)
+def _xhat(x, i, j, m, cm, r):
+    return ((load(x, i, j) - m) - cm) * r
+
+
+@njit(fastmath=_FASTMATH)
+def _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g):
+    return r * (load(dy, i, j) * load(w, 0, j) - _xhat(x, i, j, m, cm, r) * mean_xhat_g - mean_g)
 
 
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
