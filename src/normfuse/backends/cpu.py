@@ -54,19 +54,21 @@ _PARALLEL_MIN_ELEMENTS = 1 << 15
 
 
 @njit(fastmath=_FASTMATH)
-def _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i):
+def _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i, row):
+    """Row i of the forward. ``row`` is scratch (n,) in the accumulation dtype: x is read from
+    memory and widened once, the later passes read the widened copy from L1."""
     n = x.shape[1]
     inv_n = acc_scalar(x, 1.0 / n)
-    m1 = acc_scalar(x, 0.0)
-    if not rms:
-        s = acc_scalar(x, 0.0)
-        for j in range(n):
-            s += load(x, i, j)
-        m1 = s * inv_n
+    s = acc_scalar(x, 0.0)
+    for j in range(n):
+        v = load(x, i, j)
+        row[j] = v
+        s += v
+    m1 = acc_scalar(x, 0.0) if rms else s * inv_n
     sd = acc_scalar(x, 0.0)
     sdd = acc_scalar(x, 0.0)
     for j in range(n):
-        d = load(x, i, j) - m1
+        d = row[j] - m1
         sd += d
         sdd += d * d
     c = acc_scalar(x, 0.0) if rms else sd * inv_n
@@ -80,16 +82,16 @@ def _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i):
     if params_finite and np.isfinite(m1 + c) and np.isfinite(r):
         # x is finite (else m1 is not), so no output can be NaN: the vectorizable store
         for j in range(n):
-            store_not_nan(out, i, j, ((load(x, i, j) - m1) - c) * r * load(w, 0, j) + load(b, 0, j))
+            store_not_nan(out, i, j, ((row[j] - m1) - c) * r * w[j] + b[j])
     else:
         for j in range(n):
-            store(out, i, j, ((load(x, i, j) - m1) - c) * r * load(w, 0, j) + load(b, 0, j))
+            store(out, i, j, ((row[j] - m1) - c) * r * w[j] + b[j])
 
 
 @njit
-def _all_finite(row):
-    for j in range(row.shape[1]):
-        if not np.isfinite(load(row, 0, j)):
+def _all_finite(v):
+    for j in range(v.shape[0]):
+        if not np.isfinite(v[j]):
             return False
     return True
 
@@ -99,31 +101,47 @@ def _view(address, n_rows, n, kind):
     return carray(address_as_pointer(address, kind), (n_rows, n))
 
 
+@njit
+def _widen(p, like):
+    """A (1, n) parameter view of any storage dtype as a fresh (n,) array of like's dtype."""
+    out = np.empty(p.shape[1], dtype=like.dtype)
+    for j in range(p.shape[1]):
+        out[j] = load(p, 0, j)
+    return out
+
+
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
 def _fwd(x_at, w_at, b_at, out_at, mean_at, rstd_at, n_rows, n, eps, rms, store_stats, x_kind, w_kind, rows_per_block):
     """Rows are independent: blocks of rows go to the threads (one block: no thread pool)."""
     x = _view(x_at, n_rows, n, x_kind)
     out = _view(out_at, n_rows, n, x_kind)
-    w = _view(w_at, 1, n, w_kind)
-    b = _view(b_at, 1, n, w_kind)
     mean = _view(mean_at, 1, n_rows, eps)[0]
     rstd = _view(rstd_at, 1, n_rows, eps)[0]
+    w = _widen(_view(w_at, 1, n, w_kind), mean)
+    b = _widen(_view(b_at, 1, n, w_kind), mean)
     params_finite = _all_finite(w) and _all_finite(b)
     n_blocks = (n_rows + rows_per_block - 1) // rows_per_block
     if n_blocks == 1:
+        row = np.empty(n, dtype=mean.dtype)
         for i in range(n_rows):
-            _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i)
+            _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i, row)
     else:
         for k in prange(n_blocks):
+            row = np.empty(n, dtype=mean.dtype)
             for i in range(k * rows_per_block, min(n_rows, (k + 1) * rows_per_block)):
-                _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i)
+                _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i, row)
 
 
 @njit(fastmath=_FASTMATH)
 def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, need_dw, need_db, r0, r1):
-    """Rows [r0, r1): write dx, add dy*xhat and dy into the chunk's partial rows dw_acc, db_acc."""
+    """Rows [r0, r1): write dx, set dw_acc, db_acc to the chunk's sums of dy*xhat and dy."""
     n = x.shape[1]
     inv_n = acc_scalar(x, 1.0 / n)
+    dw_acc[:] = 0
+    db_acc[:] = 0
+    # widened, centred x and widened dy of the current row, reread from L1 by the second loop
+    d_row = np.empty(n, dtype=w.dtype)
+    dy_row = np.empty(n, dtype=w.dtype)
     for i in range(r0, r1):
         m = mean[i]
         r = rstd[i]
@@ -132,7 +150,10 @@ def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, 
         sg = acc_scalar(x, 0.0)
         for j in range(n):
             d = load(x, i, j) - m
-            g = load(dy, i, j) * load(w, 0, j)
+            dyj = load(dy, i, j)
+            d_row[j] = d
+            dy_row[j] = dyj
+            g = dyj * w[j]
             sd += d
             sdg += d * g
             sg += g
@@ -140,56 +161,63 @@ def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, 
         cm = acc_scalar(x, 0.0) if rms else sd * inv_n
         mean_g = acc_scalar(x, 0.0) if rms else sg * inv_n
         mean_xhat_g = r * (sdg - cm * sg) * inv_n
-        # One loop per output, each free of branches so that LLVM vectorizes it; the row is
-        # still in L1/L2 when the second and third loops read it again.
+        # finite statistics and weights: dx cannot be NaN, the vectorizable store is exact
+        not_nan = w_finite and np.isfinite(m) and np.isfinite(r) and np.isfinite(mean_xhat_g + mean_g + cm)
+        if need_dx and need_dw and need_db and not_nan:
+            # the training case: one branch-free loop for all three gradients
+            for j in range(n):
+                xhat = (d_row[j] - cm) * r
+                store_not_nan(dx, i, j, r * (dy_row[j] * w[j] - xhat * mean_xhat_g - mean_g))
+                dw_acc[j] += dy_row[j] * xhat
+                db_acc[j] += dy_row[j]
+            continue
+        # otherwise one loop per gradient asked for, each branch-free so that it vectorizes
         if need_dx:
-            # finite statistics and weights: dx cannot be NaN, take the vectorizable store
-            if w_finite and np.isfinite(m) and np.isfinite(r) and np.isfinite(mean_xhat_g + mean_g + cm):
+            if not_nan:
                 for j in range(n):
-                    store_not_nan(dx, i, j, _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g))
+                    xhat = (d_row[j] - cm) * r
+                    store_not_nan(dx, i, j, r * (dy_row[j] * w[j] - xhat * mean_xhat_g - mean_g))
             else:
                 for j in range(n):
-                    store(dx, i, j, _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g))
+                    xhat = (d_row[j] - cm) * r
+                    store(dx, i, j, r * (dy_row[j] * w[j] - xhat * mean_xhat_g - mean_g))
         if need_dw:
             for j in range(n):
-                dw_acc[j] += load(dy, i, j) * _xhat(x, i, j, m, cm, r)
+                dw_acc[j] += dy_row[j] * ((d_row[j] - cm) * r)
         if need_db:
             for j in range(n):
-                db_acc[j] += load(dy, i, j)
-
-
-@njit(fastmath=_FASTMATH)
-def _xhat(x, i, j, m, cm, r):
-    return ((load(x, i, j) - m) - cm) * r
-
-
-@njit(fastmath=_FASTMATH)
-def _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g):
-    return r * (load(dy, i, j) * load(w, 0, j) - _xhat(x, i, j, m, cm, r) * mean_xhat_g - mean_g)
+                db_acc[j] += dy_row[j]
 
 
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
 def _bwd(
-    dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_part_at, db_part_at, n_rows, n,
+    dy_at, x_at, w_at, mean_at, rstd_at, dx_at, part_at, n_rows, n,
     rms, need_dx, need_dw, need_db, rows_per_chunk, n_chunks, x_kind, w_kind, acc_kind,
 ):  # fmt: skip
-    """Chunk k of rows_per_chunk rows adds into row k of the partial sums; chunks run in parallel."""
+    """Chunk k of rows_per_chunk rows writes row k of the partial sums [dw | db]; chunks in parallel."""
     dy = _view(dy_at, n_rows, n, x_kind)
     x = _view(x_at, n_rows, n, x_kind)
     dx = _view(dx_at, n_rows if need_dx else 0, n, x_kind)
-    w = _view(w_at, 1, n, w_kind)
     mean = _view(mean_at, 1, n_rows, acc_kind)[0]
     rstd = _view(rstd_at, 1, n_rows, acc_kind)[0]
-    dw_part = _view(dw_part_at, n_chunks, n if need_dw else 0, acc_kind)
-    db_part = _view(db_part_at, n_chunks, n if need_db else 0, acc_kind)
+    w = _widen(_view(w_at, 1, n, w_kind), mean)
     w_finite = _all_finite(w)
+    dw_width = n if need_dw else 0
+    db_width = n if need_db else 0
+    part = _view(part_at, n_chunks, dw_width + db_width, acc_kind)
     if n_chunks == 1:  # small: skip the thread pool
-        _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_part[0], db_part[0], rms, need_dx, need_dw, need_db, 0, n_rows)
+        _bwd_rows(
+            dy, x, w, w_finite, mean, rstd, dx, part[0, :dw_width], part[0, dw_width:],
+            rms, need_dx, need_dw, need_db, 0, n_rows,
+        )  # fmt: skip
         return
     for k in prange(n_chunks):
         r0 = k * rows_per_chunk
         r1 = min(n_rows, r0 + rows_per_chunk)
-        _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_part[k], db_part[k], rms, need_dx, need_dw, need_db, r0, r1)
+        _bwd_rows(
+            dy, x, w, w_finite, mean, rstd, dx, part[k, :dw_width], part[k, dw_width:],
+            rms, need_dx, need_dw, need_db, r0, r1,
+        )  # fmt: skip
 
 
 @njit(cache=True, parallel=True)
@@ -312,6 +340,7 @@ def norm_bwd(
     n_rows, n = x.shape
     acc = _acc_dtype(x.dtype)
     dx = torch.empty_like(x) if need_dx else None
+    # zeros stand for the empty sums of zero rows
     dweight = torch.zeros(n, dtype=acc) if need_dweight else None
     dbias = torch.zeros(n, dtype=acc) if need_dbias else None
     if n_rows == 0 or n == 0:
@@ -319,22 +348,24 @@ def norm_bwd(
     w = _param(weight, n, 1.0, acc)
     chunk = rows_per_chunk(n_rows)
     n_chunks = -(-n_rows // chunk)
-    dw_part = torch.zeros((n_chunks, n), dtype=acc) if need_dweight else None
-    db_part = torch.zeros((n_chunks, n), dtype=acc) if need_dbias else None
+    # partial sums of each chunk, dweight's then dbias's, side by side: one reduction call
+    width = n * (int(need_dweight) + int(need_dbias))
+    part = torch.empty((n_chunks, width), dtype=acc)
     _bwd(
         dy.data_ptr(), x.data_ptr(), w.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-        dx.data_ptr() if need_dx else 0,
-        dw_part.data_ptr() if need_dweight else 0, db_part.data_ptr() if need_dbias else 0,
+        dx.data_ptr() if need_dx else 0, part.data_ptr(),
         n_rows, n, bool(rms), bool(need_dx), bool(need_dweight), bool(need_dbias), chunk, n_chunks,
         _KIND[x.dtype], _KIND[w.dtype], _KIND[acc],
     )  # fmt: skip
-    for part, total in ((dw_part, dweight), (db_part, dbias)):
-        if part is None:
-            continue
-        if n_chunks == 1:
-            total.copy_(part[0])
-        else:
-            _sum_chunks(part.data_ptr(), total.data_ptr(), n_chunks, n, max(256, -(-n // 64)), _KIND[acc])
+    if width:
+        total = part[0] if n_chunks == 1 else torch.empty(width, dtype=acc)
+        if n_chunks > 1:
+            _sum_chunks(part.data_ptr(), total.data_ptr(), n_chunks, width, max(256, -(-width // 64)), _KIND[acc])
+        if need_dweight:
+            dweight = total[:n]
+        if need_dbias:
+            # a separate tensor: a custom op's outputs must not share storage
+            dbias = total[width - n :].clone()
     return dx, dweight, dbias
 
 
