@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -43,14 +46,24 @@ def test_use_backend_forces_and_restores():
             pass
 
 
-def test_environment_variable_forces(monkeypatch):
-    monkeypatch.setenv("NORMFUSE_BACKEND", "reference")
+def _backend_in_subprocess(env_value: str) -> subprocess.CompletedProcess:
+    code = "import torch, normfuse.ops as o; print(o.backend_name(torch.empty(2)))"
+    env = {**os.environ, "NORMFUSE_BACKEND": env_value}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_environment_variable_forces():
+    done = _backend_in_subprocess("reference")
+    assert done.returncode == 0 and done.stdout.strip() == "reference", done.stderr
+    done = _backend_in_subprocess("nonsense")
+    assert done.returncode != 0 and "NORMFUSE_BACKEND='nonsense'" in done.stderr
+
+
+def test_use_backend_overrides_the_environment(monkeypatch):
+    monkeypatch.setattr(ops, "_ENV_BACKEND", "reference")
     assert ops.backend_name(torch.empty(2)) == "reference"
     with normfuse.use_backend("cpu"):
         assert ops.backend_name(torch.empty(2)) == "cpu"
-    monkeypatch.setenv("NORMFUSE_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="NORMFUSE_BACKEND"):
-        ops.backend_name(torch.empty(2))
 
 
 def test_forced_reference_backend_runs_and_agrees():

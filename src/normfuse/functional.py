@@ -71,8 +71,9 @@ def _check_layer_norm_inputs(
     x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None
 ) -> None:
     """Device, dtype and shape checks in the order ATen's CPU layer_norm makes them."""
+    x_is_cpu = x.is_cpu  # cheap test first: building device objects costs a microsecond each
     for param in (weight, bias):
-        if param is not None and param.device != x.device:
+        if param is not None and not (x_is_cpu and param.is_cpu) and param.device != x.device:
             raise RuntimeError(f"Tensor on device {param.device} is not on the expected device {x.device}!")
     params = [p for p in (weight, bias) if p is not None]
     mixed = bool(params) and params[0].dtype != x.dtype
@@ -88,13 +89,13 @@ def _check_layer_norm_inputs(
             f"but got normalized_shape = {_shape_list(normalized_shape)}"
         )
     for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and tuple(param.shape) != normalized_shape:
+        if param is not None and param.shape != normalized_shape:
             raise RuntimeError(
                 f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
                 f"{_shape_list(param.shape)} and normalized_shape = {_shape_list(normalized_shape)}"
             )
     k = len(normalized_shape)
-    if x.dim() < k or tuple(x.shape[x.dim() - k :]) != normalized_shape:
+    if x.dim() < k or x.shape[x.dim() - k :] != normalized_shape:
         raise RuntimeError(
             f"Given normalized_shape={_shape_list(normalized_shape)}, expected input with shape "
             f"[*, {', '.join(str(s) for s in normalized_shape)}], but got input of size{_shape_list(x.shape)}"

@@ -35,7 +35,8 @@ _warned_fallbacks: set[tuple[str, torch.dtype]] = set()
 def use_backend(name: str | None) -> Iterator[None]:
     """Force a backend (``"cpu"``, ``"triton"`` or ``"reference"``) inside the block.
 
-    ``None`` restores automatic choice. Overrides the ``NORMFUSE_BACKEND`` environment variable.
+    ``None`` restores automatic choice. Overrides the ``NORMFUSE_BACKEND`` environment variable
+    (which is read once, when normfuse is imported).
     """
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown normfuse backend {name!r}; expected one of {', '.join(BACKENDS)}")
@@ -46,7 +47,17 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced_backend.reset(token)
 
 
+_loaded_backends: dict[str, ModuleType] = {}
+
+
 def _load_backend(name: str) -> ModuleType:
+    module = _loaded_backends.get(name)
+    if module is None:
+        module = _loaded_backends[name] = _import_backend(name)
+    return module
+
+
+def _import_backend(name: str) -> ModuleType:
     if name == "cpu":
         from normfuse.backends import cpu
 
@@ -58,8 +69,13 @@ def _load_backend(name: str) -> ModuleType:
     return reference
 
 
+# Read once, at import, like numba's and torch's own environment settings: looking it up on
+# every call would cost a sizeable share of a small op's latency.
+_ENV_BACKEND = os.environ.get("NORMFUSE_BACKEND") or None
+
+
 def _forced_name() -> str | None:
-    name = _forced_backend.get() or os.environ.get("NORMFUSE_BACKEND") or None
+    name = _forced_backend.get() or _ENV_BACKEND
     if name is not None and name not in BACKENDS:
         raise ValueError(f"NORMFUSE_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
     return name
@@ -70,7 +86,7 @@ def backend_name(x: Tensor) -> str:
     forced = _forced_name()
     if forced is not None:
         return forced
-    if x.device.type == "cpu" and x.dtype in _CPU_DTYPES:
+    if x.is_cpu and x.dtype in _CPU_DTYPES:
         return "cpu"
     if x.device.type == "cuda" and _triton_available():
         return "triton"
