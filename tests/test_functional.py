@@ -48,7 +48,14 @@ def _check_against_reference(x, normalized_shape, w, b, dtype):
     assert max_rel_err(out, ref) <= FWD_TOL[dtype]
     rdx, rdw, rdb = reference.layer_norm_backward(dy, x, normalized_shape, w, 1e-5)
     assert dx.dtype == x.dtype
-    assert norm_err(dx, rdx) <= GRAD_TOL[dtype]
+    # dx = rstd * (g - xhat * mean(xhat * g) - mean(g)) with g = dy * w is a difference of terms
+    # of size rstd * |g|; rounding errors scale with those terms, not with the (possibly nearly
+    # cancelled, e.g. two features) result. Bound the error by the larger of the two.
+    x64 = x.double().reshape(-1, math.prod(normalized_shape))
+    rstd = torch.rsqrt(x64.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    g = dy.double().reshape(x64.shape) * (w.double().reshape(-1) if w is not None else 1)
+    term_scale = (rstd * g).norm().item()
+    assert (dx.double() - rdx).norm().item() <= GRAD_TOL[dtype] * max(rdx.norm().item(), term_scale)
     if w is not None:
         assert dw.dtype == w.dtype and dw.shape == w.shape
         assert norm_err(dw, rdw) <= GRAD_TOL[w.dtype]
@@ -312,3 +319,22 @@ def test_accepted_argument_forms_match_torch():
     for shape in ((5,), [5], torch.Size([5]), (torch.tensor(5),)):
         assert torch.equal(normfuse.layer_norm(x, shape), normfuse.layer_norm(x, (5,)))
     assert max_rel_err(normfuse.layer_norm(x, (5,), eps=1), F.layer_norm(x, (5,), eps=1)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_repeated_calls_are_bitwise_identical(dtype):
+    """Same inputs, fresh allocations (so different addresses and alignments) each time: the
+    same bits. Guards against code whose rounding depends on where buffers happen to land
+    (vectorized and scalar loop versions chosen by runtime overlap checks)."""
+    for n in (5, 37, 1000):
+        x = torch.randn(6, n).to(dtype)
+        w = torch.randn(n).to(dtype)
+        dy = torch.randn(6, n).to(dtype)
+        first = _grads(normfuse.layer_norm, x, (n,), w, None, dy)
+        for _ in range(30):
+            padding = torch.empty(int(torch.randint(1, 64, ())))  # shifts where the next tensors land
+            again = _grads(normfuse.layer_norm, x.clone(), (n,), w.clone(), None, dy.clone())
+            del padding
+            for a, b in zip(first, again):
+                if a is not None:
+                    assert torch.equal(a, b)

@@ -55,21 +55,20 @@ _PARALLEL_MIN_ELEMENTS = 1 << 15
 
 
 @njit(fastmath=_FASTMATH)
-def _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i, row):
-    """Row i of the forward. ``row`` is scratch (n,) in the accumulation dtype: x is read from
-    memory and widened once, the later passes read the widened copy from L1."""
+def _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i):
+    """Row i of the forward: three loops over the row, the last two hit L1/L2."""
     n = x.shape[1]
     inv_n = acc_scalar(x, 1.0 / n)
-    s = acc_scalar(x, 0.0)
-    for j in range(n):
-        v = load(x, i, j)
-        row[j] = v
-        s += v
-    m1 = acc_scalar(x, 0.0) if rms else s * inv_n
+    m1 = acc_scalar(x, 0.0)
+    if not rms:
+        s = acc_scalar(x, 0.0)
+        for j in range(n):
+            s += load(x, i, j)
+        m1 = s * inv_n
     sd = acc_scalar(x, 0.0)
     sdd = acc_scalar(x, 0.0)
     for j in range(n):
-        d = row[j] - m1
+        d = load(x, i, j) - m1
         sd += d
         sdd += d * d
     c = acc_scalar(x, 0.0) if rms else sd * inv_n
@@ -83,10 +82,10 @@ def _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i, 
     if params_finite and np.isfinite(m1 + c) and np.isfinite(r):
         # x is finite (else m1 is not), so no output can be NaN: the vectorizable store
         for j in range(n):
-            store_not_nan(out, i, j, ((row[j] - m1) - c) * r * w[j] + b[j])
+            store_not_nan(out, i, j, ((load(x, i, j) - m1) - c) * r * w[j] + b[j])
     else:
         for j in range(n):
-            store(out, i, j, ((row[j] - m1) - c) * r * w[j] + b[j])
+            store(out, i, j, ((load(x, i, j) - m1) - c) * r * w[j] + b[j])
 
 
 @njit(fastmath=_FASTMATH)
@@ -134,14 +133,22 @@ def _fwd(x_at, w_at, b_at, out_at, mean_at, rstd_at, n_rows, n, eps, rms, store_
     params_finite = x.itemsize > 2 or (_all_finite(w) and _all_finite(b))
     n_blocks = (n_rows + rows_per_block - 1) // rows_per_block
     if n_blocks == 1:
-        row = np.empty(n, dtype=mean.dtype)
         for i in range(n_rows):
-            _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i, row)
+            _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i)
     else:
         for k in prange(n_blocks):
-            row = np.empty(n, dtype=mean.dtype)
             for i in range(k * rows_per_block, min(n_rows, (k + 1) * rows_per_block)):
-                _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i, row)
+                _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i)
+
+
+@njit(fastmath=_FASTMATH)
+def _xhat(x, i, j, m, cm, r):
+    return ((load(x, i, j) - m) - cm) * r
+
+
+@njit(fastmath=_FASTMATH)
+def _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g):
+    return r * (load(dy, i, j) * w[j] - _xhat(x, i, j, m, cm, r) * mean_xhat_g - mean_g)
 
 
 @njit(fastmath=_FASTMATH)
@@ -151,9 +158,6 @@ def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, 
     inv_n = acc_scalar(x, 1.0 / n)
     dw_acc[:] = 0
     db_acc[:] = 0
-    # widened, centred x and widened dy of the current row, reread from L1 by the second loop
-    d_row = np.empty(n, dtype=w.dtype)
-    dy_row = np.empty(n, dtype=w.dtype)
     for i in range(r0, r1):
         m = mean[i]
         r = rstd[i]
@@ -162,10 +166,7 @@ def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, 
         sg = acc_scalar(x, 0.0)
         for j in range(n):
             d = load(x, i, j) - m
-            dyj = load(dy, i, j)
-            d_row[j] = d
-            dy_row[j] = dyj
-            g = dyj * w[j]
+            g = load(dy, i, j) * w[j]
             sd += d
             sdg += d * g
             sg += g
@@ -178,27 +179,24 @@ def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, 
         if need_dx and need_dw and need_db and not_nan:
             # the training case: one branch-free loop for all three gradients
             for j in range(n):
-                xhat = (d_row[j] - cm) * r
-                store_not_nan(dx, i, j, r * (dy_row[j] * w[j] - xhat * mean_xhat_g - mean_g))
-                dw_acc[j] += dy_row[j] * xhat
-                db_acc[j] += dy_row[j]
+                store_not_nan(dx, i, j, _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g))
+                dw_acc[j] += load(dy, i, j) * _xhat(x, i, j, m, cm, r)
+                db_acc[j] += load(dy, i, j)
             continue
         # otherwise one loop per gradient asked for, each branch-free so that it vectorizes
         if need_dx:
             if not_nan:
                 for j in range(n):
-                    xhat = (d_row[j] - cm) * r
-                    store_not_nan(dx, i, j, r * (dy_row[j] * w[j] - xhat * mean_xhat_g - mean_g))
+                    store_not_nan(dx, i, j, _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g))
             else:
                 for j in range(n):
-                    xhat = (d_row[j] - cm) * r
-                    store(dx, i, j, r * (dy_row[j] * w[j] - xhat * mean_xhat_g - mean_g))
+                    store(dx, i, j, _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g))
         if need_dw:
             for j in range(n):
-                dw_acc[j] += dy_row[j] * ((d_row[j] - cm) * r)
+                dw_acc[j] += load(dy, i, j) * _xhat(x, i, j, m, cm, r)
         if need_db:
             for j in range(n):
-                db_acc[j] += dy_row[j]
+                db_acc[j] += load(dy, i, j)
 
 
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
