@@ -4,6 +4,11 @@ import pytest
 import torch
 from hypothesis import settings
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. It must be
+# chosen before triton compiles anything, so here, before any test imports the backend.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Hypothesis: few examples by default (CI time), more with HYPOTHESIS_PROFILE=thorough.
 settings.register_profile("ci", max_examples=25, deadline=None)
 settings.register_profile("thorough", max_examples=300, deadline=None)
@@ -13,3 +18,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each test taking ``device`` runs on the CPU and, where there is one, on the GPU."""
+    return request.param

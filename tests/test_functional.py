@@ -20,11 +20,15 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def _make(shape, normalized_shape, dtype, param_dtype=None, affine=True, with_bias=True, offset=0.0):
+def _make(shape, normalized_shape, dtype, param_dtype=None, affine=True, with_bias=True, offset=0.0, device="cpu"):
     param_dtype = param_dtype or dtype
-    x = (torch.randn(shape, dtype=torch.float64) * 2 + offset).to(dtype)
-    w = (1 + 0.5 * torch.randn(normalized_shape, dtype=torch.float64)).to(param_dtype) if affine else None
-    b = (0.5 * torch.randn(normalized_shape, dtype=torch.float64)).to(param_dtype) if affine and with_bias else None
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + offset).to(dtype).to(device)
+    w = (1 + 0.5 * torch.randn(normalized_shape, dtype=torch.float64)).to(param_dtype).to(device) if affine else None
+    b = (
+        (0.5 * torch.randn(normalized_shape, dtype=torch.float64)).to(param_dtype).to(device)
+        if affine and with_bias
+        else None
+    )
     return x, w, b
 
 
@@ -40,10 +44,15 @@ def _grads(fn, x, normalized_shape, w, b, dy):
     return out.detach(), next(it), next(it) if w is not None else None, next(it) if b is not None else None
 
 
+def _cpu(*tensors):
+    return [t.cpu() if t is not None else None for t in tensors]
+
+
 def _check_against_reference(x, normalized_shape, w, b, dtype):
-    dy = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
+    dy = torch.randn(x.shape, dtype=torch.float64).to(x.dtype).to(x.device)
     out, dx, dw, db = _grads(normfuse.layer_norm, x, normalized_shape, w, b, dy)
-    assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous()
+    assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous() and out.device == x.device
+    x, w, b, dy, out, dx, dw, db = _cpu(x, w, b, dy, out, dx, dw, db)
     ref = reference.layer_norm(x, normalized_shape, w, b, 1e-5)
     assert max_rel_err(out, ref) <= FWD_TOL[dtype]
     rdx, rdw, rdb = reference.layer_norm_backward(dy, x, normalized_shape, w, 1e-5)
@@ -71,9 +80,10 @@ def _check_against_reference(x, normalized_shape, w, b, dtype):
     [((4, 32), (32,)), ((3, 5, 100), (100,)), ((2, 3, 4, 7), (4, 7)), ((6, 2, 3, 5), (2, 3, 5)), ((64, 1000), (1000,))],
 )
 @pytest.mark.parametrize("affine,with_bias", [(True, True), (True, False), (False, False)])
-def test_matches_reference_and_torch(dtype, shape, normalized_shape, affine, with_bias):
-    x, w, b = _make(shape, normalized_shape, dtype, affine=affine, with_bias=with_bias)
+def test_matches_reference_and_torch(dtype, shape, normalized_shape, affine, with_bias, device):
+    x, w, b = _make(shape, normalized_shape, dtype, affine=affine, with_bias=with_bias, device=device)
     out, dx, dw, db, dy = _check_against_reference(x, normalized_shape, w, b, dtype)
+    x, w, b = _cpu(x, w, b)
     tout, tdx, tdw, tdb = _grads(F.layer_norm, x, normalized_shape, w, b, dy)
     # no worse than torch, up to a few units of the dtype's rounding
     ref = reference.layer_norm(x, normalized_shape, w, b, 1e-5)
@@ -82,9 +92,10 @@ def test_matches_reference_and_torch(dtype, shape, normalized_shape, affine, wit
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_low_precision_input_with_fp32_parameters(dtype):
-    x, w, b = _make((16, 48), (48,), dtype, param_dtype=torch.float32)
+def test_low_precision_input_with_fp32_parameters(dtype, device):
+    x, w, b = _make((16, 48), (48,), dtype, param_dtype=torch.float32, device=device)
     out, dx, dw, db, _ = _check_against_reference(x, (48,), w, b, dtype)
+    x, w, b = _cpu(x, w, b)
     assert out.dtype == dtype and dx.dtype == dtype
     assert dw.dtype == torch.float32 and db.dtype == torch.float32
     assert torch.equal(out, F.layer_norm(x, (48,), w, b)) or max_rel_err(out, F.layer_norm(x, (48,), w, b)) <= 2 * (
@@ -117,11 +128,15 @@ def _layout(x: torch.Tensor, layout: str, k: int) -> torch.Tensor:
     return x
 
 
+@pytest.mark.parametrize("on", ["cpu", "cuda"])
 @given(_cases())
-def test_random_shapes_layouts_and_dtypes(case):
+def test_random_shapes_layouts_and_dtypes(on, case):
+    if on == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
     dtype, normalized_shape, lead, affine, with_bias, layout, offset = case
     x, w, b = _make(lead + normalized_shape, normalized_shape, dtype, affine=affine, with_bias=with_bias, offset=offset)
-    x = _layout(x, layout, len(normalized_shape))
+    x = _layout(x, layout, len(normalized_shape)).to(on) if on != "cpu" else _layout(x, layout, len(normalized_shape))
+    w, b = (t.to(on) if t is not None else None for t in (w, b))
     x_before = x.clone()
     _check_against_reference(x, normalized_shape, w, b, dtype)
     assert torch.equal(x, x_before)
@@ -156,21 +171,21 @@ def test_zero_features_like_torch():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_single_feature(dtype):
-    x, w, b = _make((50, 1), (1,), dtype)
-    out, dx, dw, db = _grads(normfuse.layer_norm, x, (1,), w, b, torch.randn(50, 1).to(dtype))
+def test_single_feature(dtype, device):
+    x, w, b = _make((50, 1), (1,), dtype, device=device)
+    out, dx, dw, db = _grads(normfuse.layer_norm, x, (1,), w, b, torch.randn(50, 1).to(dtype).to(device))
     assert torch.equal(out, b.expand(50, 1).to(dtype))
     assert torch.equal(dx, torch.zeros_like(dx))
     assert torch.equal(dw, torch.zeros_like(dw))  # torch gives a tiny non-zero value here
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nan_and_inf_poison_only_their_row(dtype):
+def test_nan_and_inf_poison_only_their_row(dtype, device):
     x, w, b = _make((6, 40), (40,), dtype)
     x[1, 3] = math.nan
     x[3, 0] = math.inf
     x[4, 39] = -math.inf
-    out = normfuse.layer_norm(x, (40,), w, b)
+    out = normfuse.layer_norm(x.to(device), (40,), w.to(device), b.to(device)).cpu()
     expected = F.layer_norm(x, (40,), w, b)
     assert torch.equal(out.isnan(), expected.isnan())
     assert out[[1, 3, 4]].isnan().all()
@@ -179,13 +194,14 @@ def test_nan_and_inf_poison_only_their_row(dtype):
 
 
 @pytest.mark.parametrize("offset", [1e2, 1e3, 1e4, 1e5, 1e6])
-def test_large_mean_no_worse_than_torch(offset):
+def test_large_mean_no_worse_than_torch(offset, device):
     """Rows of offset + N(0, 1) in float32: forward and dx errors against float64."""
     x = (offset + torch.randn(128, 2048, dtype=torch.float64)).float()
     w = 1 + 0.1 * torch.randn(2048)
     b = 0.1 * torch.randn(2048)
     dy = torch.randn(128, 2048)
-    out, dx, _, _ = _grads(normfuse.layer_norm, x, (2048,), w, b, dy)
+    on_device = [t.to(device) for t in (x, w, b, dy)]
+    out, dx, _, _ = (t.cpu() for t in _grads(normfuse.layer_norm, on_device[0], (2048,), *on_device[1:3], on_device[3]))
     tout, tdx, _, _ = _grads(F.layer_norm, x, (2048,), w, b, dy)
     ref = reference.layer_norm(x, (2048,), w, b)
     rdx, _, _ = reference.layer_norm_backward(dy, x, (2048,), w)
@@ -241,8 +257,8 @@ def test_dweight_bitwise_identical_across_thread_counts(dtype):
     "shape,normalized_shape,affine,with_bias",
     [((3, 7), (7,), True, True), ((2, 3, 4), (3, 4), True, False), ((4, 5), (5,), False, False), ((5, 1), (1,), True, True)],
 )
-def test_gradcheck_and_gradgradcheck(shape, normalized_shape, affine, with_bias):
-    x, w, b = _make(shape, normalized_shape, torch.float64, affine=affine, with_bias=with_bias)
+def test_gradcheck_and_gradgradcheck(shape, normalized_shape, affine, with_bias, device):
+    x, w, b = _make(shape, normalized_shape, torch.float64, affine=affine, with_bias=with_bias, device=device)
     inputs = tuple(t.requires_grad_() for t in (x, w, b) if t is not None)
 
     def fn(*args):

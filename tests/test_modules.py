@@ -105,7 +105,7 @@ def test_pickle_and_deepcopy():
     assert type(clone) is normfuse.LayerNorm and torch.equal(clone.weight, m.weight)
 
 
-def test_torch_compile_fullgraph_no_graph_break():
+def test_torch_compile_fullgraph_no_graph_break(device):
     torch._dynamo.reset()
 
     class Block(torch.nn.Module):
@@ -118,13 +118,13 @@ def test_torch_compile_fullgraph_no_graph_break():
         def forward(self, x):
             return self.norm2(x + self.lin(self.norm1(x)))
 
-    model = Block()
+    model = Block().to(device)
     with torch.no_grad():
         for norm in (model.norm1, model.norm2):
             norm.weight.normal_()
             norm.bias.normal_()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(8, 32, requires_grad=True)
+    x = torch.randn(8, 32, device=device, requires_grad=True)
     eager_out = model(x)
     eager_grads = torch.autograd.grad(eager_out.sum(), [x, *model.parameters()])
     compiled_out = compiled(x)

@@ -1,0 +1,403 @@
+"""Triton backend: LayerNorm / RMSNorm forward and backward kernels for CUDA GPUs.
+
+Same contract as ``normfuse.backends.cpu`` (2-D row-major tensors; statistics and reductions in
+fp32, fp64 for fp64 input). Runs on CPU tensors too under ``TRITON_INTERPRET=1``, which is how
+the tests check the kernels' logic on a machine without a GPU.
+
+Kernels, one per pass (after Triton's layer-norm tutorial):
+
+- ``_fwd_rows``: a block of ``BLOCK_M`` rows of up to ``BLOCK_N`` features per program, the whole
+  row in registers: mean, then the centred sum of squares (two passes over registers, with the
+  corrected two-pass term), then the output. Masked lanes are zeroed *after* centring, so they
+  never leak into the variance at widths that are not a power of 2.
+- ``_fwd_looped``: rows wider than ``MAX_FUSED_N``: one program per row walks the row in
+  ``BLOCK_N`` chunks three times (sum, centred sums, output); the row comes back from L2.
+- ``_bwd_rows`` / ``_bwd_looped``: each program takes a contiguous range of rows, writes dx and
+  accumulates its own partial dweight/dbias row in fp32 (registers, or its own slot of the
+  partial buffer for wide rows); ``_sum_partials`` then adds the partial rows in a fixed order.
+  No atomics: the same inputs give the same bits on every run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+# Widest row kept whole in registers; wider rows take the looped kernels. The backward holds
+# x, dy, the weight and two accumulators per element, so its limit is lower.
+MAX_FUSED_N = 16384
+MAX_FUSED_N_BWD = 8192
+# Chunk of a wide row per loop step.
+LOOP_BLOCK_N = 4096
+
+
+def available() -> bool:
+    """True where the kernels can run: triton imports and a CUDA device (or the interpreter)."""
+    if triton is None:
+        return False
+    return torch.cuda.is_available() or interpreting()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fwd_rows(
+        X, W, B, Y, MEAN, RSTD, n_rows, n, eps,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, STORE_STATS: tl.constexpr,
+        ACC: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        col_ok = cols < n
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None].to(tl.int64) * n + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        if RMS:
+            m1 = tl.zeros((BLOCK_M,), dtype=ACC)
+        else:
+            m1 = tl.sum(x, axis=1) / n
+        # centre, then zero the padding lanes: they must not enter the variance
+        d = tl.where(mask, x - m1[:, None], 0.0)
+        if RMS:
+            c = tl.zeros((BLOCK_M,), dtype=ACC)
+        else:
+            c = tl.sum(d, axis=1) / n
+        var = tl.maximum(tl.sum(d * d, axis=1) / n - c * c, 0.0)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        if STORE_STATS:
+            tl.store(MEAN + rows, m1 + c, mask=row_ok)
+            tl.store(RSTD + rows, rstd, mask=row_ok)
+        y = (d - c[:, None]) * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fwd_looped(
+        X, W, B, Y, MEAN, RSTD, n, eps,
+        BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
+        STORE_STATS: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        base = tl.cast(row, tl.int64) * n
+        cols = tl.arange(0, BLOCK_N)
+        m1 = 0.0
+        if not RMS:
+            acc = tl.zeros((BLOCK_N,), dtype=ACC)
+            for start in range(0, n, BLOCK_N):
+                ok = start + cols < n
+                acc += tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
+            m1 = tl.sum(acc, axis=0) / n
+        acc_d = tl.zeros((BLOCK_N,), dtype=ACC)
+        acc_dd = tl.zeros((BLOCK_N,), dtype=ACC)
+        for start in range(0, n, BLOCK_N):
+            ok = start + cols < n
+            x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
+            d = tl.where(ok, x - m1, 0.0)
+            acc_d += d
+            acc_dd += d * d
+        c = 0.0
+        if not RMS:
+            c = tl.sum(acc_d, axis=0) / n
+        var = tl.maximum(tl.sum(acc_dd, axis=0) / n - c * c, 0.0)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        if STORE_STATS:
+            tl.store(MEAN + row, m1 + c)
+            tl.store(RSTD + row, rstd)
+        for start in range(0, n, BLOCK_N):
+            ok = start + cols < n
+            x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
+            y = ((x - m1) - c) * rstd
+            if HAS_W:
+                y = y * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC)
+            if HAS_B:
+                y = y + tl.load(B + start + cols, mask=ok, other=0.0).to(ACC)
+            tl.store(Y + base + start + cols, y.to(Y.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _bwd_rows(
+        DY, X, W, MEAN, RSTD, DX, PART, n_rows, n, rows_per_prog, width, db_offset,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, RMS: tl.constexpr,
+        NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """Rows [pid * rows_per_prog, ...) in tiles of BLOCK_M rows: dx, and this program's
+        partial [dw | db] row (PART row pid, ``width`` wide, db starting at ``db_offset``)."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < n
+        if HAS_W:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)
+        else:
+            w = tl.where(col_ok, 1.0, 0.0).to(ACC)
+        dw = tl.zeros((BLOCK_N,), dtype=ACC)
+        db = tl.zeros((BLOCK_N,), dtype=ACC)
+        row_start = pid * rows_per_prog
+        row_end = tl.minimum(row_start + rows_per_prog, n_rows)
+        for tile in range(row_start, row_end, BLOCK_M):
+            rows = tile + tl.arange(0, BLOCK_M)
+            row_ok = rows < row_end
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = rows[:, None].to(tl.int64) * n + cols[None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+            m = tl.load(MEAN + rows, mask=row_ok, other=0.0).to(ACC)
+            r = tl.load(RSTD + rows, mask=row_ok, other=0.0).to(ACC)
+            d = tl.where(mask, x - m[:, None], 0.0)
+            g = dy * w[None, :]
+            if RMS:
+                xhat = d * r[:, None]
+            else:
+                cm = tl.sum(d, axis=1) / n  # corrects the rounding of the saved mean
+                xhat = tl.where(mask, (d - cm[:, None]) * r[:, None], 0.0)
+            if NEED_DX:
+                mean_xhat_g = tl.sum(xhat * g, axis=1) / n
+                if RMS:
+                    dx = r[:, None] * (g - xhat * mean_xhat_g[:, None])
+                else:
+                    mean_g = tl.sum(g, axis=1) / n
+                    dx = r[:, None] * (g - xhat * mean_xhat_g[:, None] - mean_g[:, None])
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if NEED_DW:
+                dw += tl.sum(dy * xhat, axis=0)
+            if NEED_DB:
+                db += tl.sum(dy, axis=0)
+        if NEED_DW:
+            tl.store(PART + pid * width + cols, dw, mask=col_ok)
+        if NEED_DB:
+            tl.store(PART + pid * width + db_offset + cols, db, mask=col_ok)
+
+    @triton.jit
+    def _bwd_looped(
+        DY, X, W, MEAN, RSTD, DX, PART, n_rows, n, rows_per_prog, width, db_offset,
+        BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, RMS: tl.constexpr,
+        NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """Wide rows: as ``_bwd_rows``, walking each row in chunks; the program's partial
+        [dw | db] row lives in its own slot of PART (read and written by this program only)."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        slot = PART + pid * width
+        row_start = pid * rows_per_prog
+        row_end = tl.minimum(row_start + rows_per_prog, n_rows)
+        for start in range(0, n, BLOCK_N):
+            ok = start + cols < n
+            if NEED_DW:
+                tl.store(slot + start + cols, tl.zeros((BLOCK_N,), dtype=ACC), mask=ok)
+            if NEED_DB:
+                tl.store(slot + db_offset + start + cols, tl.zeros((BLOCK_N,), dtype=ACC), mask=ok)
+        for row in range(row_start, row_end):
+            base = tl.cast(row, tl.int64) * n
+            m = tl.load(MEAN + row).to(ACC)
+            r = tl.load(RSTD + row).to(ACC)
+            acc_d = tl.zeros((BLOCK_N,), dtype=ACC)
+            acc_dg = tl.zeros((BLOCK_N,), dtype=ACC)
+            acc_g = tl.zeros((BLOCK_N,), dtype=ACC)
+            for start in range(0, n, BLOCK_N):
+                ok = start + cols < n
+                x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
+                dy = tl.load(DY + base + start + cols, mask=ok, other=0.0).to(ACC)
+                if HAS_W:
+                    g = dy * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC)
+                else:
+                    g = dy
+                d = tl.where(ok, x - m, 0.0)
+                acc_d += d
+                acc_dg += d * g
+                acc_g += g
+            if RMS:
+                cm = 0.0
+                mean_g = 0.0
+            else:
+                cm = tl.sum(acc_d, axis=0) / n
+                mean_g = tl.sum(acc_g, axis=0) / n
+            sg = tl.sum(acc_g, axis=0)
+            mean_xhat_g = r * (tl.sum(acc_dg, axis=0) - cm * sg) / n
+            for start in range(0, n, BLOCK_N):
+                ok = start + cols < n
+                x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
+                dy = tl.load(DY + base + start + cols, mask=ok, other=0.0).to(ACC)
+                xhat = tl.where(ok, ((x - m) - cm) * r, 0.0)
+                if NEED_DX:
+                    if HAS_W:
+                        g = dy * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC)
+                    else:
+                        g = dy
+                    dx = r * (g - xhat * mean_xhat_g - mean_g)
+                    tl.store(DX + base + start + cols, dx.to(DX.dtype.element_ty), mask=ok)
+                if NEED_DW:
+                    p = slot + start + cols
+                    tl.store(p, tl.load(p, mask=ok, other=0.0) + dy * xhat, mask=ok)
+                if NEED_DB:
+                    p = slot + db_offset + start + cols
+                    tl.store(p, tl.load(p, mask=ok, other=0.0) + dy, mask=ok)
+
+    @triton.jit
+    def _sum_partials(PART, OUT, n_parts, width, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """OUT[j] = sum over k of PART[k, j], BLOCK_P parts at a time, in a fixed order."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < width
+        acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=OUT.dtype.element_ty)
+        for p0 in range(0, n_parts, BLOCK_P):
+            parts = p0 + tl.arange(0, BLOCK_P)
+            mask = (parts < n_parts)[:, None] & col_ok[None, :]
+            acc += tl.load(PART + parts[:, None].to(tl.int64) * width + cols[None, :], mask=mask, other=0.0)
+        tl.store(OUT + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+_TL_ACC = {}
+
+
+def _tl_acc(dtype: torch.dtype):
+    if not _TL_ACC:
+        _TL_ACC.update({torch.float32: tl.float32, torch.float64: tl.float64})
+    return _TL_ACC[_acc_dtype(dtype)]
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of n features held whole in registers."""
+    block_n = triton.next_power_of_2(n)
+    # about 4 to 16 elements per thread; several rows per program for narrow rows
+    num_warps = max(1, min(16, block_n // 512))
+    block_m = max(1, min(16, 2048 // block_n))
+    return block_m, block_n, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): tiles of about 2048 elements or one whole row."""
+    block_n = triton.next_power_of_2(n)
+    return max(1, min(16, 2048 // block_n)), block_n, max(1, min(16, block_n // 256))
+
+
+@functools.lru_cache(maxsize=8)
+def _parallel_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: any fixed number
+
+
+def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms):
+    store_stats = mean is not None
+    common = dict(
+        HAS_W=weight is not None, HAS_B=bias is not None, RMS=bool(rms), STORE_STATS=store_stats,
+        ACC=_tl_acc(x.dtype),
+    )  # fmt: skip
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    m = mean if store_stats else x
+    r = rstd if store_stats else x
+    if n <= MAX_FUSED_N:
+        block_m, block_n, num_warps = _fwd_config(n)
+        grid = (triton.cdiv(n_rows, block_m),)
+        _fwd_rows[grid](x, w, b, out, m, r, n_rows, n, eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **common)
+    else:
+        _fwd_looped[(n_rows,)](x, w, b, out, m, r, n, eps, BLOCK_N=LOOP_BLOCK_N, num_warps=8, **common)
+
+
+def _params(weight, bias):
+    return (
+        weight if weight is None or weight.is_contiguous() else weight.contiguous(),
+        bias if bias is None or bias.is_contiguous() else bias.contiguous(),
+    )
+
+
+def norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, N) row-major -> out (M, N) in x's dtype, mean and rstd (M,) in fp32 (fp64 for fp64)."""
+    n_rows, n = x.shape
+    acc = _acc_dtype(x.dtype)
+    out = torch.empty_like(x)
+    mean = torch.empty(n_rows, dtype=acc, device=x.device)
+    rstd = torch.empty(n_rows, dtype=acc, device=x.device)
+    if n_rows == 0 or n == 0:
+        mean.zero_()
+        rstd.fill_(float("nan"))
+        return out, mean, rstd
+    weight, bias = _params(weight, bias)
+    _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms)
+    return out, mean, rstd
+
+
+def norm_fwd_inference(
+    x: torch.Tensor, n_rows: int, n: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool
+) -> torch.Tensor:
+    """The forward's output alone, in x's shape; nothing saved."""
+    out = torch.empty_like(x)
+    if n_rows and n:
+        weight, bias = _params(weight, bias)
+        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms)
+    return out
+
+
+def norm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    rms: bool,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """dx (M, N) in x's dtype; dweight, dbias (N,) in the accumulation dtype; None if not asked."""
+    n_rows, n = x.shape
+    acc = _acc_dtype(x.dtype)
+    dx = torch.empty_like(x) if need_dx else None
+    dweight = torch.zeros(n, dtype=acc, device=x.device) if need_dweight else None
+    dbias = torch.zeros(n, dtype=acc, device=x.device) if need_dbias else None
+    if n_rows == 0 or n == 0:
+        return dx, dweight, dbias
+    weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
+    n_progs = min(n_rows, _parallel_programs(x.device))
+    rows_per_prog = triton.cdiv(n_rows, n_progs)
+    n_progs = triton.cdiv(n_rows, rows_per_prog)
+    width = n * (int(need_dweight) + int(need_dbias))
+    part = torch.empty((n_progs, max(width, 1)), dtype=acc, device=x.device)
+    flags = dict(
+        HAS_W=weight is not None, RMS=bool(rms), NEED_DX=bool(need_dx), NEED_DW=bool(need_dweight),
+        NEED_DB=bool(need_dbias), ACC=_tl_acc(x.dtype),
+    )  # fmt: skip
+    db_offset = n if need_dweight else 0
+    args = (
+        dy, x, weight if weight is not None else x, mean, rstd, dx if need_dx else x, part,
+        n_rows, n, rows_per_prog, width, db_offset,
+    )  # fmt: skip
+    if n <= MAX_FUSED_N_BWD:
+        block_m, block_n, num_warps = _bwd_config(n)
+        _bwd_rows[(n_progs,)](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
+    else:
+        _bwd_looped[(n_progs,)](*args, BLOCK_N=LOOP_BLOCK_N, num_warps=8, **flags)
+    if width:
+        total = torch.empty(width, dtype=acc, device=x.device)
+        block = 64
+        _sum_partials[(triton.cdiv(width, block),)](part, total, n_progs, width, BLOCK_P=32, BLOCK_N=block, num_warps=4)
+        if need_dweight:
+            dweight = total[:n]
+        if need_dbias:
+            # a separate tensor: a custom op's outputs must not share storage
+            dbias = total[width - n :].clone()
+    return dx, dweight, dbias

@@ -1,0 +1,101 @@
+"""The Triton kernels: on a CUDA GPU when there is one, else in Triton's interpreter on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normfuse
+from normfuse import reference
+from tests._helpers import FWD_TOL, max_rel_err, norm_err
+
+triton_backend = pytest.importorskip("normfuse.backends.triton", reason="triton is not installed")
+if not triton_backend.available():
+    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+WIDE = triton_backend.MAX_FUSED_N + 1000  # takes the looped (multi-block) kernels
+MID = triton_backend.MAX_FUSED_N_BWD + 500  # fused forward, looped backward
+
+
+def _inputs(rows, n, dtype, param_dtype=None, offset=0.5):
+    param_dtype = param_dtype or dtype
+    x = (torch.randn(rows, n, dtype=torch.float64) + offset).to(dtype).to(DEVICE)
+    w = (1 + 0.3 * torch.randn(n, dtype=torch.float64)).to(param_dtype).to(DEVICE)
+    b = (0.3 * torch.randn(n, dtype=torch.float64)).to(param_dtype).to(DEVICE)
+    dy = torch.randn(rows, n, dtype=torch.float64).to(dtype).to(DEVICE)
+    return x, w, b, dy
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("rows,n", [(1, 1), (5, 7), (19, 100), (64, 768), (2, MID), (3, WIDE)])
+def test_kernels_match_reference(dtype, rms, rows, n):
+    x, w, b, dy = _inputs(rows, n, dtype)
+    out, mean, rstd = triton_backend.norm_fwd(x, w, b, 1e-5, rms)
+    assert out.dtype == dtype and mean.dtype == rstd.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    ref = reference.layer_norm(x.cpu(), (n,), w.cpu(), b.cpu(), 1e-5, rms)
+    assert max_rel_err(out.cpu(), ref) <= FWD_TOL[dtype]
+    dx, dw, db = triton_backend.norm_bwd(dy, x, w, mean, rstd, rms, True, True, True)
+    rdx, rdw, rdb = reference.layer_norm_backward(dy.cpu(), x.cpu(), (n,), w.cpu(), 1e-5, rms)
+    if n > 1:
+        assert norm_err(dx.cpu(), rdx) <= GRAD_TOL[dtype]
+    acc_tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert norm_err(dw.cpu(), rdw) <= acc_tol
+    if not rms:
+        assert norm_err(db.cpu(), rdb) <= acc_tol
+
+
+@pytest.mark.parametrize("n", [100, WIDE])
+def test_gradient_flags_and_missing_parameters(n):
+    x, w, _, dy = _inputs(9, n, torch.float32)
+    out, mean, rstd = triton_backend.norm_fwd(x, None, None, 1e-5, False)
+    assert max_rel_err(out.cpu(), reference.layer_norm(x.cpu(), (n,))) <= FWD_TOL[torch.float32]
+    full = triton_backend.norm_bwd(dy, x, w, mean, rstd, False, True, True, True)
+    for mask in [(True, False, False), (False, True, False), (False, False, True)]:
+        part = triton_backend.norm_bwd(dy, x, w, mean, rstd, False, *mask)
+        for wanted, got, expected in zip(mask, part, full):
+            assert (got is None) != wanted
+            if wanted:
+                assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("n", [300, WIDE])
+def test_deterministic(n):
+    x, w, b, dy = _inputs(40, n, torch.bfloat16, param_dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        out, mean, rstd = triton_backend.norm_fwd(x, w, b, 1e-5, False)
+        runs.append((out, *triton_backend.norm_bwd(dy, x, w, mean, rstd, False, True, True, True)))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_large_mean_rows():
+    x = (1e4 + torch.randn(16, 1000, dtype=torch.float64)).float().to(DEVICE)
+    out, _, _ = triton_backend.norm_fwd(x, None, None, 1e-5, False)
+    assert max_rel_err(out.cpu(), reference.layer_norm(x.cpu(), (1000,))) < 1e-3
+
+
+def test_nan_row_stays_in_its_row():
+    x, w, b, _ = _inputs(4, 50, torch.float32)
+    x[2, 7] = float("nan")
+    out, _, _ = triton_backend.norm_fwd(x, w, b, 1e-5, False)
+    assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
+
+
+def test_through_the_front_end_with_autograd():
+    x, w, b, dy = _inputs(6, 130, torch.float32)
+    x.requires_grad_()
+    w.requires_grad_()
+    with normfuse.use_backend("triton"):
+        out = normfuse.layer_norm(x, (130,), w, b)
+        out.backward(dy)
+        inference = normfuse.layer_norm(x.detach(), (130,), w.detach(), b)
+    ref = reference.layer_norm(x.detach().cpu(), (130,), w.detach().cpu(), b.cpu())
+    assert max_rel_err(out.detach().cpu(), ref) <= FWD_TOL[torch.float32]
+    assert torch.equal(inference, out.detach())
+    rdx, rdw, _ = reference.layer_norm_backward(dy.cpu(), x.detach().cpu(), (130,), w.detach().cpu())
+    assert norm_err(x.grad.cpu(), rdx) < 2e-5 and norm_err(w.grad.cpu(), rdw) < 2e-5
