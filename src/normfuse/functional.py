@@ -124,10 +124,12 @@ def _normalize(
         x = x.contiguous()
     w = weight.reshape(n) if weight is not None and weight.dim() != 1 else weight
     b = bias.reshape(n) if bias is not None and bias.dim() != 1 else bias
-    if type(x) is Tensor and not _needs_autograd(x, weight, bias) and not torch.compiler.is_compiling():
-        # Eager inference: call the kernel directly. The dispatcher's round trip costs more
-        # than the whole op on a few rows (token-at-a-time decoding).
-        return ops.backend_for(x).norm_fwd_inference(x, rows, n, w, b, float(eps), rms)
+    if type(x) is Tensor and not torch.compiler.is_compiling():
+        # Eager, plain tensors: skip the dispatcher, whose round trip costs more than the whole
+        # op on a few rows (token-at-a-time decoding). Inference calls the kernel directly.
+        if not _needs_autograd(x, weight, bias):
+            return ops.backend_for(x).norm_fwd_inference(x, rows, n, w, b, float(eps), rms)
+        return ops.NormFunction.apply(x.view(rows, n), w, b, float(eps), rms).view(x.shape)
     return torch.ops.normfuse.norm_fwd(x.view(rows, n), w, b, float(eps), rms)[0].view(x.shape)
 
 

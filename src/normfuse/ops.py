@@ -179,14 +179,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, dout, _dmean, _drstd):
+def _gradients(ctx, dout: Tensor, fused_bwd) -> tuple:
+    """The backward shared by the custom op and the eager autograd.Function."""
     x, weight, mean, rstd = ctx.saved_tensors
     need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():
         # create_graph=True: return gradients that are themselves differentiable
         dx, dweight, dbias = reference.norm_bwd_differentiable(dout, x, weight, ctx.eps, ctx.rms)
     else:
-        dx, dweight, dbias = torch.ops.normfuse.norm_bwd(
+        dx, dweight, dbias = fused_bwd(
             dout.contiguous(), x, weight, mean, rstd, ctx.rms, need_dx, need_dweight, need_dbias
         )
     return (
@@ -198,4 +199,29 @@ def _backward(ctx, dout, _dmean, _drstd):
     )
 
 
+def _backward(ctx, dout, _dmean, _drstd):
+    return _gradients(ctx, dout, torch.ops.normfuse.norm_bwd)
+
+
 norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class NormFunction(torch.autograd.Function):
+    """The eager path for plain tensors: the same kernels and backward as the custom ops,
+    without the dispatcher's round trips (about 70 us a call on the CPU here, more than the
+    whole op on small inputs). Compiled graphs, tensor subclasses (DTensor, FSDP) and exports
+    go through ``torch.ops.normfuse``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool) -> Tensor:
+        out, mean, rstd = backend_for(x).norm_fwd(x, weight, bias, eps, rms)
+        _setup_context(ctx, (x, weight, bias, eps, rms), (out, mean, rstd))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        def fused_bwd(*args):
+            return backend_for(args[1]).norm_bwd(*args)
+
+        return _gradients(ctx, dout, fused_bwd)

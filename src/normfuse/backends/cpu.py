@@ -201,10 +201,10 @@ def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, 
 
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
 def _bwd(
-    dy_at, x_at, w_at, mean_at, rstd_at, dx_at, part_at, n_rows, n,
+    dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_part_at, db_part_at, n_rows, n,
     rms, need_dx, need_dw, need_db, rows_per_chunk, n_chunks, x_kind, w_kind, acc_kind,
 ):  # fmt: skip
-    """Chunk k of rows_per_chunk rows writes row k of the partial sums [dw | db]; chunks in parallel."""
+    """Chunk k of rows_per_chunk rows writes row k of the partial sums of dw and db; chunks in parallel."""
     dy = _view(dy_at, n_rows, n, x_kind)
     x = _view(x_at, n_rows, n, x_kind)
     dx = _view(dx_at, n_rows if need_dx else 0, n, x_kind)
@@ -212,12 +212,11 @@ def _bwd(
     rstd = _view(rstd_at, 1, n_rows, acc_kind)[0]
     w = _widen(_view(w_at, 1, n, w_kind), mean)
     w_finite = x.itemsize > 2 or _all_finite(w)
-    dw_width = n if need_dw else 0
-    db_width = n if need_db else 0
-    part = _view(part_at, n_chunks, dw_width + db_width, acc_kind)
+    dw_part = _view(dw_part_at, n_chunks, n if need_dw else 0, acc_kind)
+    db_part = _view(db_part_at, n_chunks, n if need_db else 0, acc_kind)
     if n_chunks == 1:  # small: skip the thread pool
         _bwd_rows(
-            dy, x, w, w_finite, mean, rstd, dx, part[0, :dw_width], part[0, dw_width:],
+            dy, x, w, w_finite, mean, rstd, dx, dw_part[0], db_part[0],
             rms, need_dx, need_dw, need_db, 0, n_rows,
         )  # fmt: skip
         return
@@ -225,7 +224,7 @@ def _bwd(
         r0 = k * rows_per_chunk
         r1 = min(n_rows, r0 + rows_per_chunk)
         _bwd_rows(
-            dy, x, w, w_finite, mean, rstd, dx, part[k, :dw_width], part[k, dw_width:],
+            dy, x, w, w_finite, mean, rstd, dx, dw_part[k], db_part[k],
             rms, need_dx, need_dw, need_db, r0, r1,
         )  # fmt: skip
 
@@ -358,33 +357,34 @@ def norm_bwd(
     n_rows, n = x.shape
     acc = _acc_dtype(x.dtype)
     dx = torch.empty_like(x) if need_dx else None
-    # zeros stand for the empty sums of zero rows
-    dweight = torch.zeros(n, dtype=acc) if need_dweight else None
-    dbias = torch.zeros(n, dtype=acc) if need_dbias else None
     if n_rows == 0 or n == 0:
-        return dx, dweight, dbias
+        # zeros: the sums over no rows
+        zeros = torch.zeros(n, dtype=acc)
+        return dx, zeros if need_dweight else None, zeros.clone() if need_dbias else None
     w = _param(weight, n, 1.0, acc)
     chunk = rows_per_chunk(n_rows)
     n_chunks = -(-n_rows // chunk)
-    # partial sums of each chunk, dweight's then dbias's, side by side: one reduction call
-    width = n * (int(need_dweight) + int(need_dbias))
-    part = torch.empty((n_chunks, width), dtype=acc)
+    # one partial row per chunk; with a single chunk the partial row is the result
+    dw_part = torch.empty((n_chunks, n), dtype=acc) if need_dweight else None
+    db_part = torch.empty((n_chunks, n), dtype=acc) if need_dbias else None
     _bwd(
         dy.data_ptr(), x.data_ptr(), w.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-        dx.data_ptr() if need_dx else 0, part.data_ptr(),
+        dx.data_ptr() if need_dx else 0,
+        dw_part.data_ptr() if need_dweight else 0, db_part.data_ptr() if need_dbias else 0,
         n_rows, n, bool(rms), bool(need_dx), bool(need_dweight), bool(need_dbias), chunk, n_chunks,
         _KIND[x.dtype], _KIND[w.dtype], _KIND[acc],
     )  # fmt: skip
-    if width:
-        total = part[0] if n_chunks == 1 else torch.empty(width, dtype=acc)
-        if n_chunks > 1:
-            _sum_chunks(part.data_ptr(), total.data_ptr(), n_chunks, width, max(256, -(-width // 64)), _KIND[acc])
-        if need_dweight:
-            dweight = total[:n]
-        if need_dbias:
-            # a separate tensor: a custom op's outputs must not share storage
-            dbias = total[width - n :].clone()
-    return dx, dweight, dbias
+    return dx, _total(dw_part, n_chunks, n, acc), _total(db_part, n_chunks, n, acc)
+
+
+def _total(part: torch.Tensor | None, n_chunks: int, n: int, acc: torch.dtype) -> torch.Tensor | None:
+    if part is None:
+        return None
+    if n_chunks == 1:
+        return part[0]
+    total = torch.empty(n, dtype=acc)
+    _sum_chunks(part.data_ptr(), total.data_ptr(), n_chunks, n, max(256, -(-n // 64)), _KIND[acc])
+    return total
 
 
 def num_threads() -> int:
