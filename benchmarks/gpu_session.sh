@@ -12,4 +12,8 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)" | tee -a "$OUT/device.txt"
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | grep -v Warning
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests -x 2>&1 | tee "$OUT/pytest.log" | tail -25
+timeout "${SWEEP_TIMEOUT:-200}" python3 benchmarks/sweep_triton.py > "$OUT/sweep.log" 2>&1
+echo "sweep: $(grep -c GB/s "$OUT/sweep.log") settings timed (sweep.log)"
+# the Triton kernels and every test parametrized by device, on the GPU (the CPU suite runs in CI)
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/backends/test_triton.py 2>&1 | tee "$OUT/pytest.log" | tail -15
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests -k cuda 2>&1 | tee -a "$OUT/pytest.log" | tail -15

@@ -59,7 +59,9 @@ def test_gradient_flags_and_missing_parameters(n):
         for wanted, got, expected in zip(mask, part, full):
             assert (got is None) != wanted
             if wanted:
-                assert torch.equal(got, expected)
+                # Each flag set is a differently compiled kernel; on a GPU the compiler may
+                # contract a multiply-add differently in each, so agreement is to rounding.
+                torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [300, WIDE])
@@ -73,10 +75,16 @@ def test_deterministic(n):
         assert torch.equal(a, c)
 
 
-def test_large_mean_rows():
-    x = (1e4 + torch.randn(16, 1000, dtype=torch.float64)).float().to(DEVICE)
-    out, _, _ = triton_backend.norm_fwd(x, None, None, 1e-5, False)
-    assert max_rel_err(out.cpu(), reference.layer_norm(x.cpu(), (1000,))) < 1e-3
+@pytest.mark.parametrize("n", [1000, WIDE])
+def test_large_mean_rows(n):
+    """A mean of 1e4 in fp32: forward error as small as for centred rows, fused and looped."""
+    x = (1e4 + torch.randn(4, n, dtype=torch.float64)).float().to(DEVICE)
+    out, mean, rstd = triton_backend.norm_fwd(x, None, None, 1e-5, False)
+    assert max_rel_err(out.cpu(), reference.layer_norm(x.cpu(), (n,))) < 1e-3
+    dy = torch.randn(4, n).to(DEVICE)
+    dx, _, _ = triton_backend.norm_bwd(dy, x, None, mean, rstd, False, True, False, False)
+    rdx, _, _ = reference.layer_norm_backward(dy.cpu(), x.cpu(), (n,))
+    assert norm_err(dx.cpu(), rdx) < 1e-5
 
 
 def test_nan_row_stays_in_its_row():

@@ -11,7 +11,8 @@ Kernels, one per pass (after Triton's layer-norm tutorial):
   corrected two-pass term), then the output. Masked lanes are zeroed *after* centring, so they
   never leak into the variance at widths that are not a power of 2.
 - ``_fwd_looped``: rows wider than ``MAX_FUSED_N``: one program per row walks the row in
-  ``BLOCK_N`` chunks three times (sum, centred sums, output); the row comes back from L2.
+  ``BLOCK_N`` chunks twice: statistics (per-chunk exact moments merged with Chan's formula),
+  then the output.
 - ``_bwd_rows`` / ``_bwd_looped``: each program takes a contiguous range of rows, writes dx and
   accumulates its own partial dweight/dbias row in fp32 (registers, or its own slot of the
   partial buffer for wide rows); ``_sum_partials`` then adds the partial rows in a fixed order.
@@ -36,8 +37,18 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 # x, dy, the weight and two accumulators per element, so its limit is lower.
 MAX_FUSED_N = 16384
 MAX_FUSED_N_BWD = 8192
-# Chunk of a wide row per loop step.
-LOOP_BLOCK_N = 4096
+
+# Launch settings, chosen by measurement (benchmarks/sweep_triton.py prints the candidates
+# side by side on a GPU; benchmarks/RESULTS.md records which won). Plain numbers, not
+# autotuning: the same settings on every run keep the results bitwise reproducible across
+# processes. ``bwd_warps``/``fwd_warps`` of None mean the size-based rule in the config functions.
+TUNING = {
+    "loop_block_n": 4096,  # chunk of a wide row per loop step
+    "loop_warps": 8,
+    "bwd_programs_per_sm": 4,
+    "bwd_warps": None,
+    "fwd_warps": None,
+}
 
 
 def available() -> bool:
@@ -102,28 +113,31 @@ if triton is not None:
         row = tl.program_id(0)
         base = tl.cast(row, tl.int64) * n
         cols = tl.arange(0, BLOCK_N)
-        m1 = 0.0
-        if not RMS:
-            acc = tl.zeros((BLOCK_N,), dtype=ACC)
-            for start in range(0, n, BLOCK_N):
-                ok = start + cols < n
-                acc += tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
-            m1 = tl.sum(acc, axis=0) / n
-        acc_d = tl.zeros((BLOCK_N,), dtype=ACC)
-        acc_dd = tl.zeros((BLOCK_N,), dtype=ACC)
+        # One sweep for the statistics: each chunk's exact mean and centred sum of squares
+        # (two passes over registers), merged into the running ones with Chan et al.'s
+        # pairwise formula, as robust as two passes over the whole row; the row is then read
+        # once more for the output (two sweeps instead of three).
+        mean = tl.zeros((), dtype=ACC)
+        m2 = tl.zeros((), dtype=ACC)
         for start in range(0, n, BLOCK_N):
             ok = start + cols < n
             x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
-            d = tl.where(ok, x - m1, 0.0)
-            acc_d += d
-            acc_dd += d * d
+            if RMS:
+                m2 += tl.sum(x * x, axis=0)
+            else:
+                seen = tl.cast(start, ACC)
+                count = tl.cast(tl.minimum(n - start, BLOCK_N), ACC)
+                chunk_mean = tl.sum(x, axis=0) / count
+                d = tl.where(ok, x - chunk_mean, 0.0)
+                total = seen + count
+                delta = chunk_mean - mean
+                mean += delta * (count / total)
+                m2 += tl.sum(d * d, axis=0) + delta * delta * (seen * count / total)
+        m1 = mean
         c = 0.0
-        if not RMS:
-            c = tl.sum(acc_d, axis=0) / n
-        var = tl.maximum(tl.sum(acc_dd, axis=0) / n - c * c, 0.0)
-        rstd = 1.0 / tl.sqrt(var + eps)
+        rstd = 1.0 / tl.sqrt(tl.maximum(m2 / n, 0.0) + eps)
         if STORE_STATS:
-            tl.store(MEAN + row, m1 + c)
+            tl.store(MEAN + row, m1)
             tl.store(RSTD + row, rstd)
         for start in range(0, n, BLOCK_N):
             ok = start + cols < n
@@ -134,6 +148,10 @@ if triton is not None:
             if HAS_B:
                 y = y + tl.load(B + start + cols, mask=ok, other=0.0).to(ACC)
             tl.store(Y + base + start + cols, y.to(Y.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _add3(a0, a1, a2, b0, b1, b2):
+        return a0 + b0, a1 + b1, a2 + b2
 
     @triton.jit
     def _bwd_rows(
@@ -165,18 +183,19 @@ if triton is not None:
             r = tl.load(RSTD + rows, mask=row_ok, other=0.0).to(ACC)
             d = tl.where(mask, x - m[:, None], 0.0)
             g = dy * w[None, :]
+            # the three row sums in one reduction tree (one round of cross-warp traffic)
+            sd, sdg, sg = tl.reduce((d, d * g, g), 1, _add3)
             if RMS:
                 xhat = d * r[:, None]
+                mean_xhat_g = r * sdg / n
+                mean_g = tl.zeros_like(mean_xhat_g)
             else:
-                cm = tl.sum(d, axis=1) / n  # corrects the rounding of the saved mean
+                cm = sd / n  # corrects the rounding of the saved mean
                 xhat = tl.where(mask, (d - cm[:, None]) * r[:, None], 0.0)
+                mean_xhat_g = r * (sdg - cm * sg) / n
+                mean_g = sg / n
             if NEED_DX:
-                mean_xhat_g = tl.sum(xhat * g, axis=1) / n
-                if RMS:
-                    dx = r[:, None] * (g - xhat * mean_xhat_g[:, None])
-                else:
-                    mean_g = tl.sum(g, axis=1) / n
-                    dx = r[:, None] * (g - xhat * mean_xhat_g[:, None] - mean_g[:, None])
+                dx = r[:, None] * (g - xhat * mean_xhat_g[:, None] - mean_g[:, None])
                 tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
             if NEED_DW:
                 dw += tl.sum(dy * xhat, axis=0)
@@ -253,16 +272,19 @@ if triton is not None:
                     tl.store(p, tl.load(p, mask=ok, other=0.0) + dy, mask=ok)
 
     @triton.jit
-    def _sum_partials(PART, OUT, n_parts, width, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-        """OUT[j] = sum over k of PART[k, j], BLOCK_P parts at a time, in a fixed order."""
+    def _sum_partials(PART, OUT_W, OUT_B, n_parts, width, db_offset, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Column j of sum over k of PART[k, :], BLOCK_P parts at a time in a fixed order; columns
+        before ``db_offset`` go to OUT_W, the others to OUT_B (two tensors, no copy)."""
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < width
-        acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=OUT.dtype.element_ty)
+        acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=OUT_W.dtype.element_ty)
         for p0 in range(0, n_parts, BLOCK_P):
             parts = p0 + tl.arange(0, BLOCK_P)
             mask = (parts < n_parts)[:, None] & col_ok[None, :]
             acc += tl.load(PART + parts[:, None].to(tl.int64) * width + cols[None, :], mask=mask, other=0.0)
-        tl.store(OUT + cols, tl.sum(acc, axis=0), mask=col_ok)
+        total = tl.sum(acc, axis=0)
+        tl.store(OUT_W + cols, total, mask=cols < db_offset)
+        tl.store(OUT_B + cols - db_offset, total, mask=col_ok & (cols >= db_offset))
 
 
 _TL_ACC = {}
@@ -279,7 +301,7 @@ def _fwd_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of n features held whole in registers."""
     block_n = triton.next_power_of_2(n)
     # about 4 to 16 elements per thread; several rows per program for narrow rows
-    num_warps = max(1, min(16, block_n // 512))
+    num_warps = TUNING["fwd_warps"] or max(1, min(16, block_n // 512))
     block_m = max(1, min(16, 2048 // block_n))
     return block_m, block_n, num_warps
 
@@ -288,13 +310,19 @@ def _fwd_config(n: int) -> tuple[int, int, int]:
 def _bwd_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): tiles of about 2048 elements or one whole row."""
     block_n = triton.next_power_of_2(n)
-    return max(1, min(16, 2048 // block_n)), block_n, max(1, min(16, block_n // 256))
+    return max(1, min(16, 2048 // block_n)), block_n, TUNING["bwd_warps"] or max(1, min(16, block_n // 256))
+
+
+def clear_config_caches() -> None:
+    """Forget cached launch settings (after changing TUNING)."""
+    for cached in (_fwd_config, _bwd_config, _parallel_programs):
+        cached.cache_clear()
 
 
 @functools.lru_cache(maxsize=8)
 def _parallel_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return TUNING["bwd_programs_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # interpreter: any fixed number
 
 
@@ -313,7 +341,9 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms):
         grid = (triton.cdiv(n_rows, block_m),)
         _fwd_rows[grid](x, w, b, out, m, r, n_rows, n, eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **common)
     else:
-        _fwd_looped[(n_rows,)](x, w, b, out, m, r, n, eps, BLOCK_N=LOOP_BLOCK_N, num_warps=8, **common)
+        _fwd_looped[(n_rows,)](
+            x, w, b, out, m, r, n, eps, BLOCK_N=TUNING["loop_block_n"], num_warps=TUNING["loop_warps"], **common
+        )
 
 
 def _params(weight, bias):
@@ -367,10 +397,10 @@ def norm_bwd(
     n_rows, n = x.shape
     acc = _acc_dtype(x.dtype)
     dx = torch.empty_like(x) if need_dx else None
-    dweight = torch.zeros(n, dtype=acc, device=x.device) if need_dweight else None
-    dbias = torch.zeros(n, dtype=acc, device=x.device) if need_dbias else None
     if n_rows == 0 or n == 0:
-        return dx, dweight, dbias
+        # zeros: the sums over no rows
+        zeros = torch.zeros(n, dtype=acc, device=x.device)
+        return dx, zeros if need_dweight else None, zeros.clone() if need_dbias else None
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     n_progs = min(n_rows, _parallel_programs(x.device))
     rows_per_prog = triton.cdiv(n_rows, n_progs)
@@ -390,14 +420,13 @@ def norm_bwd(
         block_m, block_n, num_warps = _bwd_config(n)
         _bwd_rows[(n_progs,)](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
     else:
-        _bwd_looped[(n_progs,)](*args, BLOCK_N=LOOP_BLOCK_N, num_warps=8, **flags)
+        _bwd_looped[(n_progs,)](*args, BLOCK_N=TUNING["loop_block_n"], num_warps=TUNING["loop_warps"], **flags)
+    dweight = torch.empty(n, dtype=acc, device=x.device) if need_dweight else None
+    dbias = torch.empty(n, dtype=acc, device=x.device) if need_dbias else None
     if width:
-        total = torch.empty(width, dtype=acc, device=x.device)
         block = 64
-        _sum_partials[(triton.cdiv(width, block),)](part, total, n_progs, width, BLOCK_P=32, BLOCK_N=block, num_warps=4)
-        if need_dweight:
-            dweight = total[:n]
-        if need_dbias:
-            # a separate tensor: a custom op's outputs must not share storage
-            dbias = total[width - n :].clone()
+        _sum_partials[(triton.cdiv(width, block),)](
+            part, dweight if need_dweight else dbias, dbias if need_dbias else dweight,
+            n_progs, width, db_offset, BLOCK_P=32, BLOCK_N=block, num_warps=4,
+        )  # fmt: skip
     return dx, dweight, dbias
