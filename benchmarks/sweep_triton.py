@@ -47,8 +47,8 @@ def main() -> None:
             fused = n <= tb.MAX_FUSED_N_BWD
             blocks = (None,) if fused else (2048, 4096, 8192)
             for num_warps, per_sm, block in itertools.product((4, 8, 16), (1, 2, 4), blocks):
-                _set(bwd_warps=num_warps, bwd_programs_per_sm=per_sm, loop_warps=num_warps,
-                     loop_block_n=block or default["loop_block_n"])  # fmt: skip
+                _set(bwd_warps=num_warps, bwd_programs_per_sm=per_sm, bwd_loop_warps=num_warps,
+                     bwd_loop_block_n=block or default["bwd_loop_block_n"])  # fmt: skip
                 ms = do_bench(lambda: tb.norm_bwd(dy, x, w, mean, rstd, False, True, True, True), return_mode="median")
                 gbs = bwd_bytes / ms / 1e6
                 print(

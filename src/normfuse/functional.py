@@ -76,7 +76,7 @@ def _check_layer_norm_inputs(
         if param is not None and not (x_is_cpu and param.is_cpu) and param.device != x.device:
             raise RuntimeError(f"Tensor on device {param.device} is not on the expected device {x.device}!")
     params = [p for p in (weight, bias) if p is not None]
-    mixed = bool(params) and params[0].dtype != x.dtype
+    mixed = len(params) > 0 and params[0].dtype != x.dtype
     if mixed:
         # a bf16/fp16 input may take fp32 parameters; nothing else may differ
         if x.dtype not in (torch.float32, *_LOW_PRECISION):

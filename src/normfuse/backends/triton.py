@@ -43,9 +43,11 @@ MAX_FUSED_N_BWD = 8192
 # autotuning: the same settings on every run keep the results bitwise reproducible across
 # processes. ``bwd_warps``/``fwd_warps`` of None mean the size-based rule in the config functions.
 TUNING = {
-    "loop_block_n": 4096,  # chunk of a wide row per loop step
+    "loop_block_n": 4096,  # forward: chunk of a wide row per loop step
     "loop_warps": 8,
-    "bwd_programs_per_sm": 4,
+    "bwd_loop_block_n": 8192,  # backward, rows wider than MAX_FUSED_N_BWD
+    "bwd_loop_warps": 16,
+    "bwd_programs_per_sm": None,
     "bwd_warps": None,
     "fwd_warps": None,
 }
@@ -182,7 +184,10 @@ if triton is not None:
             m = tl.load(MEAN + rows, mask=row_ok, other=0.0).to(ACC)
             r = tl.load(RSTD + rows, mask=row_ok, other=0.0).to(ACC)
             d = tl.where(mask, x - m[:, None], 0.0)
-            g = dy * w[None, :]
+            # The select also keeps the compiler from fusing this product into the subtraction
+            # of mean(g) below (an FMA there leaves the product's rounding error behind, and a
+            # single feature would get dx = rstd * that error instead of exactly 0).
+            g = tl.where(mask, dy * w[None, :], 0.0)
             # the three row sums in one reduction tree (one round of cross-warp traffic)
             sd, sdg, sg = tl.reduce((d, d * g, g), 1, _add3)
             if RMS:
@@ -237,7 +242,7 @@ if triton is not None:
                 x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
                 dy = tl.load(DY + base + start + cols, mask=ok, other=0.0).to(ACC)
                 if HAS_W:
-                    g = dy * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC)
+                    g = tl.where(ok, dy * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC), 0.0)
                 else:
                     g = dy
                 d = tl.where(ok, x - m, 0.0)
@@ -259,7 +264,8 @@ if triton is not None:
                 xhat = tl.where(ok, ((x - m) - cm) * r, 0.0)
                 if NEED_DX:
                     if HAS_W:
-                        g = dy * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC)
+                        # a select, not a bare product: see _bwd_rows
+                        g = tl.where(ok, dy * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC), 0.0)
                     else:
                         g = dy
                     dx = r * (g - xhat * mean_xhat_g - mean_g)
@@ -307,23 +313,33 @@ def _fwd_config(n: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _bwd_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): tiles of about 2048 elements or one whole row."""
+def _bwd_config(n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, programs per SM): tiles of about 2048 elements or one row.
+
+    From benchmarks/sweep_triton.py on an H200 (256 MiB, bf16 and fp32): 4 warps and 4
+    programs per SM up to 2048 features, 8 warps and 2 per SM at 4096, 16 warps and 1 per SM
+    at 8192 (74-90% of copy bandwidth there, against 50-82% for one rule for all widths).
+    """
     block_n = triton.next_power_of_2(n)
-    return max(1, min(16, 2048 // block_n)), block_n, TUNING["bwd_warps"] or max(1, min(16, block_n // 256))
+    num_warps = 4 if block_n <= 2048 else 8 if block_n <= 4096 else 16
+    per_sm = 4 if block_n <= 2048 else 2 if block_n <= 4096 else 1
+    return (
+        max(1, min(16, 2048 // block_n)), block_n,
+        TUNING["bwd_warps"] or num_warps, TUNING["bwd_programs_per_sm"] or per_sm,
+    )  # fmt: skip
 
 
 def clear_config_caches() -> None:
     """Forget cached launch settings (after changing TUNING)."""
-    for cached in (_fwd_config, _bwd_config, _parallel_programs):
+    for cached in (_fwd_config, _bwd_config):
         cached.cache_clear()
 
 
 @functools.lru_cache(maxsize=8)
-def _parallel_programs(device: torch.device) -> int:
+def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
-        return TUNING["bwd_programs_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # interpreter: any fixed number
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: any fixed number
 
 
 def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms):
@@ -402,7 +418,9 @@ def norm_bwd(
         zeros = torch.zeros(n, dtype=acc, device=x.device)
         return dx, zeros if need_dweight else None, zeros.clone() if need_dbias else None
     weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
-    n_progs = min(n_rows, _parallel_programs(x.device))
+    fused = n <= MAX_FUSED_N_BWD
+    block_m, block_n, num_warps, per_sm = _bwd_config(n) if fused else (1, 0, 0, 1)
+    n_progs = min(n_rows, (per_sm if fused else TUNING["bwd_programs_per_sm"] or 1) * _multiprocessors(x.device))
     rows_per_prog = triton.cdiv(n_rows, n_progs)
     n_progs = triton.cdiv(n_rows, rows_per_prog)
     width = n * (int(need_dweight) + int(need_dbias))
@@ -416,11 +434,12 @@ def norm_bwd(
         dy, x, weight if weight is not None else x, mean, rstd, dx if need_dx else x, part,
         n_rows, n, rows_per_prog, width, db_offset,
     )  # fmt: skip
-    if n <= MAX_FUSED_N_BWD:
-        block_m, block_n, num_warps = _bwd_config(n)
+    if fused:
         _bwd_rows[(n_progs,)](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
     else:
-        _bwd_looped[(n_progs,)](*args, BLOCK_N=TUNING["loop_block_n"], num_warps=TUNING["loop_warps"], **flags)
+        _bwd_looped[(n_progs,)](
+            *args, BLOCK_N=TUNING["bwd_loop_block_n"], num_warps=TUNING["bwd_loop_warps"], **flags
+        )
     dweight = torch.empty(n, dtype=acc, device=x.device) if need_dweight else None
     dbias = torch.empty(n, dtype=acc, device=x.device) if need_dbias else None
     if width:
