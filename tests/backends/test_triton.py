@@ -107,3 +107,29 @@ def test_through_the_front_end_with_autograd():
     assert torch.equal(inference, out.detach())
     rdx, rdw, _ = reference.layer_norm_backward(dy.cpu(), x.detach().cpu(), (130,), w.detach().cpu())
     assert norm_err(x.grad.cpu(), rdx) < 2e-5 and norm_err(w.grad.cpu(), rdw) < 2e-5
+
+
+@pytest.fixture
+def big_chunks_in_interpreter():
+    """The interpreter's cost is per loop step: walk wide rows in 64K chunks there (the same
+    code path, fewer steps). On a GPU the tuned chunk sizes stay."""
+    saved = dict(triton_backend.TUNING)
+    if DEVICE == "cpu":
+        triton_backend.TUNING.update(loop_block_n=65536, bwd_loop_block_n=65536)
+        triton_backend.clear_config_caches()
+    yield
+    triton_backend.TUNING.update(saved)
+    triton_backend.clear_config_caches()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_million_features(dtype, big_chunks_in_interpreter):
+    """Rows of 2**20 features take the looped kernels instead of failing (no 64 KB cap)."""
+    n = 1 << 20
+    x, w, b, dy = _inputs(2, n, dtype)
+    out, mean, rstd = triton_backend.norm_fwd(x, w, b, 1e-5, False)
+    assert max_rel_err(out.cpu(), reference.layer_norm(x.cpu(), (n,), w.cpu(), b.cpu())) <= FWD_TOL[dtype]
+    dx, dw, db = triton_backend.norm_bwd(dy, x, w, mean, rstd, False, True, True, True)
+    rdx, rdw, rdb = reference.layer_norm_backward(dy.cpu(), x.cpu(), (n,), w.cpu())
+    assert norm_err(dx.cpu(), rdx) <= GRAD_TOL[dtype]
+    assert norm_err(dw.cpu(), rdw) <= 2e-5 and norm_err(db.cpu(), rdb) <= 2e-5

@@ -443,7 +443,8 @@ def norm_bwd(
     dweight = torch.empty(n, dtype=acc, device=x.device) if need_dweight else None
     dbias = torch.empty(n, dtype=acc, device=x.device) if need_dbias else None
     if width:
-        block = 64
+        # narrow blocks give narrow rows enough programs; wide rows need fewer, wider ones
+        block = 64 if width <= 65536 else 1024
         _sum_partials[(triton.cdiv(width, block),)](
             part, dweight if need_dweight else dbias, dbias if need_dbias else dweight,
             n_progs, width, db_offset, BLOCK_P=32, BLOCK_N=block, num_warps=4,
