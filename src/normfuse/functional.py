@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from normfuse import ops
+from normfuse._dtypes import KERNEL_DTYPES
 
 __all__ = ["layer_norm"]
 
@@ -34,7 +35,6 @@ _SCALAR_TYPE_NAMES = {
     torch.complex64: "ComplexFloat",
     torch.complex128: "ComplexDouble",
 }
-_KERNEL_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 _LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
 
 
@@ -100,7 +100,7 @@ def _check_layer_norm_inputs(
             f"Given normalized_shape={_shape_list(normalized_shape)}, expected input with shape "
             f"[*, {', '.join(str(s) for s in normalized_shape)}], but got input of size{_shape_list(x.shape)}"
         )
-    if x.dtype not in _KERNEL_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise NotImplementedError(f'"LayerNormKernelImpl" not implemented for \'{_scalar_type_name(x.dtype)}\'')
     if not mixed:
         for param in params:

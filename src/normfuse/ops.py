@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from normfuse import reference
+from normfuse._dtypes import KERNEL_DTYPES, acc_dtype
 
 BACKENDS = ("cpu", "triton", "reference")
 
@@ -86,7 +87,7 @@ def backend_name(x: Tensor) -> str:
     forced = _forced_name()
     if forced is not None:
         return forced
-    if x.is_cpu and x.dtype in _CPU_DTYPES:
+    if x.is_cpu and x.dtype in KERNEL_DTYPES:
         return "cpu"
     if x.device.type == "cuda" and _triton_available():
         return "triton"
@@ -106,7 +107,6 @@ def backend_for(x: Tensor) -> ModuleType:
     return _load_backend(backend_name(x))
 
 
-_CPU_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 
 
 def _triton_available() -> bool:
@@ -116,9 +116,6 @@ def _triton_available() -> bool:
         return False
     return triton_backend.available()
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("normfuse::norm_fwd", mutates_args=())
@@ -131,7 +128,7 @@ def norm_fwd(
 
 @norm_fwd.register_fake
 def _norm_fwd_fake(x, weight, bias, eps, rms):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
 
 
@@ -150,7 +147,7 @@ def norm_bwd(
     """Fused gradients: dx (M, N) in x's dtype; dweight, dbias (N,) in the accumulation dtype."""
     dx, dweight, dbias = backend_for(x).norm_bwd(dy, x, weight, mean, rstd, rms, need_dx, need_dweight, need_dbias)
     empty = x.new_empty(0)
-    acc_empty = x.new_empty(0, dtype=_acc_dtype(x.dtype))
+    acc_empty = x.new_empty(0, dtype=acc_dtype(x.dtype))
     return (
         dx if dx is not None else empty,
         dweight if dweight is not None else acc_empty,
@@ -160,7 +157,7 @@ def norm_bwd(
 
 @norm_bwd.register_fake
 def _norm_bwd_fake(dy, x, weight, mean, rstd, rms, need_dx, need_dweight, need_dbias):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     n = x.shape[1]
     return (
         torch.empty_like(x) if need_dx else x.new_empty(0),

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from normfuse._dtypes import acc_dtype
+
 __all__ = [
     "layer_norm",
     "layer_norm_backward",
@@ -22,9 +24,6 @@ __all__ = [
     "norm_bwd_differentiable",
 ]
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _stats(x64: torch.Tensor, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +107,7 @@ def norm_fwd(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, N) -> out (M, N) in x's dtype, mean and rstd (M,) in the accumulation dtype."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     x64 = x.to(torch.float64)
     mean, rstd = _stats(x64, eps, rms)
     y = (x64 - mean) * rstd
@@ -138,7 +137,7 @@ def norm_bwd(
     need_dbias: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients from the saved statistics, float64 math; dx in x's dtype, dweight/dbias in acc."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     x64 = x.to(torch.float64)
     dy64 = dy.to(torch.float64)
     w = torch.ones(x.shape[1], dtype=torch.float64, device=x.device) if weight is None else weight.to(torch.float64)

@@ -44,6 +44,7 @@ import torch
 from numba import carray, njit, prange
 from numba.extending import overload
 
+from normfuse._dtypes import acc_dtype
 from normfuse.backends._numba_bits import acc_scalar, address_as_pointer, load, store, store_not_nan
 
 # reassoc lets LLVM split the row sums across SIMD lanes (deterministic: fixed at compile
@@ -258,11 +259,7 @@ _KIND = {
     torch.float16: np.int16(0),
 }
 
-SUPPORTED_DTYPES = frozenset(_KIND)
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @functools.lru_cache(maxsize=64)
@@ -289,7 +286,7 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms):
     if weight is not None and bias is not None and weight.is_contiguous() and bias.is_contiguous():
         w, b = weight, bias  # same dtype: the front end guarantees it when both are given
     else:
-        param_dtype = weight.dtype if weight is not None else bias.dtype if bias is not None else _acc_dtype(x.dtype)
+        param_dtype = weight.dtype if weight is not None else bias.dtype if bias is not None else acc_dtype(x.dtype)
         w = _param(weight, n, 1.0, param_dtype)
         b = _param(bias, n, 0.0, param_dtype)
     x_dtype = x.dtype
@@ -316,7 +313,7 @@ def norm_fwd(
     dtype (float64 for float64 input, else float32); mean is 0 for ``rms``.
     """
     n_rows, n = x.shape
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     out = torch.empty_like(x)
     mean = torch.empty(n_rows, dtype=acc)
     rstd = torch.empty(n_rows, dtype=acc)
@@ -355,7 +352,7 @@ def norm_bwd(
     Gradients not asked for are not computed and come back as None.
     """
     n_rows, n = x.shape
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     dx = torch.empty_like(x) if need_dx else None
     if n_rows == 0 or n == 0:
         # zeros: the sums over no rows

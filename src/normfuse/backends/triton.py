@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from normfuse._dtypes import acc_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -63,9 +65,6 @@ def available() -> bool:
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 if triton is not None:
@@ -299,7 +298,7 @@ _TL_ACC = {}
 def _tl_acc(dtype: torch.dtype):
     if not _TL_ACC:
         _TL_ACC.update({torch.float32: tl.float32, torch.float64: tl.float64})
-    return _TL_ACC[_acc_dtype(dtype)]
+    return _TL_ACC[acc_dtype(dtype)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -374,7 +373,7 @@ def norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, N) row-major -> out (M, N) in x's dtype, mean and rstd (M,) in fp32 (fp64 for fp64)."""
     n_rows, n = x.shape
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     out = torch.empty_like(x)
     mean = torch.empty(n_rows, dtype=acc, device=x.device)
     rstd = torch.empty(n_rows, dtype=acc, device=x.device)
@@ -411,7 +410,7 @@ def norm_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """dx (M, N) in x's dtype; dweight, dbias (N,) in the accumulation dtype; None if not asked."""
     n_rows, n = x.shape
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     dx = torch.empty_like(x) if need_dx else None
     if n_rows == 0 or n == 0:
         # zeros: the sums over no rows
