@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/train_layernorm.py
+	$(VENV)/bin/normfuse demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

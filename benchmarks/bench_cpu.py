@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -25,28 +24,10 @@ import torch
 import torch.nn.functional as F
 
 import normfuse
+from normfuse.cli.bench import interleaved_medians
 
 SHAPES = [(4096, 1024), (8192, 768), (1024, 4096), (256, 16384), (8192, 4096)]
 LATENCY_SHAPES = [(1, 4096), (8, 768)]
-
-
-def _time_once(fn: Callable[[], object], inner: int) -> float:
-    start = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - start) / inner
-
-
-def interleaved_medians(contenders: dict[str, Callable[[], object]], reps: int, inner: int) -> dict[str, float]:
-    """Median seconds per call of each contender, the contenders alternating every repetition."""
-    for fn in contenders.values():  # warm-up: JIT, allocator, caches
-        for _ in range(3):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(reps):
-        for name, fn in contenders.items():
-            samples[name].append(_time_once(fn, inner))
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _contenders(rows: int, n: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:

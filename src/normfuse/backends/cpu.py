@@ -51,8 +51,10 @@ from normfuse.backends._numba_bits import acc_scalar, address_as_pointer, load, 
 # time); contract allows FMA. No nnan/ninf: NaN and Inf must propagate as in torch.
 _FASTMATH = {"reassoc", "contract"}
 
-# Below this many elements a thread pool costs more than it saves.
-_PARALLEL_MIN_ELEMENTS = 1 << 15
+# Below this many elements (1 MiB of fp32) the kernels stay on the calling thread: waking
+# numba's pool, which shares two cores with torch's, cost more than it saved on the demo's
+# 1024x128 activations (measured with `normfuse demo`: tokens/s level with torch this way).
+_PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 @njit(fastmath=_FASTMATH)
@@ -203,7 +205,7 @@ def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, 
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
 def _bwd(
     dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_part_at, db_part_at, n_rows, n,
-    rms, need_dx, need_dw, need_db, rows_per_chunk, n_chunks, x_kind, w_kind, acc_kind,
+    rms, need_dx, need_dw, need_db, rows_per_chunk, n_chunks, x_kind, w_kind, acc_kind, min_parallel_elements,
 ):  # fmt: skip
     """Chunk k of rows_per_chunk rows writes row k of the partial sums of dw and db; chunks in parallel."""
     dy = _view(dy_at, n_rows, n, x_kind)
@@ -215,11 +217,14 @@ def _bwd(
     w_finite = x.itemsize > 2 or _all_finite(w)
     dw_part = _view(dw_part_at, n_chunks, n if need_dw else 0, acc_kind)
     db_part = _view(db_part_at, n_chunks, n if need_db else 0, acc_kind)
-    if n_chunks == 1:  # small: skip the thread pool
-        _bwd_rows(
-            dy, x, w, w_finite, mean, rstd, dx, dw_part[0], db_part[0],
-            rms, need_dx, need_dw, need_db, 0, n_rows,
-        )  # fmt: skip
+    if n_rows * n < min_parallel_elements:
+        # small: the same chunks in order on this thread, no thread pool
+        for k in range(n_chunks):
+            r0 = k * rows_per_chunk
+            _bwd_rows(
+                dy, x, w, w_finite, mean, rstd, dx, dw_part[k], db_part[k],
+                rms, need_dx, need_dw, need_db, r0, min(n_rows, r0 + rows_per_chunk),
+            )  # fmt: skip
         return
     for k in prange(n_chunks):
         r0 = k * rows_per_chunk
@@ -230,20 +235,26 @@ def _bwd(
         )  # fmt: skip
 
 
+@njit
+def _sum_chunk_columns(part, out, j0, j1):
+    for j in range(j0, j1):
+        out[j] = part[0, j]
+    for k in range(1, part.shape[0]):
+        for j in range(j0, j1):
+            out[j] += part[k, j]
+
+
 @njit(cache=True, parallel=True)
 def _sum_chunks(part_at, out_at, n_chunks, n, cols_per_block, acc_kind):
     """out[j] = part[0, j] + part[1, j] + ... in chunk order (fixed, whatever the thread count)."""
     part = _view(part_at, n_chunks, n, acc_kind)
     out = _view(out_at, 1, n, acc_kind)[0]
     n_blocks = (n + cols_per_block - 1) // cols_per_block
+    if n_blocks == 1:
+        _sum_chunk_columns(part, out, 0, n)
+        return
     for blk in prange(n_blocks):
-        j0 = blk * cols_per_block
-        j1 = min(n, j0 + cols_per_block)
-        for j in range(j0, j1):
-            out[j] = part[0, j]
-        for k in range(1, n_chunks):
-            for j in range(j0, j1):
-                out[j] += part[k, j]
+        _sum_chunk_columns(part, out, blk * cols_per_block, min(n, (blk + 1) * cols_per_block))
 
 
 def rows_per_chunk(n_rows: int) -> int:
@@ -369,7 +380,7 @@ def norm_bwd(
         dx.data_ptr() if need_dx else 0,
         dw_part.data_ptr() if need_dweight else 0, db_part.data_ptr() if need_dbias else 0,
         n_rows, n, bool(rms), bool(need_dx), bool(need_dweight), bool(need_dbias), chunk, n_chunks,
-        _KIND[x.dtype], _KIND[w.dtype], _KIND[acc],
+        _KIND[x.dtype], _KIND[w.dtype], _KIND[acc], _PARALLEL_MIN_ELEMENTS,
     )  # fmt: skip
     return dx, _total(dw_part, n_chunks, n, acc), _total(db_part, n_chunks, n, acc)
 
@@ -380,7 +391,9 @@ def _total(part: torch.Tensor | None, n_chunks: int, n: int, acc: torch.dtype) -
     if n_chunks == 1:
         return part[0]
     total = torch.empty(n, dtype=acc)
-    _sum_chunks(part.data_ptr(), total.data_ptr(), n_chunks, n, max(256, -(-n // 64)), _KIND[acc])
+    # one block of columns (no thread pool) when the partial sums are small
+    cols_per_block = n if n_chunks * n < _PARALLEL_MIN_ELEMENTS else max(256, -(-n // 64))
+    _sum_chunks(part.data_ptr(), total.data_ptr(), n_chunks, n, cols_per_block, _KIND[acc])
     return total
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from normfuse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,190 @@
+"""``normfuse bench``: normfuse vs torch (eager and compiled) vs a memory copy, side by side.
+
+Every repetition runs each contender once in turn and the table reports medians, so a noisy
+neighbour slows all of them alike. GB/s counts the fewest bytes a kernel must move (forward:
+read x, write y; forward+backward: also read x and dy, write dx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import normfuse
+from normfuse.cli import positive_int, say_if_overwriting
+
+
+def interleaved_medians(
+    contenders: dict[str, Callable[[], object]], reps: int, inner: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Median seconds per call of each contender, the contenders alternating every repetition."""
+    for fn in contenders.values():  # warm-up: JIT, allocator, caches
+        for _ in range(3):
+            fn()
+    sync()
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _contenders(rows: int, n: int, dtype: torch.dtype, device: str, compiled) -> dict[str, Callable[[], object]]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, n, generator=gen).to(dtype).to(device)
+    w = (1 + 0.1 * torch.randn(n, generator=gen)).to(dtype).to(device)
+    b = (0.1 * torch.randn(n, generator=gen)).to(dtype).to(device)
+    dy = torch.randn(rows, n, generator=gen).to(dtype).to(device)
+    buf = torch.empty_like(x)
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+
+    def fwd(fn):
+        def call():
+            with torch.no_grad():
+                return fn(x, (n,), w, b)
+
+        return call
+
+    def fwd_bwd(fn):
+        return lambda: torch.autograd.grad(fn(xg, (n,), wg, bg), (xg, wg, bg), dy)
+
+    impls = {"normfuse": normfuse.layer_norm, "torch": F.layer_norm}
+    if compiled is not None:
+        impls["torch.compile"] = compiled
+    contenders: dict[str, Callable[[], object]] = {"copy": lambda: buf.copy_(x)}
+    for name, fn in impls.items():
+        contenders[f"{name} fwd"] = fwd(fn)
+        contenders[f"{name} f+b"] = fwd_bwd(fn)
+    return contenders
+
+
+def machine_line(device: str) -> str:
+    import numba
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return (
+        f"CPU {cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}, "
+        f"numba {numba.__version__}, normfuse {normfuse.__version__}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    console = Console()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        console.print("normfuse bench: error: --device cuda but no CUDA GPU is available")
+        return 2
+    features = [256, 1024, 4096] if args.quick else [256, 512, 1024, 2048, 4096, 8192, 16384]
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    reps = 5 if args.quick else 15
+    budget = args.mib * 2**20
+    compiled = None
+    if not args.no_compile:
+        compiled = torch.compile(F.layer_norm, dynamic=True)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    console.print(machine_line(args.device))
+    results = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=len(features) * len(dtypes))
+        for dtype in dtypes:
+            es = torch.finfo(dtype).bits // 8
+            for n in features:
+                rows = max(1, budget // (n * es))
+                progress.update(task, description=f"{str(dtype)[6:]} {rows}x{n}")
+                try:
+                    med = interleaved_medians(_contenders(rows, n, dtype, args.device, compiled), reps, 1, sync)
+                except Exception as error:  # noqa: BLE001 - a compile failure on a shape is reported, not fatal
+                    console.print(f"[yellow]{str(dtype)[6:]} {rows}x{n}: {type(error).__name__}: {error}[/yellow]")
+                    progress.advance(task)
+                    continue
+                tensor_bytes = rows * n * es
+                entry = {"dtype": str(dtype)[6:], "rows": rows, "n": n, "copy_ms": med["copy"] * 1e3,
+                         "copy_gbs": 2 * tensor_bytes / med["copy"] / 1e9}  # fmt: skip
+                for key, seconds in med.items():
+                    if key == "copy":
+                        continue
+                    moved = (2 if key.endswith("fwd") else 5) * tensor_bytes
+                    entry[key] = {"ms": seconds * 1e3, "gbs": moved / seconds / 1e9}
+                results.append(entry)
+                progress.advance(task)
+
+    impls = ["normfuse", "torch"] + ([] if compiled is None else ["torch.compile"])
+    for mode in ("fwd", "f+b"):
+        table = Table(title=f"{'forward' if mode == 'fwd' else 'forward + backward'}: ms (GB/s), median of {reps}")
+        for column in ("dtype", "rows x N", "copy", *impls, "normfuse speedup vs torch"):
+            table.add_column(column, justify="right")
+        for e in results:
+            cells = [f"{e[f'{i} {mode}']['ms']:.3f} ({e[f'{i} {mode}']['gbs']:.0f})" for i in impls if f"{i} {mode}" in e]
+            speedup = e[f"torch {mode}"]["ms"] / e[f"normfuse {mode}"]["ms"]
+            table.add_row(e["dtype"], f"{e['rows']}x{e['n']}", f"{e['copy_ms']:.3f} ({e['copy_gbs']:.0f})", *cells, f"{speedup:.2f}x")
+        console.print(table)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "bench.json", out / "bench.png"
+    for path in (json_path, png_path):
+        say_if_overwriting(path, console)
+    json_path.write_text(json.dumps({"machine": machine_line(args.device), "device": args.device, "results": results}, indent=1))
+    _plot(png_path, results, impls, dtypes)
+    console.print(f"[green]done.[/green] wrote {json_path}, {png_path}")
+    return 0
+
+
+def _plot(path: Path, results: list[dict], impls: list[str], dtypes: list[torch.dtype]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(dtypes), 2, figsize=(10, 3.4 * len(dtypes)), squeeze=False)
+    for row, dtype in enumerate(dtypes):
+        mine = [e for e in results if e["dtype"] == str(dtype)[6:]]
+        ns = [e["n"] for e in mine]
+        for col, mode in enumerate(("fwd", "f+b")):
+            ax = axes[row][col]
+            ax.plot(ns, [e["copy_gbs"] for e in mine], "k--", label="copy (ceiling)")
+            for impl in impls:
+                ax.plot(ns, [e[f"{impl} {mode}"]["gbs"] for e in mine if f"{impl} {mode}" in e], "o-", label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("features")
+            ax.set_ylabel("GB/s")
+            ax.set_title(f"{str(dtype)[6:]} {'forward' if mode == 'fwd' else 'forward+backward'}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time normfuse against torch and a memory copy",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    p.add_argument("--quick", action="store_true", help="three feature sizes, fewer repetitions (under a minute)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes (default float32,bfloat16)")
+    p.add_argument("--mib", type=positive_int, default=16, help="activation size per case in MiB (default 16)")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out (its first compile takes long)")
+    p.add_argument("--out", default="normfuse-bench", help="directory for bench.json and bench.png")
+    p.set_defaults(run=run)
