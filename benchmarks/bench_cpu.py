@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import normfuse
-from normfuse.cli.bench import interleaved_medians
+from normfuse.cli.bench import interleaved_medians, reexec_with_malloc_tunables
 
 SHAPES = [(4096, 1024), (8192, 768), (1024, 4096), (256, 16384), (8192, 4096)]
 LATENCY_SHAPES = [(1, 4096), (8, 768)]
@@ -54,21 +52,8 @@ def _contenders(rows: int, n: int, dtype: torch.dtype) -> dict[str, Callable[[],
     }
 
 
-# glibc returns freed multi-MiB blocks to the OS (trim) or maps them fresh (mmap), so the next
-# allocation of an output page-faults: about 20 ms per 128 MiB here, the same for every
-# contender, and noise that swamps the kernels. Keeping freed memory in the process for the
-# benchmark's run isolates the kernels; the re-exec applies it before the allocator starts.
-_MALLOC_TUNABLES = "glibc.malloc.trim_threshold=4294967295:glibc.malloc.mmap_threshold=4294967295"
-
-
-def _reexec_with_malloc_tunables() -> None:
-    if "GLIBC_TUNABLES" not in os.environ and sys.platform == "linux":
-        os.environ["GLIBC_TUNABLES"] = _MALLOC_TUNABLES
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-
-
 def main() -> None:
-    _reexec_with_malloc_tunables()
+    reexec_with_malloc_tunables()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--dtypes", default="float32,bfloat16")

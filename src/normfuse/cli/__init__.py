@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command == "bench":
+        # the real command line (not a call from Python): time with a quiet allocator
+        from normfuse.cli.bench import reexec_with_malloc_tunables
+
+        reexec_with_malloc_tunables()
     return int(args.run(args) or 0)
 
 
