@@ -57,7 +57,7 @@ _FASTMATH = {"reassoc", "contract"}
 _PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
-@njit(fastmath=_FASTMATH)
+@njit(fastmath=_FASTMATH, inline="always")
 def _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i):
     """Row i of the forward: three loops over the row, the last two hit L1/L2."""
     n = x.shape[1]
@@ -144,17 +144,17 @@ def _fwd(x_at, w_at, b_at, out_at, mean_at, rstd_at, n_rows, n, eps, rms, store_
                 _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i)
 
 
-@njit(fastmath=_FASTMATH)
+@njit(fastmath=_FASTMATH, inline="always")
 def _xhat(x, i, j, m, cm, r):
     return ((load(x, i, j) - m) - cm) * r
 
 
-@njit(fastmath=_FASTMATH)
+@njit(fastmath=_FASTMATH, inline="always")
 def _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g):
     return r * (load(dy, i, j) * w[j] - _xhat(x, i, j, m, cm, r) * mean_xhat_g - mean_g)
 
 
-@njit(fastmath=_FASTMATH)
+@njit(fastmath=_FASTMATH, inline="always")
 def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, need_dw, need_db, r0, r1):
     """Rows [r0, r1): write dx, set dw_acc, db_acc to the chunk's sums of dy*xhat and dy."""
     n = x.shape[1]
