@@ -292,13 +292,9 @@ if triton is not None:
         tl.store(OUT_B + cols - db_offset, total, mask=col_ok & (cols >= db_offset))
 
 
-_TL_ACC = {}
-
-
 def _tl_acc(dtype: torch.dtype):
-    if not _TL_ACC:
-        _TL_ACC.update({torch.float32: tl.float32, torch.float64: tl.float64})
-    return _TL_ACC[acc_dtype(dtype)]
+    """The Triton type of ``acc_dtype(dtype)``."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 @functools.lru_cache(maxsize=None)
