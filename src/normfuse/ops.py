@@ -107,15 +107,12 @@ def backend_for(x: Tensor) -> ModuleType:
     return _load_backend(backend_name(x))
 
 
-
-
 def _triton_available() -> bool:
     try:
         from normfuse.backends import triton as triton_backend
     except ImportError:
         return False
     return triton_backend.available()
-
 
 
 @torch.library.custom_op("normfuse::norm_fwd", mutates_args=())

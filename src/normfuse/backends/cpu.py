@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import math
-
 import os
 
 # numba's OpenMP thread pool is a second pool beside torch's (torch bundles its own libgomp).
@@ -38,7 +37,6 @@ import os
 # torch's and reads the variable then; torch's pool is not affected. A value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch
 from numba import carray, njit, prange
@@ -271,17 +269,15 @@ _KIND = {
 }
 
 
-
-
 @functools.lru_cache(maxsize=64)
 def _filled(n: int, value: float, dtype: torch.dtype) -> torch.Tensor:
     """Ones for a missing weight, zeros for a missing bias (read-only, cached per size)."""
     return torch.full((n,), value, dtype=dtype)
 
 
-def _param(p: torch.Tensor | None, n: int, fill: float, acc: torch.dtype) -> torch.Tensor:
+def _param(p: torch.Tensor | None, n: int, fill: float, dtype: torch.dtype) -> torch.Tensor:
     if p is None:
-        return _filled(n, fill, acc)
+        return _filled(n, fill, dtype)
     return p if p.is_contiguous() else p.contiguous()
 
 
@@ -310,7 +306,7 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms):
     _fwd(
         x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), mean_at, rstd_at, n_rows, n,
         np.float64(eps) if x_dtype is torch.float64 else np.float32(eps), bool(rms), store_stats,
-        _KIND[x_dtype], _KIND[w.dtype], n_rows if n_rows * n < _PARALLEL_MIN_ELEMENTS else _rows_per_block(n_rows, n),
+        _KIND[x_dtype], _KIND[w.dtype], _rows_per_block(n_rows, n),
     )  # fmt: skip
 
 
@@ -395,7 +391,3 @@ def _total(part: torch.Tensor | None, n_chunks: int, n: int, acc: torch.dtype) -
     cols_per_block = n if n_chunks * n < _PARALLEL_MIN_ELEMENTS else max(256, -(-n // 64))
     _sum_chunks(part.data_ptr(), total.data_ptr(), n_chunks, n, cols_per_block, _KIND[acc])
     return total
-
-
-def num_threads() -> int:
-    return numba.get_num_threads()

@@ -412,7 +412,7 @@ def norm_bwd(
         # zeros: the sums over no rows
         zeros = torch.zeros(n, dtype=acc, device=x.device)
         return dx, zeros if need_dweight else None, zeros.clone() if need_dbias else None
-    weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
+    weight, _ = _params(weight, None)
     fused = n <= MAX_FUSED_N_BWD
     block_m, block_n, num_warps, per_sm = _bwd_config(n) if fused else (1, 0, 0, 1)
     n_progs = min(n_rows, (per_sm if fused else TUNING["bwd_programs_per_sm"] or 1) * _multiprocessors(x.device))
