@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from normfuse import ops
-from normfuse._dtypes import KERNEL_DTYPES
+from normfuse import _dropout, ops
+from normfuse._dtypes import KERNEL_DTYPES, acc_dtype
 
-__all__ = ["layer_norm"]
+__all__ = ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"]
 
 # c10's ScalarType names, which torch's error messages use.
 _SCALAR_TYPE_NAMES = {
@@ -110,27 +110,147 @@ def _check_layer_norm_inputs(
                 )
 
 
+def _check_rms_norm_inputs(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None) -> None:
+    """Shape, dtype and device checks in the order ATen's rms_norm makes them."""
+    if len(normalized_shape) < 1:
+        raise RuntimeError(
+            "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element, "
+            f"but got normalized_shape = {_shape_list(normalized_shape)}"
+        )
+    if weight is not None and weight.shape != normalized_shape:
+        raise RuntimeError(
+            "Expected weight to be of same shape as normalized_shape, but got weight of shape "
+            f"{_shape_list(weight.shape)} and normalized_shape = {_shape_list(normalized_shape)}"
+        )
+    if x.dim() == 0:
+        raise ValueError("Input tensor must have at least 1 dimensions, but got 0")
+    k = len(normalized_shape)
+    if x.dim() < k or x.shape[x.dim() - k :] != normalized_shape:
+        raise RuntimeError(
+            f"Given normalized_shape={_shape_list(normalized_shape)}, expected input with shape "
+            f"[*{', '.join(str(s) for s in normalized_shape)}], but got input of size{_shape_list(x.shape)}"
+        )
+    if not (x.is_floating_point() or x.is_complex()):
+        raise NotImplementedError(f'"rms_norm" not implemented for \'{_scalar_type_name(x.dtype)}\'')
+    if weight is not None and not (x.is_cpu and weight.is_cpu) and weight.device != x.device:
+        raise RuntimeError(f"Tensor on device {weight.device} is not on the expected device {x.device}!")
+
+
+def _check_residual(fn: str, x: Tensor, residual: Tensor | None, residual_dtype: object) -> None:
+    """The residual stream's checks, before any kernel: same shape and device as x, a float dtype."""
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"{fn}(): argument 'residual' must be Tensor or None, not {type(residual).__name__}")
+        if residual.shape != x.shape:
+            raise RuntimeError(
+                f"{fn}(): residual of shape {_shape_list(residual.shape)} does not match x of shape "
+                f"{_shape_list(x.shape)}"
+            )
+        if residual.device != x.device:
+            raise RuntimeError(
+                f"{fn}(): residual is on device {residual.device} but x is on device {x.device}"
+            )
+        if not _residual_dtype_ok(x.dtype, residual.dtype):
+            raise RuntimeError(
+                f"{fn}(): residual of dtype {residual.dtype} does not go with x of dtype {x.dtype} "
+                "(expected the same dtype, or float32 with a bfloat16/float16 x)"
+            )
+    if residual_dtype is not None:
+        if not isinstance(residual_dtype, torch.dtype) or not residual_dtype.is_floating_point:
+            raise TypeError(f"{fn}(): residual_dtype must be a floating point torch.dtype, got {residual_dtype!r}")
+        if not _residual_dtype_ok(x.dtype, residual_dtype):
+            raise RuntimeError(
+                f"{fn}(): residual_dtype {residual_dtype} does not go with x of dtype {x.dtype} "
+                "(expected x's dtype, or float32 with a bfloat16/float16 x)"
+            )
+
+
+def _residual_dtype_ok(x_dtype: torch.dtype, residual_dtype: torch.dtype) -> bool:
+    # the kernels accumulate in float32 except for float64, which stays float64 throughout
+    return residual_dtype == x_dtype or (x_dtype in _LOW_PRECISION and residual_dtype == torch.float32)
+
+
+def _check_dropout_p(p: object) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, not {type(p).__name__}")
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return float(p)
+
+
 def _needs_autograd(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _rows_n(x: Tensor, normalized_shape: tuple[int, ...]) -> tuple[int, int]:
+    return math.prod(x.shape[: x.dim() - len(normalized_shape)]), math.prod(normalized_shape)
+
+
+def _flat(p: Tensor | None, n: int) -> Tensor | None:
+    return p.reshape(n) if p is not None and p.dim() != 1 else p
+
+
 def _normalize(
-    x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+    x: Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    rms: bool,
+    xhat_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """View x as (rows, n) row-major, run the forward, give the result x's shape."""
-    n = math.prod(normalized_shape)
-    rows = math.prod(x.shape[: x.dim() - len(normalized_shape)])
+    rows, n = _rows_n(x, normalized_shape)
     if not x.is_contiguous():
         x = x.contiguous()
-    w = weight.reshape(n) if weight is not None and weight.dim() != 1 else weight
-    b = bias.reshape(n) if bias is not None and bias.dim() != 1 else bias
+    w = _flat(weight, n)
+    b = _flat(bias, n)
     if type(x) is Tensor and not torch.compiler.is_compiling():
         # Eager, plain tensors: skip the dispatcher, whose round trip costs more than the whole
         # op on a few rows (token-at-a-time decoding). Inference calls the kernel directly.
         if not _needs_autograd(x, weight, bias):
-            return ops.backend_for(x).norm_fwd_inference(x, rows, n, w, b, float(eps), rms)
-        return ops.NormFunction.apply(x.view(rows, n), w, b, float(eps), rms).view(x.shape)
-    return torch.ops.normfuse.norm_fwd(x.view(rows, n), w, b, float(eps), rms)[0].view(x.shape)
+            return ops.backend_for(x).norm_fwd_inference(x, rows, n, w, b, float(eps), rms, xhat_dtype, out_dtype)
+        out = ops.NormFunction.apply(
+            x.view(rows, n), None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype
+        )[0]
+        return out.view(x.shape)
+    out = torch.ops.normfuse.norm_fwd(
+        x.view(rows, n), None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype
+    )[0]
+    return out.view(x.shape)
+
+
+def _add_normalize(
+    x: Tensor,
+    residual: Tensor | None,
+    normalized_shape: tuple[int, ...],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    rms: bool,
+    dropout_p: float,
+    residual_dtype: torch.dtype | None,
+    return_mask: bool,
+    xhat_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, ...]:
+    """The pre-norm step on (rows, n) views: (out, residual_out[, mask]) in x's shape."""
+    rows, n = _rows_n(x, normalized_shape)
+    h_dtype = residual_dtype or (residual.dtype if residual is not None else x.dtype)
+    x2 = x.contiguous().view(rows, n)
+    r2 = residual.contiguous().view(rows, n) if residual is not None else None
+    seed = _dropout.draw_seed() if dropout_p > 0.0 else None
+    args = (
+        x2, r2, _flat(weight, n), _flat(bias, n), float(eps), rms, h_dtype, dropout_p, seed, return_mask,
+        xhat_dtype, out_dtype,
+    )  # fmt: skip
+    if type(x) is Tensor and not torch.compiler.is_compiling():
+        out, h, mask = ops.NormFunction.apply(*args)
+    else:
+        out, h, _, _, mask = torch.ops.normfuse.norm_fwd(*args)
+    result = (out.view(x.shape), h.view(x.shape))
+    return result + (mask.view(x.shape),) if return_mask else result
 
 
 def layer_norm(
@@ -160,3 +280,182 @@ def layer_norm(
     _check_eps("layer_norm", eps, 5)
     _check_layer_norm_inputs(input, shape, weight, bias)
     return _normalize(input, shape, weight, bias, eps, rms=False)
+
+
+def _rms_eps(x: Tensor, eps: float | None) -> float:
+    """eps=None: the machine epsilon of the computation dtype (float32 for fp16/bf16/fp32)."""
+    return torch.finfo(acc_dtype(x.dtype)).eps if eps is None else float(eps)
+
+
+def _check_rms_eps(fn: str, eps: object) -> None:
+    # torch's parser takes bools and ints for a ``float?``
+    if eps is not None and not isinstance(eps, numbers.Real):
+        raise TypeError(f"{fn}(): argument 'eps' (position 4) must be float, not {type(eps).__name__}")
+
+
+def _rms_weight(x: Tensor, weight: Tensor | None, weight_offset: float) -> Tensor | None:
+    """The weight the kernels multiply by, computed as torch does: in the computation dtype.
+
+    A weight of another dtype than x is converted to the computation dtype (torch's rule for
+    every mix: the product is taken there, then rounded to x's dtype); ``weight_offset`` adds
+    a constant in that dtype (Gemma's ``1 + w``, in float32). Both are differentiable torch ops,
+    so the weight's gradient flows through them.
+    """
+    if weight is None:
+        return None
+    acc = acc_dtype(x.dtype)
+    if weight_offset != 0.0:
+        return weight.to(acc) + weight_offset
+    if weight.dtype != x.dtype and weight.dtype != acc:
+        return weight.to(acc)
+    return weight
+
+
+def _check_family_options(fn: str, weight_offset: object, xhat_dtype: object) -> None:
+    if isinstance(weight_offset, bool) or not isinstance(weight_offset, numbers.Real):
+        raise TypeError(f"{fn}(): weight_offset must be a float, not {type(weight_offset).__name__}")
+    if xhat_dtype is not None and (
+        not isinstance(xhat_dtype, torch.dtype) or xhat_dtype not in KERNEL_DTYPES
+    ):
+        raise TypeError(
+            f"{fn}(): xhat_dtype must be None or one of torch.float32, torch.float64, torch.bfloat16, "
+            f"torch.float16, got {xhat_dtype!r}"
+        )
+
+
+def _family_out_dtype(x: Tensor, weight: Tensor | None, xhat_dtype: torch.dtype | None) -> torch.dtype | None:
+    """Llama/T5 style (``xhat_dtype`` given): ``weight * xhat.to(xhat_dtype)``, so torch's type
+    promotion of the two decides the output dtype. Otherwise x's dtype (None)."""
+    if xhat_dtype is None:
+        return None
+    return torch.promote_types(xhat_dtype, weight.dtype) if weight is not None else xhat_dtype
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    weight_offset: float = 0.0,
+    xhat_dtype: torch.dtype | None = None,
+) -> Tensor:
+    r"""RMS normalization over the trailing ``normalized_shape`` dims, as ``torch.nn.functional.rms_norm``.
+
+    ``y = x / sqrt(mean(x^2) + eps) * weight`` per row, computed in float32 for
+    fp32/bf16/fp16 input (float64 for float64) and rounded once to the input's dtype.
+
+    Args:
+        input: (*, *normalized_shape), float32/float64/bfloat16/float16, any strides (complex:
+            computed by torch itself, normfuse has no complex kernels).
+        normalized_shape: the trailing shape to normalize over.
+        weight: ``normalized_shape``-shaped, or None. Any dtype: like torch, it is converted to
+            the computation dtype (float32 for a bf16/fp16/fp32 input).
+        eps: added to the mean square; None means ``torch.finfo`` of the computation dtype.
+
+    Keyword-only options reproducing the formulas of model families (defaults: torch's):
+        weight_offset: the scale is ``weight_offset + weight``, formed in the computation dtype.
+            Gemma 1-3 (and Qwen3-Next) use ``1.0``: their weight is stored as an offset from 1.
+        xhat_dtype: round ``x * rstd`` to this dtype *before* multiplying by the weight, and let
+            torch's type promotion of ``xhat_dtype`` and the weight's dtype decide the output
+            dtype. The Llama family (Mistral, Qwen2/3, Phi-3, Granite, ...) uses the input's
+            dtype (``weight * xhat.to(input.dtype)``; an fp32 weight with bf16 input gives an
+            fp32 output); T5 uses the weight's dtype when it is fp16/bf16, else float32.
+            None (torch, Gemma, OLMo-2): multiply in the computation dtype, then round to the
+            input's dtype.
+
+    Returns:
+        A new contiguous tensor of input's shape; input's dtype (or the promoted dtype above).
+    """
+    shape = _check_int_tuple("rms_norm", normalized_shape, 2)
+    _check_optional_tensor("rms_norm", "weight", weight, 3)
+    _check_rms_eps("rms_norm", eps)
+    _check_family_options("rms_norm", weight_offset, xhat_dtype)
+    _check_rms_norm_inputs(input, shape, weight)
+    if input.is_complex():
+        if weight_offset != 0.0 or xhat_dtype is not None:
+            raise NotImplementedError("normfuse.rms_norm: weight_offset and xhat_dtype need a real input")
+        return torch.rms_norm(input, list(shape), weight, eps)
+    out_dtype = _family_out_dtype(input, weight, xhat_dtype)
+    w = _rms_weight(input, weight, float(weight_offset))
+    return _normalize(input, shape, w, None, _rms_eps(input, eps), True, xhat_dtype, out_dtype)
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    residual_dtype: torch.dtype | None = None,
+    return_dropout_mask: bool = False,
+) -> tuple[Tensor, ...]:
+    r"""The pre-norm block's step, fused: ``residual_out = dropout(x) + residual``, ``out = layer_norm(residual_out)``.
+
+    Args:
+        x: (*, *normalized_shape), the block's output (float32/float64/bfloat16/float16).
+        residual: x's shape, or None (then ``residual_out = dropout(x)``). Same dtype as x, or
+            float32 with a bf16/fp16 x (a float32 residual stream).
+        normalized_shape, weight, bias, eps: as ``layer_norm``.
+        dropout_p: probability of zeroing an element of x; kept ones are scaled by 1/(1-p).
+            The mask comes from torch's default generator (``torch.manual_seed`` reproduces it)
+            and the backward recomputes exactly the forward's.
+        training: dropout only when True (as ``torch.nn.functional.dropout``).
+        residual_dtype: dtype of ``residual_out`` (default: the residual's dtype, else x's).
+        return_dropout_mask: also return the boolean keep-mask (all True without dropout).
+
+    Returns:
+        ``(out, residual_out)`` or ``(out, residual_out, mask)``: out in x's dtype, normalized
+        from ``residual_out`` as rounded to ``residual_dtype``. Gradients flow through both.
+    """
+    shape = _check_int_tuple("add_layer_norm", normalized_shape, 3)
+    _check_optional_tensor("add_layer_norm", "weight", weight, 4)
+    _check_optional_tensor("add_layer_norm", "bias", bias, 5)
+    _check_eps("add_layer_norm", eps, 6)
+    p = _check_dropout_p(dropout_p)
+    _check_layer_norm_inputs(x, shape, weight, bias)
+    _check_residual("add_layer_norm", x, residual, residual_dtype)
+    return _add_normalize(
+        x, residual, shape, weight, bias, float(eps), False, p if training else 0.0, residual_dtype, return_dropout_mask
+    )
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    residual_dtype: torch.dtype | None = None,
+    return_dropout_mask: bool = False,
+    weight_offset: float = 0.0,
+    xhat_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, ...]:
+    r"""``add_layer_norm`` with RMSNorm: ``residual_out = dropout(x) + residual``, ``out = rms_norm(residual_out)``.
+
+    Arguments as ``add_layer_norm`` and ``rms_norm`` (``weight_offset``, ``xhat_dtype``: the
+    model-family options, with x-hat rounded to ``xhat_dtype`` and the output dtype promoted
+    as there). eps=None: ``torch.finfo`` of the computation dtype.
+    """
+    shape = _check_int_tuple("add_rms_norm", normalized_shape, 3)
+    _check_optional_tensor("add_rms_norm", "weight", weight, 4)
+    _check_rms_eps("add_rms_norm", eps)
+    _check_family_options("add_rms_norm", weight_offset, xhat_dtype)
+    p = _check_dropout_p(dropout_p)
+    _check_rms_norm_inputs(x, shape, weight)
+    if x.is_complex():
+        raise NotImplementedError('"add_rms_norm" not implemented for complex inputs')
+    _check_residual("add_rms_norm", x, residual, residual_dtype)
+    out_dtype = _family_out_dtype(x, weight, xhat_dtype)
+    w = _rms_weight(x, weight, float(weight_offset))
+    return _add_normalize(
+        x, residual, shape, w, None, _rms_eps(x, eps), True, p if training else 0.0, residual_dtype,
+        return_dropout_mask, xhat_dtype, out_dtype,
+    )  # fmt: skip

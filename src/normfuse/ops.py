@@ -2,11 +2,20 @@
 
 Two ops, both on 2-D row-major tensors (the front end flattens leading and normalized dims):
 
-- ``normfuse::norm_fwd(x, weight?, bias?, eps, rms) -> (out, mean, rstd)``
-- ``normfuse::norm_bwd(dy, x, weight?, mean, rstd, rms, need_dx, need_dweight, need_dbias)
-  -> (dx, dweight, dbias)``; a gradient not asked for comes back as an empty tensor.
+- ``normfuse::norm_fwd(x, residual?, weight?, bias?, eps, rms, residual_out_dtype?, dropout_p,
+  seed?, return_mask, xhat_dtype?, out_dtype?) -> (out, residual_out, mean, rstd, mask)``
+- ``normfuse::norm_bwd(dy, dresidual_out?, h, weight?, mean, rstd, rms, add, dropout_p, seed?,
+  x_dtype, residual_dtype?, need_dx, need_dresidual, need_dweight, need_dbias)
+  -> (dx, dresidual, dweight, dbias)``; a gradient not asked for comes back as an empty tensor.
 
-``rms`` selects RMSNorm in the same kernels. Registered with ``torch.library`` so autograd,
+Every variant is an option of these two ops and a flag of the same kernels: ``rms`` is
+RMSNorm; a ``residual_out_dtype`` makes it the pre-norm step ``h = dropout(x) + residual``,
+``out = norm(h)`` returning h as ``residual_out`` (the backward then takes h as its input and
+adds the gradient arriving at ``residual_out``); ``xhat_dtype`` rounds x-hat before the weight
+multiply. A weight offset (Gemma's ``1 + w``) is applied by the front end to the weight it
+passes in: the gradient of the offset weight is the weight's gradient. The dropout mask is a
+hash of ``seed`` (a 0-d int64 tensor drawn from torch's generator) and the element's position,
+recomputed by the backward instead of stored (``normfuse._dropout``). Registered with ``torch.library`` so autograd,
 ``torch.compile(fullgraph=True)`` and the dispatcher treat them as native ops. The backward of
 the backward (double backward) goes through the differentiable reference formulas.
 """
@@ -23,7 +32,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from normfuse import reference
+from normfuse import _dropout, reference
 from normfuse._dtypes import KERNEL_DTYPES, acc_dtype
 
 BACKENDS = ("cpu", "triton", "reference")
@@ -117,105 +126,196 @@ def _triton_available() -> bool:
 
 @torch.library.custom_op("normfuse::norm_fwd", mutates_args=())
 def norm_fwd(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """x (M, N) row-major -> out (M, N) in x's dtype, mean and rstd (M,) fp32 (fp64 for fp64)."""
-    return backend_for(x).norm_fwd(x, weight, bias, eps, rms)
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    rms: bool,
+    residual_out_dtype: torch.dtype | None,
+    dropout_p: float,
+    seed: Tensor | None,
+    return_mask: bool,
+    xhat_dtype: torch.dtype | None,
+    out_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, residual_out, mean, rstd, mask); see ``normfuse.backends.cpu.norm_fwd``.
+
+    Absent outputs (no residual add, no mask asked for) are empty tensors.
+    """
+    out, h, mean, rstd, mask = backend_for(x).norm_fwd(
+        x, weight, bias, eps, rms, residual=residual, residual_out_dtype=residual_out_dtype,
+        dropout_p=dropout_p, seed=_seed_value(seed), return_mask=return_mask, xhat_dtype=xhat_dtype,
+        out_dtype=out_dtype,
+    )  # fmt: skip
+    return out, h if h is not None else x.new_empty(0), mean, rstd, mask if mask is not None else _no_mask(x)
+
+
+def _seed_value(seed: Tensor | None) -> int:
+    return int(seed) if seed is not None else 0
+
+
+def _no_mask(x: Tensor) -> Tensor:
+    return x.new_empty(0, dtype=torch.bool)
 
 
 @norm_fwd.register_fake
-def _norm_fwd_fake(x, weight, bias, eps, rms):
-    acc = acc_dtype(x.dtype)
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
+def _norm_fwd_fake(x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype):
+    h_dtype = residual_out_dtype or x.dtype
+    acc = acc_dtype(h_dtype)
+    rows = x.shape[0]
+    return (
+        torch.empty_like(x, dtype=out_dtype or x.dtype),
+        torch.empty_like(x, dtype=residual_out_dtype) if residual_out_dtype is not None else x.new_empty(0),
+        x.new_empty(rows, dtype=acc),
+        x.new_empty(rows, dtype=acc),
+        torch.empty_like(x, dtype=torch.bool) if return_mask and residual_out_dtype is not None else _no_mask(x),
+    )
 
 
 @torch.library.custom_op("normfuse::norm_bwd", mutates_args=())
 def norm_bwd(
     dy: Tensor,
-    x: Tensor,
+    dresidual_out: Tensor | None,
+    h: Tensor,
     weight: Tensor | None,
     mean: Tensor,
     rstd: Tensor,
     rms: bool,
+    add: bool,
+    dropout_p: float,
+    seed: Tensor | None,
+    x_dtype: torch.dtype,
+    residual_dtype: torch.dtype | None,
     need_dx: bool,
+    need_dresidual: bool,
     need_dweight: bool,
     need_dbias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused gradients: dx (M, N) in x's dtype; dweight, dbias (N,) in the accumulation dtype."""
-    dx, dweight, dbias = backend_for(x).norm_bwd(dy, x, weight, mean, rstd, rms, need_dx, need_dweight, need_dbias)
-    empty = x.new_empty(0)
-    acc_empty = x.new_empty(0, dtype=acc_dtype(x.dtype))
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused gradients (dx, dresidual, dweight, dbias); see ``normfuse.backends.cpu.norm_bwd``.
+
+    A gradient not asked for comes back as an empty tensor.
+    """
+    dx, dres, dweight, dbias = backend_for(h).norm_bwd(
+        dy, h, weight, mean, rstd, rms, need_dx, need_dweight, need_dbias, add=add,
+        dresidual_out=dresidual_out, need_dresidual=need_dresidual, x_dtype=x_dtype,
+        residual_dtype=residual_dtype, dropout_p=dropout_p, seed=_seed_value(seed),
+    )  # fmt: skip
+    acc = acc_dtype(h.dtype)
     return (
-        dx if dx is not None else empty,
-        dweight if dweight is not None else acc_empty,
-        dbias if dbias is not None else acc_empty.clone(),
+        dx if dx is not None else h.new_empty(0, dtype=x_dtype),
+        dres if dres is not None else h.new_empty(0, dtype=residual_dtype or h.dtype),
+        dweight if dweight is not None else h.new_empty(0, dtype=acc),
+        dbias if dbias is not None else h.new_empty(0, dtype=acc),
     )
 
 
 @norm_bwd.register_fake
-def _norm_bwd_fake(dy, x, weight, mean, rstd, rms, need_dx, need_dweight, need_dbias):
-    acc = acc_dtype(x.dtype)
-    n = x.shape[1]
+def _norm_bwd_fake(
+    dy, dresidual_out, h, weight, mean, rstd, rms, add, dropout_p, seed, x_dtype, residual_dtype,
+    need_dx, need_dresidual, need_dweight, need_dbias,
+):  # fmt: skip
+    acc = acc_dtype(h.dtype)
+    n = h.shape[1]
     return (
-        torch.empty_like(x) if need_dx else x.new_empty(0),
-        x.new_empty(n if need_dweight else 0, dtype=acc),
-        x.new_empty(n if need_dbias else 0, dtype=acc),
+        torch.empty_like(h, dtype=x_dtype) if need_dx else h.new_empty(0, dtype=x_dtype),
+        torch.empty_like(h, dtype=residual_dtype) if add and need_dresidual else h.new_empty(0, dtype=residual_dtype or h.dtype),
+        h.new_empty(n if need_dweight else 0, dtype=acc),
+        h.new_empty(n if need_dbias else 0, dtype=acc),
     )
+
+
+# inputs of norm_fwd after x, residual, weight, bias: none of them differentiable
+_N_NONDIFF_ARGS = 8
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps, rms = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, *_ = inputs
+    _, h, mean, rstd, mask = output
+    ctx.add = residual_out_dtype is not None
+    ctx.save_for_backward(h if ctx.add else x, weight, mean, rstd, seed)
     ctx.eps = eps
     ctx.rms = rms
+    ctx.dropout_p = dropout_p
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(mean, rstd)
+    ctx.mark_non_differentiable(*(t for t in (mean, rstd, mask) if t is not None))
 
 
-def _gradients(ctx, dout: Tensor, fused_bwd) -> tuple:
+def _gradients(ctx, dout: Tensor, dresidual_out: Tensor | None, fused_bwd) -> tuple:
     """The backward shared by the custom op and the eager autograd.Function."""
-    x, weight, mean, rstd = ctx.saved_tensors
-    need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+    h, weight, mean, rstd, seed = ctx.saved_tensors
+    need_dx, need_dresidual, need_dweight, need_dbias = ctx.needs_input_grad[:4]
+    need_dresidual = need_dresidual and ctx.add
+    if dresidual_out is not None and dresidual_out.numel() == 0:
+        dresidual_out = None
     if torch.is_grad_enabled():
         # create_graph=True: return gradients that are themselves differentiable
-        dx, dweight, dbias = reference.norm_bwd_differentiable(dout, x, weight, ctx.eps, ctx.rms)
+        dx, dres, dweight, dbias = _differentiable_gradients(ctx, dout, dresidual_out, h, weight, seed)
     else:
-        dx, dweight, dbias = fused_bwd(
-            dout.contiguous(), x, weight, mean, rstd, ctx.rms, need_dx, need_dweight, need_dbias
-        )
+        dx, dres, dweight, dbias = fused_bwd(
+            dout.contiguous(), dresidual_out, h, weight, mean, rstd, ctx.rms, ctx.add, ctx.dropout_p, seed,
+            ctx.x_dtype, ctx.residual_dtype, need_dx, need_dresidual, need_dweight, need_dbias,
+        )  # fmt: skip
     return (
         dx if need_dx else None,
+        dres if need_dresidual else None,
         dweight.to(weight.dtype) if need_dweight else None,
         dbias.to(ctx.bias_dtype) if need_dbias else None,
-        None,
-        None,
-    )
+    ) + (None,) * _N_NONDIFF_ARGS
 
 
-def _backward(ctx, dout, _dmean, _drstd):
-    return _gradients(ctx, dout, torch.ops.normfuse.norm_bwd)
+def _differentiable_gradients(ctx, dout, dresidual_out, h, weight, seed):
+    dh, dweight, dbias = reference.norm_bwd_differentiable(dout, h, weight, ctx.eps, ctx.rms)
+    if not ctx.add:
+        return dh.to(ctx.x_dtype), None, dweight, dbias
+    if dresidual_out is not None:
+        dh = dh + dresidual_out.to(dh.dtype)
+    dres = dh.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None
+    dx = dh
+    if ctx.dropout_p > 0:
+        keep = _dropout.keep_mask(int(seed), ctx.dropout_p, *h.shape, device=h.device)
+        dx = torch.where(keep, dh * _dropout.scale(ctx.dropout_p), 0.0)
+    return dx.to(ctx.x_dtype), dres, dweight, dbias
+
+
+def _backward(ctx, dout, dresidual_out, _dmean, _drstd, _dmask):
+    return _gradients(ctx, dout, dresidual_out, torch.ops.normfuse.norm_bwd)
 
 
 norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _eager_bwd(dy, dresidual_out, h, weight, mean, rstd, rms, add, dropout_p, seed, x_dtype, residual_dtype,
+               need_dx, need_dresidual, need_dweight, need_dbias):  # fmt: skip
+    return backend_for(h).norm_bwd(
+        dy, h, weight, mean, rstd, rms, need_dx, need_dweight, need_dbias, add=add,
+        dresidual_out=dresidual_out, need_dresidual=need_dresidual, x_dtype=x_dtype,
+        residual_dtype=residual_dtype, dropout_p=dropout_p, seed=_seed_value(seed),
+    )  # fmt: skip
 
 
 class NormFunction(torch.autograd.Function):
     """The eager path for plain tensors: the same kernels and backward as the custom ops,
     without the dispatcher's round trips (about 70 us a call on the CPU here, more than the
     whole op on small inputs). Compiled graphs, tensor subclasses (DTensor, FSDP) and exports
-    go through ``torch.ops.normfuse``.
+    go through ``torch.ops.normfuse``. Same arguments and outputs as ``norm_fwd``, with None
+    for absent outputs.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool) -> Tensor:
-        out, mean, rstd = backend_for(x).norm_fwd(x, weight, bias, eps, rms)
-        _setup_context(ctx, (x, weight, bias, eps, rms), (out, mean, rstd))
-        return out
+    def forward(ctx, x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask,
+                xhat_dtype, out_dtype):  # fmt: skip
+        out, h, mean, rstd, mask = backend_for(x).norm_fwd(
+            x, weight, bias, eps, rms, residual=residual, residual_out_dtype=residual_out_dtype,
+            dropout_p=dropout_p, seed=_seed_value(seed), return_mask=return_mask, xhat_dtype=xhat_dtype,
+            out_dtype=out_dtype,
+        )  # fmt: skip
+        inputs = (x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed)
+        _setup_context(ctx, inputs, (out, h, mean, rstd, mask))
+        return out, h, mask
 
     @staticmethod
-    def backward(ctx, dout: Tensor):
-        def fused_bwd(*args):
-            return backend_for(args[1]).norm_bwd(*args)
-
-        return _gradients(ctx, dout, fused_bwd)
+    def backward(ctx, dout, dresidual_out, _dmask):
+        return _gradients(ctx, dout, dresidual_out, _eager_bwd)

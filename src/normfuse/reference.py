@@ -13,9 +13,11 @@ import math
 
 import torch
 
+from normfuse import _dropout
 from normfuse._dtypes import acc_dtype
 
 __all__ = [
+    "add_residual",
     "layer_norm",
     "layer_norm_backward",
     "norm_fwd",
@@ -23,7 +25,6 @@ __all__ = [
     "norm_bwd",
     "norm_bwd_differentiable",
 ]
-
 
 
 def _stats(x64: torch.Tensor, eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +41,28 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(-1, n)
 
 
+def _round_to(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype).to(t.dtype)
+
+
+def add_residual(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    residual_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``dropout(x) + residual`` in float64 with the given keep-mask, rounded once to ``residual_dtype``
+    (default: the residual's dtype, else x's), returned in that dtype: the residual stream."""
+    dtype = residual_dtype or (residual.dtype if residual is not None else x.dtype)
+    h = x.to(torch.float64)
+    if keep is not None:
+        h = torch.where(keep, h * _dropout.scale(dropout_p), 0.0)
+    if residual is not None:
+        h = h + residual.to(torch.float64)
+    return h.to(dtype)
+
+
 def layer_norm(
     x: torch.Tensor,
     normalized_shape: tuple[int, ...],
@@ -47,16 +70,18 @@ def layer_norm(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     rms: bool = False,
+    xhat_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """LayerNorm (RMSNorm with ``rms``) over the trailing ``normalized_shape`` dims, in float64.
 
     x: (*, *normalized_shape), any float dtype; weight, bias: normalized_shape or None.
+    ``xhat_dtype`` rounds x-hat to that dtype before the weight multiply (Llama-style models).
     Returns a float64 tensor of x's shape.
     """
     n = math.prod(normalized_shape)
     x64 = _rows(x.to(torch.float64), n)
     mean, rstd = _stats(x64, eps, rms)
-    y = (x64 - mean) * rstd
+    y = _round_to((x64 - mean) * rstd, xhat_dtype)
     if weight is not None:
         y = y * weight.to(torch.float64).reshape(n)
     if bias is not None:
@@ -104,30 +129,61 @@ def _explicit_backward(
 
 
 def norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, N) -> out (M, N) in x's dtype, mean and rstd (M,) in the accumulation dtype."""
-    acc = acc_dtype(x.dtype)
-    x64 = x.to(torch.float64)
-    mean, rstd = _stats(x64, eps, rms)
-    y = (x64 - mean) * rstd
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    *,
+    residual: torch.Tensor | None = None,
+    residual_out_dtype: torch.dtype | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    return_mask: bool = False,
+    xhat_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backends' forward contract (see ``normfuse.backends.cpu.norm_fwd``), float64 math."""
+    add = residual_out_dtype is not None
+    mask = None
+    if add:
+        keep = _dropout.keep_mask(seed, dropout_p, *x.shape, device=x.device) if dropout_p > 0 else None
+        h = add_residual(x, residual, keep, dropout_p, residual_out_dtype)
+        if return_mask:
+            mask = keep if keep is not None else torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    else:
+        h = x
+    acc = acc_dtype(h.dtype)
+    h64 = h.to(torch.float64)
+    mean, rstd = _stats(h64, eps, rms)
+    y = _round_to((h64 - mean) * rstd, xhat_dtype)
     if weight is not None:
         y = y * weight.to(torch.float64)
     if bias is not None:
         y = y + bias.to(torch.float64)
-    return y.to(x.dtype), mean.reshape(-1).to(acc), rstd.reshape(-1).to(acc)
+    out = y.to(out_dtype or x.dtype)
+    return out, h if add else None, mean.reshape(-1).to(acc), rstd.reshape(-1).to(acc), mask
 
 
 def norm_fwd_inference(
-    x: torch.Tensor, n_rows: int, n: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool
+    x: torch.Tensor,
+    n_rows: int,
+    n: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    xhat_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The forward's output alone, in x's shape (the backend contract's inference entry)."""
-    return norm_fwd(x.reshape(n_rows, n), weight, bias, eps, rms)[0].view(x.shape)
+    """The plain forward's output alone, in x's shape (the backend contract's inference entry)."""
+    out = norm_fwd(x.reshape(n_rows, n), weight, bias, eps, rms, xhat_dtype=xhat_dtype, out_dtype=out_dtype)[0]
+    return out.view(x.shape)
 
 
 def norm_bwd(
     dy: torch.Tensor,
-    x: torch.Tensor,
+    h: torch.Tensor,
     weight: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
@@ -135,29 +191,48 @@ def norm_bwd(
     need_dx: bool,
     need_dweight: bool,
     need_dbias: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients from the saved statistics, float64 math; dx in x's dtype, dweight/dbias in acc."""
-    acc = acc_dtype(x.dtype)
-    x64 = x.to(torch.float64)
+    *,
+    add: bool = False,
+    dresidual_out: torch.Tensor | None = None,
+    need_dresidual: bool = False,
+    x_dtype: torch.dtype | None = None,
+    residual_dtype: torch.dtype | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backends' backward contract (see ``normfuse.backends.cpu.norm_bwd``), float64 math."""
+    acc = acc_dtype(h.dtype)
+    h64 = h.to(torch.float64)
     dy64 = dy.to(torch.float64)
-    w = torch.ones(x.shape[1], dtype=torch.float64, device=x.device) if weight is None else weight.to(torch.float64)
+    w = torch.ones(h.shape[1], dtype=torch.float64, device=h.device) if weight is None else weight.to(torch.float64)
     mean64 = mean.to(torch.float64).reshape(-1, 1)
     rstd64 = rstd.to(torch.float64).reshape(-1, 1)
     # recentre: the saved mean was rounded to the accumulation dtype
-    centred = x64 - mean64
+    centred = h64 - mean64
     if not rms:
         centred = centred - centred.mean(dim=-1, keepdim=True)
     xhat = centred * rstd64
     g = dy64 * w
-    dx = None
-    if need_dx:
-        d = g - xhat * (xhat * g).mean(dim=-1, keepdim=True)
-        if not rms:
-            d = d - g.mean(dim=-1, keepdim=True)
-        dx = (d * rstd64).to(x.dtype)
+    dh = g - xhat * (xhat * g).mean(dim=-1, keepdim=True)
+    if not rms:
+        dh = dh - g.mean(dim=-1, keepdim=True)
+    dh = dh * rstd64
+    dx = dres = None
+    if add:
+        if dresidual_out is not None:
+            dh = dh + dresidual_out.to(torch.float64)
+        if need_dresidual:
+            dres = dh.to(residual_dtype)
+        if need_dx:
+            if dropout_p > 0:
+                keep = _dropout.keep_mask(seed, dropout_p, *h.shape, device=h.device)
+                dh = torch.where(keep, dh * _dropout.scale(dropout_p), 0.0)
+            dx = dh.to(x_dtype)
+    elif need_dx:
+        dx = dh.to(h.dtype)
     dweight = (dy64 * xhat).sum(dim=0).to(acc) if need_dweight else None
     dbias = dy64.sum(dim=0).to(acc) if need_dbias else None
-    return dx, dweight, dbias
+    return dx, dres, dweight, dbias
 
 
 def norm_bwd_differentiable(

@@ -192,3 +192,22 @@ def _acc_scalar_overload(a, v):
     if a.dtype == types.float64:
         return lambda a, v: np.float64(v)
     return lambda a, v: np.float32(v)
+
+
+def round_as(a, v):
+    """v rounded to a's storage type and widened back (a None: v unchanged)."""
+
+
+@overload(round_as, inline="always")
+def _round_as_overload(a, v):
+    if a is None or isinstance(a, types.NoneType):
+        return lambda a, v: v
+    if a.dtype == types.float64:
+        return lambda a, v: v
+    if a.dtype == types.float32:
+        return lambda a, v: np.float32(v)
+    if a.dtype == types.uint16:
+        return lambda a, v: _bf16_to_f32(_f32_to_bf16(v))
+    if a.dtype == types.int16:
+        return lambda a, v: _f16_to_f32(_f32_to_f16(v))
+    return None

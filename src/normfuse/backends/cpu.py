@@ -39,11 +39,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch
-from numba import carray, njit, prange
+from numba import carray, njit, prange, types
 from numba.extending import overload
 
+from normfuse import _dropout
 from normfuse._dtypes import acc_dtype
-from normfuse.backends._numba_bits import acc_scalar, address_as_pointer, load, store, store_not_nan
+from normfuse.backends._numba_bits import acc_scalar, address_as_pointer, load, round_as, store, store_not_nan
 
 # reassoc lets LLVM split the row sums across SIMD lanes (deterministic: fixed at compile
 # time); contract allows FMA. No nnan/ninf: NaN and Inf must propagate as in torch.
@@ -55,38 +56,191 @@ _FASTMATH = {"reassoc", "contract"}
 _PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
+# --- optional operands -----------------------------------------------------------------------
+# The residual, the dropout state, the mask output, the x-hat rounding and the gradient
+# outputs are either arrays or None. Helpers overloaded on None make each combination its own
+# compiled specialization (compile-time flags: no branch in the inner loops), from one source.
+
+
+def _is_none(t):
+    return t is None or isinstance(t, types.NoneType)
+
+
+def _plus(a, v, i, j):
+    """v + a[i, j] (a None: v)."""
+
+
+@overload(_plus, inline="always")
+def _plus_overload(a, v, i, j):
+    if _is_none(a):
+        return lambda a, v, i, j: v
+    return lambda a, v, i, j: v + load(a, i, j)
+
+
+def _put(a, i, j, v):
+    """store(a, i, j, v) (a None: nothing)."""
+
+
+@overload(_put, inline="always")
+def _put_overload(a, i, j, v):
+    if _is_none(a):
+        return lambda a, i, j, v: None
+    return lambda a, i, j, v: store(a, i, j, v)
+
+
+def _put_not_nan(a, i, j, v):
+    """store_not_nan(a, i, j, v) (a None: nothing)."""
+
+
+@overload(_put_not_nan, inline="always")
+def _put_not_nan_overload(a, i, j, v):
+    if _is_none(a):
+        return lambda a, i, j, v: None
+    return lambda a, i, j, v: store_not_nan(a, i, j, v)
+
+
+@njit(inline="always")
+def _fmix32(h):
+    # murmur3's finalizer on 32 bits held in a uint64 (masked after each multiply)
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(_dropout.FMIX_1)) & np.uint64(_dropout.MASK32)
+    h = h ^ (h >> np.uint64(13))
+    h = (h * np.uint64(_dropout.FMIX_2)) & np.uint64(_dropout.MASK32)
+    return h ^ (h >> np.uint64(16))
+
+
+def _row_key(drop, i):
+    """The per-row part of the dropout hash (see normfuse._dropout); 0 without dropout."""
+
+
+@overload(_row_key, inline="always")
+def _row_key_overload(drop, i):
+    if _is_none(drop):
+        return lambda drop, i: np.uint64(0)
+
+    def impl(drop, i):
+        lo, hi = drop[2], drop[3]
+        inner = (np.uint64(i) * np.uint64(_dropout.ROW_MULTIPLIER) + hi) & np.uint64(_dropout.MASK32)
+        return _fmix32(lo ^ _fmix32(inner))
+
+    return impl
+
+
+def _kept(drop, key, j):
+    """Whether element j of the row with this key survives dropout (always, without dropout)."""
+
+
+@overload(_kept, inline="always")
+def _kept_overload(drop, key, j):
+    if _is_none(drop):
+        return lambda drop, key, j: True
+
+    def impl(drop, key, j):
+        h = _fmix32(key ^ ((np.uint64(j) * np.uint64(_dropout.COL_MULTIPLIER)) & np.uint64(_dropout.MASK32)))
+        return (h >> np.uint64(32 - _dropout.KEEP_BITS)) < drop[0]
+
+    return impl
+
+
+def _dropped(drop, v, keep):
+    """v scaled by 1/(1-p) if kept, else 0 (v itself without dropout)."""
+
+
+# not inlined at the IR level: numba's SSA pass mishandles an inlined conditional expression
+# (LLVM inlines the call anyway)
+@overload(_dropped)
+def _dropped_overload(drop, v, keep):
+    if _is_none(drop):
+        return lambda drop, v, keep: v
+    def impl(drop, v, keep):
+        # a select, not a product with the mask: a dropped Inf gives 0, not NaN
+        return v * drop[1] if keep else acc_scalar_like(v, 0.0)
+
+    return impl
+
+
+def acc_scalar_like(v, c):
+    """c in v's float type."""
+
+
+@overload(acc_scalar_like, inline="always")
+def _acc_scalar_like_overload(v, c):
+    if v == types.float64:
+        return lambda v, c: np.float64(c)
+    return lambda v, c: np.float32(c)
+
+
+def _put_keep(mask, i, j, keep):
+    """mask[i, j] = keep (mask None: nothing)."""
+
+
+@overload(_put_keep, inline="always")
+def _put_keep_overload(mask, i, j, keep):
+    if _is_none(mask):
+        return lambda mask, i, j, keep: None
+
+    def impl(mask, i, j, keep):
+        mask[i, j] = np.uint8(1) if keep else np.uint8(0)
+
+    return impl
+
+
+def _add_row(x, res, drop, mask_out, h, i):
+    """h[i] = dropout(x[i]) + res[i], rounded to h's dtype (x None: nothing to do, h is the input)."""
+
+
+@overload(_add_row, inline="always", jit_options={"fastmath": _FASTMATH})
+def _add_row_overload(x, res, drop, mask_out, h, i):
+    if _is_none(x):
+        return lambda x, res, drop, mask_out, h, i: None
+
+    def impl(x, res, drop, mask_out, h, i):
+        key = _row_key(drop, i)
+        for j in range(h.shape[1]):
+            keep = _kept(drop, key, j)
+            _put_keep(mask_out, i, j, keep)
+            store(h, i, j, _plus(res, _dropped(drop, load(x, i, j), keep), i, j))
+
+    return impl
+
+
 @njit(fastmath=_FASTMATH, inline="always")
-def _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i):
-    """Row i of the forward: three loops over the row, the last two hit L1/L2."""
-    n = x.shape[1]
-    inv_n = acc_scalar(x, 1.0 / n)
-    m1 = acc_scalar(x, 0.0)
+def _fwd_row(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, i):
+    """Row i of the forward. With a residual add (x given), the sum ``h`` is written first and
+    then read back from L1/L2 by the loops below; without one ``h`` is the input itself."""
+    n = h.shape[1]
+    inv_n = acc_scalar(h, 1.0 / n)
+    _add_row(x, res, drop, mask_out, h, i)
+    m1 = acc_scalar(h, 0.0)
     if not rms:
-        s = acc_scalar(x, 0.0)
+        # not inside the add's loop: a sum in a loop that also stores lets LLVM choose a scalar
+        # or a vector order by runtime pointer-overlap checks (rounding would then depend on
+        # buffer addresses)
+        s = acc_scalar(h, 0.0)
         for j in range(n):
-            s += load(x, i, j)
+            s += load(h, i, j)
         m1 = s * inv_n
-    sd = acc_scalar(x, 0.0)
-    sdd = acc_scalar(x, 0.0)
+    sd = acc_scalar(h, 0.0)
+    sdd = acc_scalar(h, 0.0)
     for j in range(n):
-        d = load(x, i, j) - m1
+        d = load(h, i, j) - m1
         sd += d
         sdd += d * d
-    c = acc_scalar(x, 0.0) if rms else sd * inv_n
+    c = acc_scalar(h, 0.0) if rms else sd * inv_n
     var = sdd * inv_n - c * c
     if var < 0:
-        var = acc_scalar(x, 0.0)
-    r = acc_scalar(x, 1.0) / np.sqrt(var + eps)
+        var = acc_scalar(h, 0.0)
+    r = acc_scalar(h, 1.0) / np.sqrt(var + eps)
     if store_stats:
         mean[i] = m1 + c
         rstd[i] = r
     if params_finite and np.isfinite(m1 + c) and np.isfinite(r):
-        # x is finite (else m1 is not), so no output can be NaN: the vectorizable store
+        # h is finite (else m1 is not), so no output can be NaN: the vectorizable store
         for j in range(n):
-            store_not_nan(out, i, j, ((load(x, i, j) - m1) - c) * r * w[j] + b[j])
+            store_not_nan(out, i, j, round_as(xhat_like, ((load(h, i, j) - m1) - c) * r) * w[j] + b[j])
     else:
         for j in range(n):
-            store(out, i, j, ((load(x, i, j) - m1) - c) * r * w[j] + b[j])
+            store(out, i, j, round_as(xhat_like, ((load(h, i, j) - m1) - c) * r) * w[j] + b[j])
 
 
 @njit(fastmath=_FASTMATH)
@@ -101,6 +255,17 @@ def _all_finite(v):
 @njit
 def _view(address, n_rows, n, kind):
     return carray(address_as_pointer(address, kind), (n_rows, n))
+
+
+def _opt_view(address, n_rows, n, kind):
+    """``_view``, or None when kind is None (an operand that is absent)."""
+
+
+@overload(_opt_view)
+def _opt_view_overload(address, n_rows, n, kind):
+    if _is_none(kind):
+        return lambda address, n_rows, n, kind: None
+    return lambda address, n_rows, n, kind: _view(address, n_rows, n, kind)
 
 
 def _widen(p, like):
@@ -122,97 +287,155 @@ def _widen_overload(p, like):
 
 
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
-def _fwd(x_at, w_at, b_at, out_at, mean_at, rstd_at, n_rows, n, eps, rms, store_stats, x_kind, w_kind, rows_per_block):
-    """Rows are independent: blocks of rows go to the threads (one block: no thread pool)."""
-    x = _view(x_at, n_rows, n, x_kind)
-    out = _view(out_at, n_rows, n, x_kind)
+def _fwd(
+    x_at, res_at, mask_at, h_at, w_at, b_at, out_at, mean_at, rstd_at, n_rows, n, eps, rms, store_stats, drop,
+    x_kind, res_kind, mask_kind, h_kind, w_kind, out_kind, xhat_kind, rows_per_block,
+):  # fmt: skip
+    """Rows are independent: blocks of rows go to the threads (one block: no thread pool).
+
+    A kind of None means the operand is absent: x (no residual add: h is the input), the
+    residual, the mask output, the x-hat rounding. ``drop`` is None or (threshold, scale,
+    seed_lo, seed_hi).
+    """
+    x = _opt_view(x_at, n_rows, n, x_kind)
+    res = _opt_view(res_at, n_rows, n, res_kind)
+    mask_out = _opt_view(mask_at, n_rows, n, mask_kind)
+    h = _view(h_at, n_rows, n, h_kind)
+    out = _view(out_at, n_rows, n, out_kind)
+    xhat_like = _opt_view(0, 0, 0, xhat_kind)
     mean = _view(mean_at, 1, n_rows, eps)[0]
     rstd = _view(rstd_at, 1, n_rows, eps)[0]
     w = _widen(_view(w_at, 1, n, w_kind), mean)
     b = _widen(_view(b_at, 1, n, w_kind), mean)
     # only bf16/fp16 stores treat NaN apart (a float32/float64 store is exact either way)
-    params_finite = x.itemsize > 2 or (_all_finite(w) and _all_finite(b))
+    params_finite = out.itemsize > 2 or (_all_finite(w) and _all_finite(b))
     n_blocks = (n_rows + rows_per_block - 1) // rows_per_block
     if n_blocks == 1:
         for i in range(n_rows):
-            _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i)
+            _fwd_row(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, i)
     else:
         for k in prange(n_blocks):
             for i in range(k * rows_per_block, min(n_rows, (k + 1) * rows_per_block)):
-                _fwd_row(x, w, b, out, mean, rstd, eps, rms, store_stats, params_finite, i)
+                _fwd_row(
+                    x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats,
+                    params_finite, i,
+                )  # fmt: skip
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _xhat(x, i, j, m, cm, r):
-    return ((load(x, i, j) - m) - cm) * r
+def _xhat(h, i, j, m, cm, r):
+    return ((load(h, i, j) - m) - cm) * r
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g):
-    return r * (load(dy, i, j) * w[j] - _xhat(x, i, j, m, cm, r) * mean_xhat_g - mean_g)
+def _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g):
+    """The normalization's own gradient with respect to its input h."""
+    return r * (load(dy, i, j) * w[j] - _xhat(h, i, j, m, cm, r) * mean_xhat_g - mean_g)
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _bwd_rows(dy, x, w, w_finite, mean, rstd, dx, dw_acc, db_acc, rms, need_dx, need_dw, need_db, r0, r1):
-    """Rows [r0, r1): write dx, set dw_acc, db_acc to the chunk's sums of dy*xhat and dy."""
-    n = x.shape[1]
-    inv_n = acc_scalar(x, 1.0 / n)
+def _bwd_rows(dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_acc, db_acc, rms, need_dw, need_db, r0, r1):
+    """Rows [r0, r1): write dx (and dres), set dw_acc, db_acc to the chunk's sums of dy*xhat and dy.
+
+    With a residual add, the input's gradient is ``dh = (norm's gradient) + dh_out`` (the
+    gradient arriving at the residual output): dres gets dh, dx gets dropout(dh) with the
+    forward's mask. Without one, dx gets the norm's gradient (dh_out, dres and drop are None).
+    """
+    n = h.shape[1]
+    inv_n = acc_scalar(h, 1.0 / n)
+    need_d = not (_is_none_value(dx) and _is_none_value(dres))
     dw_acc[:] = 0
     db_acc[:] = 0
     for i in range(r0, r1):
         m = mean[i]
         r = rstd[i]
-        sd = acc_scalar(x, 0.0)
-        sdg = acc_scalar(x, 0.0)
-        sg = acc_scalar(x, 0.0)
+        sd = acc_scalar(h, 0.0)
+        sdg = acc_scalar(h, 0.0)
+        sg = acc_scalar(h, 0.0)
         for j in range(n):
-            d = load(x, i, j) - m
+            d = load(h, i, j) - m
             g = load(dy, i, j) * w[j]
             sd += d
             sdg += d * g
             sg += g
         # RMSNorm has no mean: nothing to correct and no mean(g) term.
-        cm = acc_scalar(x, 0.0) if rms else sd * inv_n
-        mean_g = acc_scalar(x, 0.0) if rms else sg * inv_n
+        cm = acc_scalar(h, 0.0) if rms else sd * inv_n
+        mean_g = acc_scalar(h, 0.0) if rms else sg * inv_n
         mean_xhat_g = r * (sdg - cm * sg) * inv_n
-        # finite statistics and weights: dx cannot be NaN, the vectorizable store is exact
-        not_nan = w_finite and np.isfinite(m) and np.isfinite(r) and np.isfinite(mean_xhat_g + mean_g + cm)
-        if need_dx and need_dw and need_db and not_nan:
-            # the training case: one branch-free loop for all three gradients
-            for j in range(n):
-                store_not_nan(dx, i, j, _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g))
-                dw_acc[j] += load(dy, i, j) * _xhat(x, i, j, m, cm, r)
-                db_acc[j] += load(dy, i, j)
-            continue
-        # otherwise one loop per gradient asked for, each branch-free so that it vectorizes
-        if need_dx:
+        key = _row_key(drop, i)
+        # finite statistics and weights, and no incoming residual gradient (which could be
+        # NaN): dh cannot be NaN, the vectorizable store is exact
+        not_nan = (
+            _is_none_value(dh_out) and w_finite and np.isfinite(m) and np.isfinite(r)
+            and np.isfinite(mean_xhat_g + mean_g + cm)
+        )  # fmt: skip
+        if need_d and need_dw and need_db:
+            # the training case: one branch-free loop for all the gradients
             if not_nan:
                 for j in range(n):
-                    store_not_nan(dx, i, j, _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g))
+                    dh = _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g)
+                    _put_not_nan(dres, i, j, dh)
+                    _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
+                    dw_acc[j] += load(dy, i, j) * _xhat(h, i, j, m, cm, r)
+                    db_acc[j] += load(dy, i, j)
             else:
                 for j in range(n):
-                    store(dx, i, j, _dx(dy, x, w, i, j, m, cm, r, mean_xhat_g, mean_g))
+                    dh = _plus(dh_out, _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g), i, j)
+                    _put(dres, i, j, dh)
+                    _put(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
+                    dw_acc[j] += load(dy, i, j) * _xhat(h, i, j, m, cm, r)
+                    db_acc[j] += load(dy, i, j)
+            continue
+        # otherwise one loop per gradient asked for, each branch-free so that it vectorizes
+        if need_d:
+            if not_nan:
+                for j in range(n):
+                    dh = _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g)
+                    _put_not_nan(dres, i, j, dh)
+                    _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
+            else:
+                for j in range(n):
+                    dh = _plus(dh_out, _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g), i, j)
+                    _put(dres, i, j, dh)
+                    _put(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
         if need_dw:
             for j in range(n):
-                dw_acc[j] += load(dy, i, j) * _xhat(x, i, j, m, cm, r)
+                dw_acc[j] += load(dy, i, j) * _xhat(h, i, j, m, cm, r)
         if need_db:
             for j in range(n):
                 db_acc[j] += load(dy, i, j)
 
 
+def _is_none_value(t):
+    """Whether t is None, decided at compile time."""
+
+
+@overload(_is_none_value, inline="always")
+def _is_none_value_overload(t):
+    if _is_none(t):
+        return lambda t: True
+    return lambda t: False
+
+
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
 def _bwd(
-    dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_part_at, db_part_at, n_rows, n,
-    rms, need_dx, need_dw, need_db, rows_per_chunk, n_chunks, x_kind, w_kind, acc_kind, min_parallel_elements,
+    dy_at, h_at, w_at, mean_at, rstd_at, dh_out_at, dx_at, dres_at, dw_part_at, db_part_at, n_rows, n,
+    rms, need_dw, need_db, drop, rows_per_chunk, n_chunks,
+    dy_kind, h_kind, w_kind, acc_kind, dh_out_kind, dx_kind, dres_kind, min_parallel_elements,
 ):  # fmt: skip
-    """Chunk k of rows_per_chunk rows writes row k of the partial sums of dw and db; chunks in parallel."""
-    dy = _view(dy_at, n_rows, n, x_kind)
-    x = _view(x_at, n_rows, n, x_kind)
-    dx = _view(dx_at, n_rows if need_dx else 0, n, x_kind)
+    """Chunk k of rows_per_chunk rows writes row k of the partial sums of dw and db; chunks in parallel.
+
+    A kind of None means the operand is absent (dh_out, dx, dres); ``drop`` as in ``_fwd``.
+    """
+    dy = _view(dy_at, n_rows, n, dy_kind)
+    h = _view(h_at, n_rows, n, h_kind)
+    dh_out = _opt_view(dh_out_at, n_rows, n, dh_out_kind)
+    dx = _opt_view(dx_at, n_rows, n, dx_kind)
+    dres = _opt_view(dres_at, n_rows, n, dres_kind)
     mean = _view(mean_at, 1, n_rows, acc_kind)[0]
     rstd = _view(rstd_at, 1, n_rows, acc_kind)[0]
     w = _widen(_view(w_at, 1, n, w_kind), mean)
-    w_finite = x.itemsize > 2 or _all_finite(w)
+    w_finite = dy.itemsize > 2 or _all_finite(w)
     dw_part = _view(dw_part_at, n_chunks, n if need_dw else 0, acc_kind)
     db_part = _view(db_part_at, n_chunks, n if need_db else 0, acc_kind)
     if n_rows * n < min_parallel_elements:
@@ -220,16 +443,16 @@ def _bwd(
         for k in range(n_chunks):
             r0 = k * rows_per_chunk
             _bwd_rows(
-                dy, x, w, w_finite, mean, rstd, dx, dw_part[k], db_part[k],
-                rms, need_dx, need_dw, need_db, r0, min(n_rows, r0 + rows_per_chunk),
+                dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_part[k], db_part[k],
+                rms, need_dw, need_db, r0, min(n_rows, r0 + rows_per_chunk),
             )  # fmt: skip
         return
     for k in prange(n_chunks):
         r0 = k * rows_per_chunk
         r1 = min(n_rows, r0 + rows_per_chunk)
         _bwd_rows(
-            dy, x, w, w_finite, mean, rstd, dx, dw_part[k], db_part[k],
-            rms, need_dx, need_dw, need_db, r0, r1,
+            dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_part[k], db_part[k],
+            rms, need_dw, need_db, r0, r1,
         )  # fmt: skip
 
 
@@ -288,7 +511,27 @@ def _rows_per_block(n_rows: int, n: int) -> int:
     return max(1, min(64, (1 << 14) // n))
 
 
-def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms):
+def _kind(t: torch.Tensor | torch.dtype | None):
+    """The numba element type standing for a tensor's (or a dtype's) storage; None stays None."""
+    if t is None:
+        return None
+    return _KIND[t if isinstance(t, torch.dtype) else t.dtype]
+
+
+def _drop_state(dropout_p: float, seed: int, acc: torch.dtype):
+    """The kernels' ``drop`` operand: None without dropout, else (threshold, scale, seed_lo, seed_hi)."""
+    if dropout_p <= 0.0:
+        return None
+    lo, hi = _dropout.split_seed(int(seed))
+    scale = _dropout.scale(dropout_p)
+    return (
+        np.uint64(_dropout.threshold(dropout_p)), np.float64(scale) if acc == torch.float64 else np.float32(scale),
+        np.uint64(lo), np.uint64(hi),
+    )  # fmt: skip
+
+
+def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None):
+    """``add`` is None (plain norm of x) or (residual or None, h, mask or None, drop state)."""
     # Lean on purpose: on a token-sized input this function is most of the op's latency.
     if weight is not None and bias is not None and weight.is_contiguous() and bias.is_contiguous():
         w, b = weight, bias  # same dtype: the front end guarantees it when both are given
@@ -296,55 +539,106 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms):
         param_dtype = weight.dtype if weight is not None else bias.dtype if bias is not None else acc_dtype(x.dtype)
         w = _param(weight, n, 1.0, param_dtype)
         b = _param(bias, n, 0.0, param_dtype)
-    x_dtype = x.dtype
+    acc_is_f64 = x.dtype is torch.float64
     if mean is None:
         mean_at = rstd_at = 0
         store_stats = False
     else:
         mean_at, rstd_at = mean.data_ptr(), rstd.data_ptr()
         store_stats = True
+    if add is None:
+        x_at = res_at = mask_at = 0
+        h_at = x.data_ptr()
+        x_kind = res_kind = mask_kind = drop = None
+        h_kind = _KIND[x.dtype]
+    else:
+        residual, h, mask, drop = add
+        x_at, x_kind = x.data_ptr(), _KIND[x.dtype]
+        res_at, res_kind = (residual.data_ptr(), _KIND[residual.dtype]) if residual is not None else (0, None)
+        mask_at, mask_kind = (mask.data_ptr(), np.uint8(0)) if mask is not None else (0, None)
+        h_at, h_kind = h.data_ptr(), _KIND[h.dtype]
     _fwd(
-        x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), mean_at, rstd_at, n_rows, n,
-        np.float64(eps) if x_dtype is torch.float64 else np.float32(eps), bool(rms), store_stats,
-        _KIND[x_dtype], _KIND[w.dtype], _rows_per_block(n_rows, n),
+        x_at, res_at, mask_at, h_at, w.data_ptr(), b.data_ptr(), out.data_ptr(), mean_at, rstd_at, n_rows, n,
+        np.float64(eps) if acc_is_f64 else np.float32(eps), bool(rms), store_stats, drop,
+        x_kind, res_kind, mask_kind, h_kind, _KIND[w.dtype], _KIND[out.dtype], _kind(xhat_dtype),
+        _rows_per_block(n_rows, n),
     )  # fmt: skip
 
 
 def norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    *,
+    residual: torch.Tensor | None = None,
+    residual_out_dtype: torch.dtype | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    return_mask: bool = False,
+    xhat_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Forward of LayerNorm (or RMSNorm when ``rms``) over the last dim of a 2-D tensor.
 
     x: (M, N) row-major, float32/float64/bfloat16/float16. weight, bias: (N,) in x's dtype or
-    float32, or None. Returns out (M, N) in x's dtype, mean and rstd (M,) in the accumulation
-    dtype (float64 for float64 input, else float32); mean is 0 for ``rms``.
+    float32, or None.
+
+    Plain norm (``residual_out_dtype`` None): normalizes x. Residual add (``residual_out_dtype``
+    given): ``h = dropout(x) + residual`` (residual (M, N) or None) is computed, rounded to
+    ``residual_out_dtype``, returned as ``residual_out`` and normalized. Dropout drops with
+    probability ``dropout_p`` by the hash of ``seed`` and the element's position (see
+    ``normfuse._dropout``); ``return_mask`` also returns the (M, N) bool keep-mask.
+
+    ``xhat_dtype`` rounds x-hat to that dtype before the weight multiply (Llama-style models);
+    ``out_dtype`` (default: x's dtype) is the output's dtype.
+
+    Returns out (M, N), residual_out (M, N) or None, mean and rstd (M,) in the accumulation
+    dtype (float64 for float64 input, else float32; mean is 0 for ``rms``), the mask or None.
     """
     n_rows, n = x.shape
-    acc = acc_dtype(x.dtype)
-    out = torch.empty_like(x)
+    add = residual_out_dtype is not None
+    h_dtype = residual_out_dtype if add else x.dtype
+    acc = acc_dtype(h_dtype)
+    out = torch.empty((n_rows, n), dtype=out_dtype or x.dtype)
+    h = torch.empty((n_rows, n), dtype=h_dtype) if add else None
+    drop = _drop_state(dropout_p, seed, acc) if add else None
+    mask = torch.empty((n_rows, n), dtype=torch.bool) if add and return_mask else None
+    if mask is not None and drop is None:
+        mask.fill_(True)
     mean = torch.empty(n_rows, dtype=acc)
     rstd = torch.empty(n_rows, dtype=acc)
     if n_rows == 0 or n == 0:
         mean.zero_()
         rstd.fill_(math.nan)
-        return out, mean, rstd
-    _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms)
-    return out, mean, rstd
+        return out, h, mean, rstd, mask
+    extra = (residual, h, mask if drop is not None else None, drop) if add else None
+    _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype, extra)
+    return out, h, mean, rstd, mask
 
 
 def norm_fwd_inference(
-    x: torch.Tensor, n_rows: int, n: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool
+    x: torch.Tensor,
+    n_rows: int,
+    n: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    xhat_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The forward's output alone, in x's shape, for a row-major x of n_rows rows of n; nothing saved."""
-    out = torch.empty_like(x)
+    """The plain forward's output alone, in x's shape, for a row-major x of n_rows rows of n; nothing saved."""
+    out = torch.empty_like(x, dtype=out_dtype)
     if n_rows and n:
-        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms)
+        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, xhat_dtype)
     return out
 
 
 def norm_bwd(
     dy: torch.Tensor,
-    x: torch.Tensor,
+    h: torch.Tensor,
     weight: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
@@ -352,33 +646,53 @@ def norm_bwd(
     need_dx: bool,
     need_dweight: bool,
     need_dbias: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Fused backward: dx (M, N) in x's dtype, dweight and dbias (N,) in the accumulation dtype.
+    *,
+    add: bool = False,
+    dresidual_out: torch.Tensor | None = None,
+    need_dresidual: bool = False,
+    x_dtype: torch.dtype | None = None,
+    residual_dtype: torch.dtype | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Fused backward: (dx, dresidual, dweight, dbias); gradients not asked for are None.
 
-    dy and x: (M, N) row-major, same dtype. mean, rstd: what ``norm_fwd`` returned.
-    Gradients not asked for are not computed and come back as None.
+    dy: (M, N) gradient of the output (its dtype). h: (M, N) row-major, the normalized input
+    (x itself, or the residual output when ``add``). mean, rstd: what ``norm_fwd`` returned.
+    dweight and dbias (N,) come in the accumulation dtype.
+
+    With ``add``: ``dh = (norm's gradient) + dresidual_out`` (None: nothing arrived there);
+    dresidual = dh in ``residual_dtype``, dx = dropout(dh) with the forward's mask (same
+    ``dropout_p`` and ``seed``) in ``x_dtype``. Without: dx in h's dtype.
     """
-    n_rows, n = x.shape
-    acc = acc_dtype(x.dtype)
-    dx = torch.empty_like(x) if need_dx else None
+    n_rows, n = h.shape
+    acc = acc_dtype(h.dtype)
+    dx = torch.empty((n_rows, n), dtype=x_dtype if add else h.dtype) if need_dx else None
+    dres = torch.empty((n_rows, n), dtype=residual_dtype) if add and need_dresidual else None
     if n_rows == 0 or n == 0:
         # zeros: the sums over no rows
         zeros = torch.zeros(n, dtype=acc)
-        return dx, zeros if need_dweight else None, zeros.clone() if need_dbias else None
+        return dx, dres, zeros if need_dweight else None, zeros.clone() if need_dbias else None
     w = _param(weight, n, 1.0, acc)
     chunk = rows_per_chunk(n_rows)
     n_chunks = -(-n_rows // chunk)
     # one partial row per chunk; with a single chunk the partial row is the result
     dw_part = torch.empty((n_chunks, n), dtype=acc) if need_dweight else None
     db_part = torch.empty((n_chunks, n), dtype=acc) if need_dbias else None
+    dh_out = dresidual_out if add else None
+    if dh_out is not None and not dh_out.is_contiguous():
+        dh_out = dh_out.contiguous()
     _bwd(
-        dy.data_ptr(), x.data_ptr(), w.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-        dx.data_ptr() if need_dx else 0,
+        dy.data_ptr(), h.data_ptr(), w.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        dh_out.data_ptr() if dh_out is not None else 0,
+        dx.data_ptr() if dx is not None else 0, dres.data_ptr() if dres is not None else 0,
         dw_part.data_ptr() if need_dweight else 0, db_part.data_ptr() if need_dbias else 0,
-        n_rows, n, bool(rms), bool(need_dx), bool(need_dweight), bool(need_dbias), chunk, n_chunks,
-        _KIND[x.dtype], _KIND[w.dtype], _KIND[acc], _PARALLEL_MIN_ELEMENTS,
+        n_rows, n, bool(rms), bool(need_dweight), bool(need_dbias),
+        _drop_state(dropout_p, seed, acc) if add else None, chunk, n_chunks,
+        _KIND[dy.dtype], _KIND[h.dtype], _KIND[w.dtype], _KIND[acc],
+        _kind(dh_out), _kind(dx), _kind(dres), _PARALLEL_MIN_ELEMENTS,
     )  # fmt: skip
-    return dx, _total(dw_part, n_chunks, n, acc), _total(db_part, n_chunks, n, acc)
+    return dx, dres, _total(dw_part, n_chunks, n, acc), _total(db_part, n_chunks, n, acc)
 
 
 def _total(part: torch.Tensor | None, n_chunks: int, n: int, acc: torch.dtype) -> torch.Tensor | None:
