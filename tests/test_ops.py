@@ -21,12 +21,30 @@ def test_opcheck_forward_and_backward(dtype, rms):
     x = torch.randn(6, 20, dtype=dtype, requires_grad=True)
     w = torch.randn(20, dtype=dtype, requires_grad=True)
     b = torch.randn(20, dtype=dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.normfuse.norm_fwd, (x, w, b, 1e-5, rms))
-    torch.library.opcheck(torch.ops.normfuse.norm_fwd, (x, None, None, 1e-5, rms))
-    out, mean, rstd = torch.ops.normfuse.norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5, rms)
+    plain = (None, 0.0, None, False, None, None)
+    torch.library.opcheck(torch.ops.normfuse.norm_fwd, (x, None, w, b, 1e-5, rms, *plain))
+    torch.library.opcheck(torch.ops.normfuse.norm_fwd, (x, None, None, None, 1e-5, rms, *plain))
+    out, _, mean, rstd, _ = torch.ops.normfuse.norm_fwd(x.detach(), None, w.detach(), b.detach(), 1e-5, rms, *plain)
     dy = torch.randn_like(out)
     for mask in [(True, True, True), (True, False, False), (False, True, False)]:
-        torch.library.opcheck(torch.ops.normfuse.norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, rms, *mask))
+        args = (dy, None, x.detach(), w.detach(), mean, rstd, rms, False, 0.0, None, dtype, None, mask[0], False, *mask[1:])
+        torch.library.opcheck(torch.ops.normfuse.norm_bwd, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_opcheck_residual_add(dtype, dropout_p):
+    x = torch.randn(6, 20, dtype=dtype, requires_grad=True)
+    r = torch.randn(6, 20, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(20, dtype=dtype, requires_grad=True)
+    seed = torch.tensor(12345) if dropout_p else None
+    args = (x, r, w, None, 1e-5, True, torch.float32, dropout_p, seed, True, None, None)
+    torch.library.opcheck(torch.ops.normfuse.norm_fwd, args)
+    out, h, mean, rstd, mask = torch.ops.normfuse.norm_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    assert h.dtype == torch.float32 and out.dtype == dtype and mask.dtype == torch.bool
+    dy, dh = torch.randn_like(out), torch.randn_like(h)
+    bwd = (dy, dh, h, w.detach(), mean, rstd, True, True, dropout_p, seed, dtype, torch.float32, True, True, True, False)
+    torch.library.opcheck(torch.ops.normfuse.norm_bwd, bwd)
 
 
 def test_cpu_is_chosen_for_cpu_tensors():

@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from normfuse import _dropout
 from normfuse._dtypes import acc_dtype
 
 try:
@@ -70,11 +71,49 @@ def interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _fmix32(h):
+        # murmur3's 32-bit finalizer (normfuse._dropout): uint32 arithmetic wraps
+        h ^= h >> 16
+        h *= 0x85EBCA6B
+        h ^= h >> 13
+        h *= 0xC2B2AE35
+        h ^= h >> 16
+        return h
+
+    @triton.jit
+    def _row_keys(rows, seed_lo, seed_hi):
+        inner = tl.cast(rows, tl.uint32) * 0x9E3779B1 + tl.cast(seed_hi, tl.uint32)
+        return _fmix32(tl.cast(seed_lo, tl.uint32) ^ _fmix32(inner))
+
+    @triton.jit
+    def _kept(row_key, cols, threshold):
+        """Dropout's keep decision for (row, column) pairs: the same bits as every backend."""
+        h = _fmix32(row_key ^ (cols.to(tl.uint32) * 0x85EBCA77))
+        return (h >> 8) < tl.cast(threshold, tl.uint32)
+
+    @triton.jit
+    def _residual_sum(X, RES, H, MASK, offs, mask, row_key, cols, threshold, scale,
+                      HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_MASK: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+        """h = dropout(x) + residual, stored rounded to H's dtype; returns the rounded h in ACC."""
+        v = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        if DROPOUT:
+            keep = _kept(row_key, cols, threshold)
+            v = tl.where(keep, v * scale, 0.0)
+            if STORE_MASK:
+                tl.store(MASK + offs, keep.to(tl.int8), mask=mask)
+        if HAS_RES:
+            v += tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
+        h = v.to(H.dtype.element_ty)
+        tl.store(H + offs, h, mask=mask)
+        return h.to(ACC)
+
+    @triton.jit
     def _fwd_rows(
-        X, W, B, Y, MEAN, RSTD, n_rows, n, eps,
+        X, RES, H, MASK, W, B, Y, MEAN, RSTD, n_rows, n, eps, seed_lo, seed_hi, threshold, scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, STORE_STATS: tl.constexpr,
-        ACC: tl.constexpr,
+        ADD: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_MASK: tl.constexpr,
+        XHAT: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
@@ -82,7 +121,12 @@ if triton is not None:
         col_ok = cols < n
         mask = row_ok[:, None] & col_ok[None, :]
         offs = rows[:, None].to(tl.int64) * n + cols[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        if ADD:
+            row_key = _row_keys(rows, seed_lo, seed_hi)[:, None] if DROPOUT else 0
+            x = _residual_sum(X, RES, H, MASK, offs, mask, row_key, cols[None, :], threshold, scale,
+                              HAS_RES, DROPOUT, STORE_MASK, ACC)  # fmt: skip
+        else:
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
         if RMS:
             m1 = tl.zeros((BLOCK_M,), dtype=ACC)
         else:
@@ -99,6 +143,8 @@ if triton is not None:
             tl.store(MEAN + rows, m1 + c, mask=row_ok)
             tl.store(RSTD + rows, rstd, mask=row_ok)
         y = (d - c[:, None]) * rstd[:, None]
+        if XHAT is not None:
+            y = y.to(XHAT).to(ACC)
         if HAS_W:
             y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
         if HAS_B:
@@ -107,22 +153,29 @@ if triton is not None:
 
     @triton.jit
     def _fwd_looped(
-        X, W, B, Y, MEAN, RSTD, n, eps,
+        X, RES, H, MASK, W, B, Y, MEAN, RSTD, n, eps, seed_lo, seed_hi, threshold, scale,
         BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
-        STORE_STATS: tl.constexpr, ACC: tl.constexpr,
+        STORE_STATS: tl.constexpr, ADD: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr,
+        STORE_MASK: tl.constexpr, XHAT: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
         base = tl.cast(row, tl.int64) * n
         cols = tl.arange(0, BLOCK_N)
+        row_key = _row_keys(row, seed_lo, seed_hi) if DROPOUT else 0
         # One sweep for the statistics: each chunk's exact mean and centred sum of squares
         # (two passes over registers), merged into the running ones with Chan et al.'s
         # pairwise formula, as robust as two passes over the whole row; the row is then read
-        # once more for the output (two sweeps instead of three).
+        # once more for the output (two sweeps instead of three). With a residual add the
+        # first sweep also writes h, which the second reads.
         mean = tl.zeros((), dtype=ACC)
         m2 = tl.zeros((), dtype=ACC)
         for start in range(0, n, BLOCK_N):
             ok = start + cols < n
-            x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
+            if ADD:
+                x = _residual_sum(X, RES, H, MASK, base + start + cols, ok, row_key, start + cols, threshold, scale,
+                                  HAS_RES, DROPOUT, STORE_MASK, ACC)  # fmt: skip
+            else:
+                x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
             if RMS:
                 m2 += tl.sum(x * x, axis=0)
             else:
@@ -140,10 +193,13 @@ if triton is not None:
         if STORE_STATS:
             tl.store(MEAN + row, m1)
             tl.store(RSTD + row, rstd)
+        SRC = H if ADD else X
         for start in range(0, n, BLOCK_N):
             ok = start + cols < n
-            x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
+            x = tl.load(SRC + base + start + cols, mask=ok, other=0.0).to(ACC)
             y = ((x - m1) - c) * rstd
+            if XHAT is not None:
+                y = y.to(XHAT).to(ACC)
             if HAS_W:
                 y = y * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC)
             if HAS_B:
@@ -155,13 +211,31 @@ if triton is not None:
         return a0 + b0, a1 + b1, a2 + b2
 
     @triton.jit
+    def _store_input_grads(dh, DH_OUT, DRES, DX, offs, mask, row_key, cols, threshold, scale,
+                           HAS_DH_OUT: tl.constexpr, NEED_DRES: tl.constexpr, NEED_DX: tl.constexpr,
+                           DROPOUT: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+        """dh (the norm's gradient) plus the gradient arriving at the residual output: dres gets
+        it, dx gets it through the forward's dropout mask."""
+        if HAS_DH_OUT:
+            dh += tl.load(DH_OUT + offs, mask=mask, other=0.0).to(ACC)
+        if NEED_DRES:
+            tl.store(DRES + offs, dh.to(DRES.dtype.element_ty), mask=mask)
+        if NEED_DX:
+            if DROPOUT:
+                dh = tl.where(_kept(row_key, cols, threshold), dh * scale, 0.0)
+            tl.store(DX + offs, dh.to(DX.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _bwd_rows(
-        DY, X, W, MEAN, RSTD, DX, PART, n_rows, n, rows_per_prog, width, db_offset,
+        DY, X, W, MEAN, RSTD, DH_OUT, DRES, DX, PART, n_rows, n, rows_per_prog, width, db_offset,
+        seed_lo, seed_hi, threshold, scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, RMS: tl.constexpr,
-        NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
+        NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, HAS_DH_OUT: tl.constexpr,
+        NEED_DRES: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
-        """Rows [pid * rows_per_prog, ...) in tiles of BLOCK_M rows: dx, and this program's
-        partial [dw | db] row (PART row pid, ``width`` wide, db starting at ``db_offset``)."""
+        """Rows [pid * rows_per_prog, ...) in tiles of BLOCK_M rows: dx (and dres), and this
+        program's partial [dw | db] row (PART row pid, ``width`` wide, db from ``db_offset``).
+        X is the normalized input (the residual output h with a residual add)."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         col_ok = cols < n
@@ -198,9 +272,11 @@ if triton is not None:
                 xhat = tl.where(mask, (d - cm[:, None]) * r[:, None], 0.0)
                 mean_xhat_g = r * (sdg - cm * sg) / n
                 mean_g = sg / n
-            if NEED_DX:
-                dx = r[:, None] * (g - xhat * mean_xhat_g[:, None] - mean_g[:, None])
-                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if NEED_DX or NEED_DRES:
+                dh = r[:, None] * (g - xhat * mean_xhat_g[:, None] - mean_g[:, None])
+                row_key = _row_keys(rows, seed_lo, seed_hi)[:, None] if DROPOUT else 0
+                _store_input_grads(dh, DH_OUT, DRES, DX, offs, mask, row_key, cols[None, :], threshold, scale,
+                                   HAS_DH_OUT, NEED_DRES, NEED_DX, DROPOUT, ACC)  # fmt: skip
             if NEED_DW:
                 dw += tl.sum(dy * xhat, axis=0)
             if NEED_DB:
@@ -212,9 +288,11 @@ if triton is not None:
 
     @triton.jit
     def _bwd_looped(
-        DY, X, W, MEAN, RSTD, DX, PART, n_rows, n, rows_per_prog, width, db_offset,
+        DY, X, W, MEAN, RSTD, DH_OUT, DRES, DX, PART, n_rows, n, rows_per_prog, width, db_offset,
+        seed_lo, seed_hi, threshold, scale,
         BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, RMS: tl.constexpr,
-        NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
+        NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, HAS_DH_OUT: tl.constexpr,
+        NEED_DRES: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         """Wide rows: as ``_bwd_rows``, walking each row in chunks; the program's partial
         [dw | db] row lives in its own slot of PART (read and written by this program only)."""
@@ -256,19 +334,21 @@ if triton is not None:
                 mean_g = tl.sum(acc_g, axis=0) / n
             sg = tl.sum(acc_g, axis=0)
             mean_xhat_g = r * (tl.sum(acc_dg, axis=0) - cm * sg) / n
+            row_key = _row_keys(row, seed_lo, seed_hi) if DROPOUT else 0
             for start in range(0, n, BLOCK_N):
                 ok = start + cols < n
                 x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
                 dy = tl.load(DY + base + start + cols, mask=ok, other=0.0).to(ACC)
                 xhat = tl.where(ok, ((x - m) - cm) * r, 0.0)
-                if NEED_DX:
+                if NEED_DX or NEED_DRES:
                     if HAS_W:
                         # a select, not a bare product: see _bwd_rows
                         g = tl.where(ok, dy * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC), 0.0)
                     else:
                         g = dy
-                    dx = r * (g - xhat * mean_xhat_g - mean_g)
-                    tl.store(DX + base + start + cols, dx.to(DX.dtype.element_ty), mask=ok)
+                    dh = r * (g - xhat * mean_xhat_g - mean_g)
+                    _store_input_grads(dh, DH_OUT, DRES, DX, base + start + cols, ok, row_key, start + cols,
+                                       threshold, scale, HAS_DH_OUT, NEED_DRES, NEED_DX, DROPOUT, ACC)  # fmt: skip
                 if NEED_DW:
                     p = slot + start + cols
                     tl.store(p, tl.load(p, mask=ok, other=0.0) + dy * xhat, mask=ok)
@@ -337,23 +417,43 @@ def _multiprocessors(device: torch.device) -> int:
     return 2  # interpreter: any fixed number
 
 
-def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms):
+_TL_DTYPES = {}
+if triton is not None:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _drop_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
+    """(seed_lo, seed_hi, threshold, scale) of ``normfuse._dropout``; harmless zeros without dropout."""
+    if dropout_p <= 0.0:
+        return 0, 0, 0, 0.0
+    lo, hi = _dropout.split_seed(int(seed))
+    return lo, hi, _dropout.threshold(dropout_p), _dropout.scale(dropout_p)
+
+
+def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None):
+    """``add`` is None (plain norm of x) or (residual or None, h, mask or None, dropout_p, seed)."""
     store_stats = mean is not None
+    residual, h, mask, dropout_p, seed = add if add is not None else (None, None, None, 0.0, 0)
+    dropout = add is not None and dropout_p > 0.0
     common = dict(
         HAS_W=weight is not None, HAS_B=bias is not None, RMS=bool(rms), STORE_STATS=store_stats,
-        ACC=_tl_acc(x.dtype),
+        ADD=add is not None, HAS_RES=residual is not None, DROPOUT=dropout, STORE_MASK=dropout and mask is not None,
+        XHAT=_TL_DTYPES[xhat_dtype] if xhat_dtype is not None else None, ACC=_tl_acc(h.dtype if h is not None else x.dtype),
     )  # fmt: skip
-    w = weight if weight is not None else x
-    b = bias if bias is not None else x
-    m = mean if store_stats else x
-    r = rstd if store_stats else x
+    ptrs = (
+        x, residual if residual is not None else x, h if h is not None else x,
+        mask.view(torch.int8) if common["STORE_MASK"] else x,
+        weight if weight is not None else x, bias if bias is not None else x, out,
+        mean if store_stats else x, rstd if store_stats else x,
+    )  # fmt: skip
+    drop = _drop_args(dropout_p if dropout else 0.0, seed)
     if n <= MAX_FUSED_N:
         block_m, block_n, num_warps = _fwd_config(n)
         grid = (triton.cdiv(n_rows, block_m),)
-        _fwd_rows[grid](x, w, b, out, m, r, n_rows, n, eps, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **common)
+        _fwd_rows[grid](*ptrs, n_rows, n, eps, *drop, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **common)
     else:
         _fwd_looped[(n_rows,)](
-            x, w, b, out, m, r, n, eps, BLOCK_N=TUNING["loop_block_n"], num_warps=TUNING["loop_warps"], **common
+            *ptrs, n, eps, *drop, BLOCK_N=TUNING["loop_block_n"], num_warps=TUNING["loop_warps"], **common
         )
 
 
@@ -365,37 +465,67 @@ def _params(weight, bias):
 
 
 def norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, N) row-major -> out (M, N) in x's dtype, mean and rstd (M,) in fp32 (fp64 for fp64)."""
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    *,
+    residual: torch.Tensor | None = None,
+    residual_out_dtype: torch.dtype | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    return_mask: bool = False,
+    xhat_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The contract of ``normfuse.backends.cpu.norm_fwd`` on CUDA tensors (or CPU ones, interpreted)."""
     n_rows, n = x.shape
-    acc = acc_dtype(x.dtype)
-    out = torch.empty_like(x)
+    add = residual_out_dtype is not None
+    h_dtype = residual_out_dtype if add else x.dtype
+    acc = acc_dtype(h_dtype)
+    out = torch.empty((n_rows, n), dtype=out_dtype or x.dtype, device=x.device)
+    h = torch.empty((n_rows, n), dtype=h_dtype, device=x.device) if add else None
+    dropping = add and dropout_p > 0.0
+    mask = torch.empty((n_rows, n), dtype=torch.bool, device=x.device) if add and return_mask else None
+    if mask is not None and not dropping:
+        mask.fill_(True)
     mean = torch.empty(n_rows, dtype=acc, device=x.device)
     rstd = torch.empty(n_rows, dtype=acc, device=x.device)
     if n_rows == 0 or n == 0:
         mean.zero_()
         rstd.fill_(float("nan"))
-        return out, mean, rstd
+        return out, h, mean, rstd, mask
     weight, bias = _params(weight, bias)
-    _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms)
-    return out, mean, rstd
+    if residual is not None and not residual.is_contiguous():
+        residual = residual.contiguous()
+    extra = (residual, h, mask if dropping else None, dropout_p, seed) if add else None
+    _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype, extra)
+    return out, h, mean, rstd, mask
 
 
 def norm_fwd_inference(
-    x: torch.Tensor, n_rows: int, n: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool
+    x: torch.Tensor,
+    n_rows: int,
+    n: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    xhat_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The forward's output alone, in x's shape; nothing saved."""
-    out = torch.empty_like(x)
+    """The plain forward's output alone, in x's shape; nothing saved."""
+    out = torch.empty_like(x, dtype=out_dtype)
     if n_rows and n:
         weight, bias = _params(weight, bias)
-        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms)
+        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, xhat_dtype)
     return out
 
 
 def norm_bwd(
     dy: torch.Tensor,
-    x: torch.Tensor,
+    h: torch.Tensor,
     weight: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
@@ -403,31 +533,46 @@ def norm_bwd(
     need_dx: bool,
     need_dweight: bool,
     need_dbias: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """dx (M, N) in x's dtype; dweight, dbias (N,) in the accumulation dtype; None if not asked."""
-    n_rows, n = x.shape
-    acc = acc_dtype(x.dtype)
-    dx = torch.empty_like(x) if need_dx else None
+    *,
+    add: bool = False,
+    dresidual_out: torch.Tensor | None = None,
+    need_dresidual: bool = False,
+    x_dtype: torch.dtype | None = None,
+    residual_dtype: torch.dtype | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The contract of ``normfuse.backends.cpu.norm_bwd``: (dx, dresidual, dweight, dbias)."""
+    n_rows, n = h.shape
+    acc = acc_dtype(h.dtype)
+    dx = torch.empty((n_rows, n), dtype=x_dtype if add else h.dtype, device=h.device) if need_dx else None
+    dres = torch.empty((n_rows, n), dtype=residual_dtype, device=h.device) if add and need_dresidual else None
     if n_rows == 0 or n == 0:
         # zeros: the sums over no rows
-        zeros = torch.zeros(n, dtype=acc, device=x.device)
-        return dx, zeros if need_dweight else None, zeros.clone() if need_dbias else None
+        zeros = torch.zeros(n, dtype=acc, device=h.device)
+        return dx, dres, zeros if need_dweight else None, zeros.clone() if need_dbias else None
     weight, _ = _params(weight, None)
+    dh_out = dresidual_out if add else None
+    if dh_out is not None and not dh_out.is_contiguous():
+        dh_out = dh_out.contiguous()
     fused = n <= MAX_FUSED_N_BWD
     block_m, block_n, num_warps, per_sm = _bwd_config(n) if fused else (1, 0, 0, 1)
-    n_progs = min(n_rows, (per_sm if fused else TUNING["bwd_programs_per_sm"] or 1) * _multiprocessors(x.device))
+    n_progs = min(n_rows, (per_sm if fused else TUNING["bwd_programs_per_sm"] or 1) * _multiprocessors(h.device))
     rows_per_prog = triton.cdiv(n_rows, n_progs)
     n_progs = triton.cdiv(n_rows, rows_per_prog)
     width = n * (int(need_dweight) + int(need_dbias))
-    part = torch.empty((n_progs, max(width, 1)), dtype=acc, device=x.device)
+    part = torch.empty((n_progs, max(width, 1)), dtype=acc, device=h.device)
+    dropout = add and dropout_p > 0.0
     flags = dict(
         HAS_W=weight is not None, RMS=bool(rms), NEED_DX=bool(need_dx), NEED_DW=bool(need_dweight),
-        NEED_DB=bool(need_dbias), ACC=_tl_acc(x.dtype),
+        NEED_DB=bool(need_dbias), HAS_DH_OUT=dh_out is not None, NEED_DRES=dres is not None, DROPOUT=dropout,
+        ACC=_tl_acc(h.dtype),
     )  # fmt: skip
     db_offset = n if need_dweight else 0
     args = (
-        dy, x, weight if weight is not None else x, mean, rstd, dx if need_dx else x, part,
-        n_rows, n, rows_per_prog, width, db_offset,
+        dy, h, weight if weight is not None else h, mean, rstd, dh_out if dh_out is not None else h,
+        dres if dres is not None else h, dx if need_dx else h, part,
+        n_rows, n, rows_per_prog, width, db_offset, *_drop_args(dropout_p if dropout else 0.0, seed),
     )  # fmt: skip
     if fused:
         _bwd_rows[(n_progs,)](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
@@ -435,8 +580,8 @@ def norm_bwd(
         _bwd_looped[(n_progs,)](
             *args, BLOCK_N=TUNING["bwd_loop_block_n"], num_warps=TUNING["bwd_loop_warps"], **flags
         )
-    dweight = torch.empty(n, dtype=acc, device=x.device) if need_dweight else None
-    dbias = torch.empty(n, dtype=acc, device=x.device) if need_dbias else None
+    dweight = torch.empty(n, dtype=acc, device=h.device) if need_dweight else None
+    dbias = torch.empty(n, dtype=acc, device=h.device) if need_dbias else None
     if width:
         # narrow blocks give narrow rows enough programs; wide rows need fewer, wider ones
         block = 64 if width <= 65536 else 1024
@@ -444,4 +589,4 @@ def norm_bwd(
             part, dweight if need_dweight else dbias, dbias if need_dbias else dweight,
             n_progs, width, db_offset, BLOCK_P=32, BLOCK_N=block, num_warps=4,
         )  # fmt: skip
-    return dx, dweight, dbias
+    return dx, dres, dweight, dbias
