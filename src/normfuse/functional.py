@@ -122,10 +122,10 @@ def _check_rms_norm_inputs(x: Tensor, normalized_shape: tuple[int, ...], weight:
             "Expected weight to be of same shape as normalized_shape, but got weight of shape "
             f"{_shape_list(weight.shape)} and normalized_shape = {_shape_list(normalized_shape)}"
         )
-    if x.dim() == 0:
-        raise ValueError("Input tensor must have at least 1 dimensions, but got 0")
     k = len(normalized_shape)
-    if x.dim() < k or x.shape[x.dim() - k :] != normalized_shape:
+    if x.dim() < k:
+        raise ValueError(f"Input tensor must have at least {k} dimensions, but got {x.dim()}")
+    if x.shape[x.dim() - k :] != normalized_shape:
         raise RuntimeError(
             f"Given normalized_shape={_shape_list(normalized_shape)}, expected input with shape "
             f"[*{', '.join(str(s) for s in normalized_shape)}], but got input of size{_shape_list(x.shape)}"
