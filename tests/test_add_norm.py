@@ -1,0 +1,281 @@
+"""add_layer_norm / add_rms_norm: the fused pre-norm step against the unfused torch pair and the reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normfuse
+from normfuse import _dropout, reference
+from tests._helpers import FWD_TOL, max_rel_err, norm_err
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+KINDS = {"layer": (normfuse.add_layer_norm, F.layer_norm), "rms": (normfuse.add_rms_norm, F.rms_norm)}
+
+
+def _params(kind, n, dtype, device="cpu"):
+    w = (1 + 0.5 * torch.randn(n, dtype=torch.float64)).to(dtype).to(device)
+    b = (0.5 * torch.randn(n, dtype=torch.float64)).to(dtype).to(device) if kind == "layer" else None
+    return w, b
+
+
+def _fused(kind, x, r, n, w, b, **kwargs):
+    fn = KINDS[kind][0]
+    return fn(x, r, (n,), w, b, **kwargs) if kind == "layer" else fn(x, r, (n,), w, **kwargs)
+
+
+def _unfused(kind, x, r, n, w, b, residual_dtype=None):
+    """What a pre-norm block does without normfuse: add (in the residual's dtype), then norm."""
+    h = x.to(residual_dtype or r.dtype) + r if r is not None else x.to(residual_dtype or x.dtype)
+    norm = KINDS[kind][1]
+    if h.dtype != w.dtype:  # a float32 stream: the norm runs in float32
+        w, b = w.to(h.dtype), b.to(h.dtype) if b is not None else None
+    out = norm(h, (n,), w, b) if kind == "layer" else norm(h, (n,), w)
+    return out.to(x.dtype), h
+
+
+def _run_both(fn, inputs, grads_out):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    outs = fn(*leaves)
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(outs[:2], wanted, grads_out)
+    return [o.detach() for o in outs], grads
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual_kind", ["same", "fp32", "none"])
+def test_matches_unfused_torch_pair_with_gradients_through_both_outputs(kind, dtype, residual_kind, device):
+    if residual_kind == "fp32" and dtype not in (torch.bfloat16, torch.float16):
+        pytest.skip("a float32 residual stream is for bf16/fp16 activations")
+    n = 96
+    x = torch.randn(3, 10, n, dtype=torch.float64).to(dtype).to(device)
+    r_dtype = torch.float32 if residual_kind == "fp32" else dtype
+    r = (2 * torch.randn(3, 10, n, dtype=torch.float64)).to(r_dtype).to(device) if residual_kind != "none" else None
+    w, b = _params(kind, n, dtype, device)
+    dout = torch.randn(x.shape, dtype=torch.float64).to(dtype).to(device)
+    dres = torch.randn(x.shape, dtype=torch.float64).to(r_dtype).to(device)
+    (out, h), grads = _run_both(lambda *a: _fused(kind, *a[:2], n, *a[2:]), (x, r, w, b), (dout, dres))
+    (tout, th), tgrads = _run_both(lambda *a: _unfused(kind, a[0], a[1], n, *a[2:]), (x, r, w, b), (dout, dres))
+    assert out.dtype == dtype and h.dtype == r_dtype and out.shape == h.shape == x.shape
+    assert torch.equal(h, th)  # one rounding of the same sum
+    assert max_rel_err(out, tout) <= 2 * FWD_TOL[dtype]
+    ref_out = reference.layer_norm(h.cpu(), (n,), w.cpu(), b.cpu() if b is not None else None,
+                                   1e-5 if kind == "layer" else torch.finfo(h.dtype if h.dtype == torch.float64 else torch.float32).eps,
+                                   rms=kind == "rms")  # fmt: skip
+    assert max_rel_err(out.cpu(), ref_out) <= FWD_TOL[dtype]
+    for got, want in zip(grads, tgrads):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert norm_err(got, want) <= 2 * GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_residual_dtype_keeps_a_float32_stream(kind):
+    x = torch.randn(8, 64).bfloat16()
+    r = torch.randn(8, 64).bfloat16()
+    w, b = _params(kind, 64, torch.bfloat16)
+    out, h = _fused(kind, x, r, 64, w, b, residual_dtype=torch.float32)
+    assert h.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert torch.equal(h, x.float() + r.float())
+
+
+# --- dropout ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_scale_and_keep_rate(kind, p):
+    rows, n = 64, 512
+    x, r = torch.randn(rows, n), torch.randn(rows, n)
+    w, b = _params(kind, n, torch.float32)
+    out, h, mask = _fused(kind, x, r, n, w, b, dropout_p=p, return_dropout_mask=True)
+    assert mask.dtype == torch.bool and mask.shape == x.shape
+    assert torch.equal(h, torch.where(mask, x * (1 / (1 - p)), 0.0) + r)
+    # keep rate within 5 standard deviations of the binomial's mean
+    total = rows * n
+    kept = mask.sum().item()
+    assert abs(kept - total * (1 - p)) <= 5 * math.sqrt(total * p * (1 - p))
+    # rows and columns are not correlated: each row's and each column's rate is plausible too
+    assert (mask.float().mean(1) - (1 - p)).abs().max() <= 6 * math.sqrt(p * (1 - p) / n)
+    assert (mask.float().mean(0) - (1 - p)).abs().max() <= 6 * math.sqrt(p * (1 - p) / rows)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_uses_exactly_the_forwards_mask(kind, dtype):
+    n = 200
+    x = torch.randn(16, n).to(dtype).requires_grad_()
+    r = torch.randn(16, n).to(dtype).requires_grad_()
+    w, b = _params(kind, n, dtype)
+    out, h, mask = _fused(kind, x, r, n, w, b, dropout_p=0.3, return_dropout_mask=True)
+    dx, dr = torch.autograd.grad((out, h), (x, r), (torch.randn_like(out), torch.randn_like(h)))
+    # dresidual is the gradient at h; dx is it through the same mask and scale
+    assert not dx[~mask].any()
+    expected = torch.where(mask, dr.float() * (1 / 0.7), 0.0).to(dtype)
+    assert max_rel_err(dx, expected) <= FWD_TOL[dtype]
+
+
+def test_dropout_is_reproduced_by_manual_seed_and_differs_between_calls():
+    x, r = torch.randn(32, 128), torch.randn(32, 128)
+    torch.manual_seed(7)
+    first = normfuse.add_rms_norm(x, r, (128,), dropout_p=0.4, return_dropout_mask=True)
+    second = normfuse.add_rms_norm(x, r, (128,), dropout_p=0.4, return_dropout_mask=True)
+    torch.manual_seed(7)
+    again = normfuse.add_rms_norm(x, r, (128,), dropout_p=0.4, return_dropout_mask=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[2], second[2])
+
+
+def test_cpu_masks_are_the_shared_hash():
+    x = torch.randn(40, 77)
+    torch.manual_seed(3)
+    seed = int(_dropout.draw_seed())
+    torch.manual_seed(3)
+    mask = normfuse.add_layer_norm(x, None, (77,), dropout_p=0.25, return_dropout_mask=True)[2]
+    assert torch.equal(mask, _dropout.keep_mask(seed, 0.25, 40, 77))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_no_dropout_cases_are_bitwise_the_plain_add(kind):
+    x, r = torch.randn(16, 64), torch.randn(16, 64)
+    w, b = _params(kind, 64, torch.float32)
+    plain = _fused(kind, x, r, 64, w, b)
+    assert torch.equal(plain[1], x + r)
+    for kwargs in ({"dropout_p": 0.0}, {"dropout_p": 0.5, "training": False}):
+        out, h, mask = _fused(kind, x, r, 64, w, b, return_dropout_mask=True, **kwargs)
+        assert torch.equal(out, plain[0]) and torch.equal(h, plain[1]) and bool(mask.all())
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_p_one_drops_everything(kind):
+    x, r = torch.randn(16, 64), torch.randn(16, 64)
+    w, b = _params(kind, 64, torch.float32)
+    out, h, mask = _fused(kind, x, r, 64, w, b, dropout_p=1.0, return_dropout_mask=True)
+    assert torch.equal(h, r) and not mask.any()
+    assert torch.equal(out, _fused(kind, torch.zeros_like(x), r, 64, w, b)[0])
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5])
+def test_dropout_p_outside_unit_interval_is_refused_like_torch(p):
+    with pytest.raises(ValueError) as theirs:
+        F.dropout(torch.randn(2), p)
+    for fn in (normfuse.add_layer_norm, normfuse.add_rms_norm):
+        with pytest.raises(ValueError) as ours:
+            fn(torch.randn(2, 4), None, (4,), dropout_p=p)
+        assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError):
+        normfuse.LayerNorm(4, dropout_p=p)
+
+
+# --- gradcheck, errors, compile -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_and_gradgradcheck(kind, p, device):
+    n = 6
+    x = torch.randn(4, n, dtype=torch.float64, device=device, requires_grad=True)
+    r = torch.randn(4, n, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(n, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(n, dtype=torch.float64, device=device, requires_grad=True) if kind == "layer" else None
+
+    def fn(*args):
+        torch.manual_seed(11)  # the same dropout mask on every evaluation
+        return _fused(kind, args[0], args[1], n, args[2], args[3] if kind == "layer" else None, dropout_p=p, eps=1e-5)
+
+    inputs = (x, r, w, b) if kind == "layer" else (x, r, w)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+_x = torch.randn(3, 5)
+RESIDUAL_ERRORS = {
+    "shape": (lambda fn: fn(_x, torch.randn(3, 4), (5,)), RuntimeError, r"residual of shape \[3, 4\] does not match x of shape \[3, 5\]"),
+    "dtype": (lambda fn: fn(_x, _x.double(), (5,)), RuntimeError, "residual of dtype torch.float64 does not go with x of dtype torch.float32"),
+    "device": (lambda fn: fn(_x, torch.randn(3, 5, device="meta"), (5,)), RuntimeError, "residual is on device meta but x is on device cpu"),
+    "residual_dtype int": (lambda fn: fn(_x, None, (5,), residual_dtype=torch.int32), TypeError, "residual_dtype must be a floating point"),
+    "residual_dtype f16 for f32": (lambda fn: fn(_x, None, (5,), residual_dtype=torch.float16), RuntimeError, "residual_dtype torch.float16 does not go with x"),
+    "residual not a tensor": (lambda fn: fn(_x, 3, (5,)), TypeError, "argument 'residual' must be Tensor or None"),
+    "trailing shape": (lambda fn: fn(_x, _x, (4,)), RuntimeError, "expected input with shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESIDUAL_ERRORS))
+@pytest.mark.parametrize("fn", [normfuse.add_layer_norm, normfuse.add_rms_norm])
+def test_errors_name_both_tensors_before_any_kernel(case, fn):
+    make, error, message = RESIDUAL_ERRORS[case]
+    with pytest.raises(error, match=message):
+        make(fn)
+
+
+def test_inputs_are_never_modified():
+    x, r = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    saved = [t.detach().clone() for t in (x, r, w)]
+    out, h = normfuse.add_rms_norm(x, r, (16,), w, dropout_p=0.2)
+    (out.sum() + h.sum()).backward()
+    assert all(torch.equal(t.detach(), s) for t, s in zip((x, r, w), saved))
+
+
+class _PreNormBlocks(torch.nn.Module):
+    """Pre-norm blocks chained through the residual stream, as in a transformer."""
+
+    def __init__(self, norm_cls, n=32, depth=3):
+        super().__init__()
+        self.norms = torch.nn.ModuleList(norm_cls(n) for _ in range(depth))
+        self.mlps = torch.nn.ModuleList(torch.nn.Linear(n, n) for _ in range(depth))
+        for norm in self.norms:
+            torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+
+    def forward(self, x):
+        residual = None
+        hidden = x
+        for norm, mlp in zip(self.norms, self.mlps):
+            if residual is None:
+                residual, hidden = hidden, norm(hidden)
+            else:
+                hidden, residual = norm(hidden, residual=residual)
+            hidden = mlp(hidden)
+        return hidden + residual
+
+
+@pytest.mark.parametrize("norm_cls", [normfuse.LayerNorm, normfuse.RMSNorm])
+def test_compile_fullgraph_over_chained_prenorm_blocks(norm_cls):
+    torch._dynamo.reset()
+    model = _PreNormBlocks(norm_cls)
+    x = torch.randn(4, 32, requires_grad=True)
+    eager = model(x)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert max_rel_err(out.detach(), eager.detach()) < 1e-5 and max_rel_err(grad, eager_grad) < 1e-5
+
+
+# --- modules ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_cls", [normfuse.LayerNorm, normfuse.RMSNorm])
+def test_module_residual_path_and_extras(norm_cls):
+    plain = norm_cls(16)
+    extras = norm_cls(16, dropout_p=0.5, residual_dtype=torch.float32)
+    assert "dropout_p=0.5" in repr(extras) and "residual_dtype=torch.float32" in repr(extras)
+    assert repr(plain) == repr(getattr(torch.nn, norm_cls.__name__)(16))
+    assert list(extras.state_dict()) == list(plain.state_dict())
+    x, r = torch.randn(4, 16), torch.randn(4, 16)
+    assert isinstance(plain(x), torch.Tensor)
+    out, h = plain(x, residual=r)
+    assert torch.equal(h, x + r) and torch.equal(out, plain(x + r))
+    extras.load_state_dict(plain.state_dict())
+    extras.eval()
+    out_eval, h_eval = extras(x.bfloat16(), residual=r.bfloat16())
+    assert h_eval.dtype == torch.float32 and torch.equal(h_eval, x.bfloat16().float() + r.bfloat16().float())
+    extras.train()
+    _, h_train = extras(x, residual=r)
+    assert not torch.equal(h_train, x + r)  # dropout in training mode only
+    with pytest.raises(TypeError, match="residual_dtype"):
+        norm_cls(16, residual_dtype="float32")
