@@ -7,7 +7,8 @@ import torch
 
 from normfuse import reference
 from normfuse.backends import cpu
-from tests._helpers import without_dres as _without_dres, FWD_TOL, max_rel_err, norm_err
+from tests._helpers import FWD_TOL, max_rel_err, norm_err
+from tests._helpers import without_dres as _without_dres
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -65,3 +66,31 @@ def test_inference_entry_matches_training_entry():
     out = cpu.norm_fwd_inference(x, 12, 50, w, None, 1e-5, False)
     assert out.shape == x.shape
     assert torch.equal(out.reshape(12, 50), cpu.norm_fwd(x.reshape(12, 50), w, None, 1e-5, False)[0])
+
+
+@pytest.mark.parametrize("x_dtype,res_dtype", [(torch.float64, torch.float64), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_residual_add_flags_match_reference(x_dtype, res_dtype, with_residual, dropout_p):
+    rows, n = 33, 70
+    x = torch.randn(rows, n, dtype=torch.float64).to(x_dtype)
+    residual = torch.randn(rows, n, dtype=torch.float64).to(res_dtype) if with_residual else None
+    w = (1 + 0.3 * torch.randn(n, dtype=torch.float64)).to(x_dtype)
+    kwargs = dict(residual=residual, residual_out_dtype=res_dtype, dropout_p=dropout_p, seed=99, return_mask=True)
+    out, h, mean, rstd, mask = cpu.norm_fwd(x, w, None, 1e-5, True, **kwargs)
+    _, r_h, _, _, r_mask = reference.norm_fwd(x, w, None, 1e-5, True, **kwargs)
+    assert torch.equal(mask, r_mask) and h.dtype == res_dtype and out.dtype == x_dtype
+    assert max_rel_err(h, r_h) <= FWD_TOL[res_dtype]
+    assert max_rel_err(out, reference.layer_norm(h, (n,), w, None, 1e-5, rms=True)) <= FWD_TOL[x_dtype]
+    dy = torch.randn(rows, n, dtype=torch.float64).to(x_dtype)
+    dh_out = torch.randn(rows, n, dtype=torch.float64).to(res_dtype)
+    bwd = dict(add=True, dresidual_out=dh_out, need_dresidual=with_residual, x_dtype=x_dtype,
+               residual_dtype=res_dtype if with_residual else None, dropout_p=dropout_p, seed=99)  # fmt: skip
+    dx, dres, dw, db = cpu.norm_bwd(dy, h, w, mean, rstd, True, True, True, False, **bwd)
+    rdx, rdres, rdw, _ = reference.norm_bwd(dy, h, w, mean, rstd, True, True, True, False, **bwd)
+    tol = {torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 2e-5}
+    assert norm_err(dx, rdx) <= tol[x_dtype] and not dx[~mask].any()
+    assert (dres is None) == (not with_residual) and db is None
+    if with_residual:
+        assert norm_err(dres, rdres) <= tol[res_dtype]
+    assert norm_err(dw, rdw) <= (1e-10 if x_dtype == torch.float64 else 2e-5)

@@ -7,7 +7,8 @@ import torch
 
 import normfuse
 from normfuse import reference
-from tests._helpers import without_dres as _without_dres, FWD_TOL, max_rel_err, norm_err
+from tests._helpers import FWD_TOL, max_rel_err, norm_err
+from tests._helpers import without_dres as _without_dres
 
 triton_backend = pytest.importorskip("normfuse.backends.triton", reason="triton is not installed")
 if not triton_backend.available():
@@ -133,3 +134,68 @@ def test_million_features(dtype, big_chunks_in_interpreter):
     rdx, rdw, rdb = reference.layer_norm_backward(dy.cpu(), x.cpu(), (n,), w.cpu())
     assert norm_err(dx.cpu(), rdx) <= GRAD_TOL[dtype]
     assert norm_err(dw.cpu(), rdw) <= 2e-5 and norm_err(db.cpu(), rdb) <= 2e-5
+
+
+# --- the residual-add, dropout and x-hat rounding flags --------------------------------------------
+
+
+@pytest.mark.parametrize("x_dtype,res_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("n", [100, MID, WIDE])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_residual_add_and_dropout_match_reference(x_dtype, res_dtype, rms, n, dropout_p):
+    """The same hash as every backend: masks, residual outputs and gradients equal the reference's."""
+    rows = 3 if n > 1000 else 9
+    x, w, b, dy = _inputs(rows, n, x_dtype)
+    residual = torch.randn(rows, n, dtype=torch.float64).to(res_dtype).to(DEVICE)
+    kwargs = dict(residual=residual, residual_out_dtype=res_dtype, dropout_p=dropout_p, seed=2**40 + 12345, return_mask=True)
+    out, h, mean, rstd, mask = triton_backend.norm_fwd(x, w, None if rms else b, 1e-5, rms, **kwargs)
+    r_out, r_h, _, r_rstd, r_mask = reference.norm_fwd(x.cpu(), w.cpu(), None if rms else b.cpu(), 1e-5, rms, **{
+        **kwargs, "residual": residual.cpu()})  # fmt: skip
+    assert torch.equal(mask.cpu(), r_mask)
+    # the kernels scale and add in the accumulation dtype, the reference in float64: one ulp
+    assert max_rel_err(h.cpu(), r_h) <= FWD_TOL[res_dtype]
+    assert out.dtype == x_dtype and h.dtype == res_dtype
+    ref = reference.layer_norm(r_h, (n,), w.cpu(), None if rms else b.cpu(), 1e-5, rms)
+    assert max_rel_err(out.cpu(), ref) <= FWD_TOL[x_dtype]
+    dh_out = torch.randn(rows, n, dtype=torch.float64).to(res_dtype).to(DEVICE)
+    bwd = dict(add=True, dresidual_out=dh_out, need_dresidual=True, x_dtype=x_dtype, residual_dtype=res_dtype,
+               dropout_p=dropout_p, seed=2**40 + 12345)  # fmt: skip
+    dx, dres, dw, _ = triton_backend.norm_bwd(dy, h, w, mean, rstd, rms, True, True, False, **bwd)
+    rdx, rdres, rdw, _ = reference.norm_bwd(dy.cpu(), r_h, w.cpu(), mean.cpu(), r_rstd, rms, True, True, False, **{
+        **bwd, "dresidual_out": dh_out.cpu()})  # fmt: skip
+    assert dx.dtype == x_dtype and dres.dtype == res_dtype
+    assert norm_err(dres.cpu(), rdres) <= GRAD_TOL[res_dtype] and norm_err(dx.cpu(), rdx) <= GRAD_TOL[x_dtype]
+    assert not dx.cpu()[~r_mask].any()
+    assert norm_err(dw.cpu(), rdw) <= 2e-5
+
+
+@pytest.mark.parametrize("xhat_dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_xhat_rounding_matches_the_cpu_kernels(xhat_dtype, out_dtype):
+    x, w, _, _ = _inputs(8, 300, torch.bfloat16)
+    w32 = w.float() if out_dtype == torch.float32 else w
+    got = triton_backend.norm_fwd(x, w32, None, 1e-6, True, xhat_dtype=xhat_dtype, out_dtype=out_dtype)[0]
+    want = reference.norm_fwd(x.cpu(), w32.cpu(), None, 1e-6, True, xhat_dtype=xhat_dtype, out_dtype=out_dtype)[0]
+    assert got.dtype == out_dtype
+    # x-hat is rounded to bf16 first: results are products of two bf16 values, off by at most
+    # one bf16 rounding of x-hat where the float32 statistics differ in their last bit
+    assert max_rel_err(got.cpu(), want) <= FWD_TOL[torch.bfloat16]
+
+
+def test_add_rms_norm_through_the_front_end():
+    x, w, _, dy = _inputs(6, 130, torch.bfloat16)
+    r = torch.randn(6, 130).to(DEVICE)
+    x.requires_grad_()
+    r.requires_grad_()
+    with normfuse.use_backend("triton"):
+        torch.manual_seed(5)
+        out, h, mask = normfuse.add_rms_norm(x, r, (130,), w, dropout_p=0.2, return_dropout_mask=True)
+        dx, dr = torch.autograd.grad((out, h), (x, r), (dy, torch.ones_like(h)))
+    with normfuse.use_backend("cpu"):
+        torch.manual_seed(5)
+        cpu_out, cpu_h, cpu_mask = normfuse.add_rms_norm(
+            x.detach().cpu(), r.detach().cpu(), (130,), w.cpu(), dropout_p=0.2, return_dropout_mask=True
+        )
+    assert torch.equal(mask.cpu(), cpu_mask) and torch.equal(h.detach().cpu(), cpu_h)
+    assert max_rel_err(out.detach().cpu(), cpu_out) <= FWD_TOL[torch.bfloat16]
+    assert dx.dtype == torch.bfloat16 and dr.dtype == torch.float32 and not dx.cpu()[~cpu_mask].any()

@@ -1,0 +1,136 @@
+"""The model-family options of rms_norm / add_rms_norm against plain-torch transcriptions of each
+family's formula (written from Hugging Face transformers' modeling files; see
+docs/model-families.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normfuse
+from tests._helpers import FWD_TOL, max_rel_err, norm_err
+
+EPS = 1e-6
+
+
+def llama(x, w, eps=EPS):
+    """LlamaRMSNorm (and Mistral, Qwen2/3, Phi-3, Granite, ...): x-hat cast to the input dtype first."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(input_dtype)
+
+
+def gemma(x, w, eps=EPS):
+    """GemmaRMSNorm: scale 1 + w, in float32, then cast."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + w.float())).type_as(x)
+
+
+def olmo2(x, w, eps=EPS):
+    """Olmo2RMSNorm (GPT-OSS, OLMo-2/3): weight multiplied in float32, then cast."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (w * h).to(input_dtype)
+
+
+def t5(x, w, eps=EPS):
+    """T5LayerNorm: variance in float32, x-hat cast to the weight's dtype only if that is half."""
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    h = x * torch.rsqrt(variance + eps)
+    if w.dtype in (torch.float16, torch.bfloat16):
+        h = h.to(w.dtype)
+    return w * h
+
+
+def _t5_xhat_dtype(w):
+    return w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+# family -> (transcription, normfuse keyword options for given x, w)
+FAMILIES = {
+    "llama": (llama, lambda x, w: {"xhat_dtype": x.dtype}),
+    "gemma": (gemma, lambda x, w: {"weight_offset": 1.0}),
+    "olmo2": (olmo2, lambda x, w: {}),
+    "t5": (t5, lambda x, w: {"xhat_dtype": _t5_xhat_dtype(w)}),
+}
+COMBOS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+
+
+def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in units in the last place of the (common) dtype, element by element."""
+    assert a.dtype == b.dtype
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[a.dtype]
+    ia, ib = a.view(bits).to(torch.int64), b.view(bits).to(torch.int64)
+    return (ia - ib).abs()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("x_dtype,w_dtype", COMBOS)
+def test_forward_matches_the_familys_formula(family, x_dtype, w_dtype):
+    formula, options = FAMILIES[family]
+    x = (torch.randn(64, 256) * 3).to(x_dtype)
+    w = (0.2 * torch.randn(256) + (0.0 if family == "gemma" else 1.0)).to(w_dtype)
+    want = formula(x, w)
+    got = normfuse.rms_norm(x, (256,), w, EPS, **options(x, w))
+    assert got.dtype == want.dtype
+    # The row sums are taken in another order than torch's and rstd is 1/sqrt(.) rather than
+    # torch's rsqrt, so rstd may differ by an ulp or two of float32. In a float32 result that
+    # shows as a few ulps; in a bf16/fp16 result only a rounding near a tie can move, by one.
+    ulps = _ulps_apart(got, want)
+    if got.dtype == torch.float32:
+        assert ulps.max() <= 4
+    else:
+        assert ulps.max() <= 1
+        assert (ulps == 0).float().mean() >= 0.97
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_gradients_match_the_familys_formula(family, x_dtype, w_dtype):
+    formula, options = FAMILIES[family]
+    x = (torch.randn(32, 128) * 2).to(x_dtype).requires_grad_()
+    w = (0.2 * torch.randn(128) + (0.0 if family == "gemma" else 1.0)).to(w_dtype).requires_grad_()
+    dy = torch.randn(32, 128).to(formula(x, w).dtype)
+    want = torch.autograd.grad(formula(x, w), (x, w), dy)
+    got = torch.autograd.grad(normfuse.rms_norm(x, (128,), w, EPS, **options(x, w)), (x, w), dy)
+    tol = 2e-5 if x_dtype == torch.float32 else 2e-2
+    for g, t in zip(got, want):
+        assert g.dtype == t.dtype and norm_err(g, t) <= tol
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_fused_residual_add_with_family_options(family):
+    """A Llama/Gemma decoder layer's ``hidden = residual + hidden; norm(hidden)``, fused."""
+    formula, options = FAMILIES[family]
+    x = torch.randn(16, 128).bfloat16()
+    r = torch.randn(16, 128).bfloat16()
+    w = (0.2 * torch.randn(128) + (0.0 if family == "gemma" else 1.0)).bfloat16()
+    out, h = normfuse.add_rms_norm(x, r, (128,), w, EPS, **options(x, w))
+    assert torch.equal(h, r + x)
+    want = formula(r + x, w)
+    assert out.dtype == want.dtype and _ulps_apart(out, want).max() <= 1
+
+
+def test_options_are_checked():
+    x = torch.randn(2, 4)
+    with pytest.raises(TypeError, match="xhat_dtype"):
+        normfuse.rms_norm(x, (4,), xhat_dtype=torch.int32)
+    with pytest.raises(TypeError, match="weight_offset"):
+        normfuse.rms_norm(x, (4,), weight_offset="1")
+
+
+def test_gemma_weight_of_zeros_is_the_identity_scale():
+    x = torch.randn(4, 32)
+    w = torch.zeros(32)
+    assert max_rel_err(normfuse.rms_norm(x, (32,), w, weight_offset=1.0), normfuse.rms_norm(x, (32,))) <= FWD_TOL[
+        torch.float32
+    ]
