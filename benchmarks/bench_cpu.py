@@ -1,90 +1,80 @@
-"""CPU benchmark: normfuse vs torch.nn.functional.layer_norm vs a plain copy, measured interleaved.
+"""CPU benchmark: normfuse vs torch vs a plain copy, measured interleaved.
 
-    python benchmarks/bench_cpu.py            # the issue's shapes, fp32 and bf16
-    python benchmarks/bench_cpu.py --quick    # fewer repetitions
+    python benchmarks/bench_cpu.py                      # LayerNorm on the issue's shapes, fp32 and bf16
+    python benchmarks/bench_cpu.py --op rms_norm        # RMSNorm: vs F.rms_norm and a Llama-style composite
+    python benchmarks/bench_cpu.py --op add_layer_norm  # fused add+norm vs x + r then F.layer_norm
+    python benchmarks/bench_cpu.py --op add_rms_norm    # fused add+norm vs x + r then F.rms_norm
+    python benchmarks/bench_cpu.py --quick              # fewer repetitions
 
 For each shape and dtype, every repetition runs each contender once in turn (so a noisy
 neighbour slows all of them alike) and the table reports medians and ratios:
 
-- copy:   ``buf.copy_(x)`` into a preallocated tensor, the memory-traffic floor of a forward
-- fwd:    the forward with weight and bias
-- fwd+bwd: forward plus ``torch.autograd.grad`` over x, weight and bias
-- latency: one small forward in inference (``torch.no_grad``), per call
+- copy:    ``buf.copy_(x)`` into a preallocated tensor, the memory-traffic floor of a forward
+           (an add+norm moves twice the bytes: its floor is two copies)
+- fwd:     the forward, with weight (and bias for LayerNorm), in ``torch.no_grad``
+- fwd+bwd: forward plus ``torch.autograd.grad`` over every input (x, weight, bias, residual)
+- latency: one small forward in inference, per call (LayerNorm and RMSNorm)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import normfuse
-from normfuse.cli.bench import interleaved_medians, reexec_with_malloc_tunables
+from normfuse.cli.bench import OPS, contenders, implementations, interleaved_medians, reexec_with_malloc_tunables
 
 SHAPES = [(4096, 1024), (8192, 768), (1024, 4096), (256, 16384), (8192, 4096)]
 LATENCY_SHAPES = [(1, 4096), (8, 768)]
 
 
-def _contenders(rows: int, n: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, n, generator=gen).to(dtype)
-    w = (1 + 0.1 * torch.randn(n, generator=gen)).to(dtype)
-    b = (0.1 * torch.randn(n, generator=gen)).to(dtype)
-    dy = torch.randn(rows, n, generator=gen).to(dtype)
-    buf = torch.empty_like(x)
-    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
-
-    def fwd_bwd(fn):
-        def run():
-            return torch.autograd.grad(fn(xg, (n,), wg, bg), (xg, wg, bg), dy)
-
-        return run
-
-    return {
-        "copy": lambda: buf.copy_(x),
-        "torch fwd": lambda: F.layer_norm(x, (n,), w, b),
-        "normfuse fwd": lambda: normfuse.layer_norm(x, (n,), w, b),
-        "torch fwd+bwd": fwd_bwd(F.layer_norm),
-        "normfuse fwd+bwd": fwd_bwd(normfuse.layer_norm),
-    }
-
-
 def main() -> None:
     reexec_with_malloc_tunables()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", default="layer_norm", choices=OPS)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--shapes", default=None, help="e.g. 4096x1024,1024x4096 (default: the issue's five)")
     args = parser.parse_args()
     reps = 7 if args.quick else 21
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    impls = implementations(args.op, compiled=False)
+    peers = [name for name in impls if name != "normfuse"]
+    floor = 2 if args.op.startswith("add_") else 1  # copies' worth of bytes a forward must move
 
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, normfuse {normfuse.__version__},"
+        f"{args.op}: torch {torch.__version__}, threads {torch.get_num_threads()}, normfuse {normfuse.__version__},"
         f" GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}"
     )
-    header = (
-        f"{'shape':>12} {'dtype':>8} | {'copy ms':>8} {'torch fwd':>9} {'nf fwd':>8} {'fwd x':>6} {'nf/copy':>7} |"
-        f" {'torch f+b':>9} {'nf f+b':>8} {'f+b x':>6}"
-    )
+    cols = [f"{'shape':>12} {'dtype':>8} | {'copy ms':>8}"]
+    for mode in ("fwd", "f+b"):
+        cols.append(" ".join(f"{p + ' ' + mode:>13}" for p in peers) + f" {'nf ' + mode:>9} " + " ".join(
+            f"{'vs ' + p:>9}" for p in peers))  # fmt: skip
+    header = " | ".join(cols) + f" | {'nf fwd/floor':>12}"
     print(header)
     print("-" * len(header))
     for dtype in dtypes:
-        for rows, n in SHAPES:
+        for rows, n in shapes:
             inner = 1 if rows * n >= 1 << 24 else 3
-            med = interleaved_medians(_contenders(rows, n, dtype), reps, inner)
+            med = interleaved_medians(contenders(args.op, rows, n, dtype, "cpu", impls), reps, inner)
             ms = {k: v * 1e3 for k, v in med.items()}
-            print(
-                f"{rows:>5}x{n:<6} {str(dtype).removeprefix('torch.'):>8} | {ms['copy']:8.3f}"
-                f" {ms['torch fwd']:9.3f} {ms['normfuse fwd']:8.3f}"
-                f" {ms['torch fwd'] / ms['normfuse fwd']:5.2f}x {ms['normfuse fwd'] / ms['copy']:6.2f}x |"
-                f" {ms['torch fwd+bwd']:9.3f} {ms['normfuse fwd+bwd']:8.3f}"
-                f" {ms['torch fwd+bwd'] / ms['normfuse fwd+bwd']:5.2f}x",
-                flush=True,
-            )
-    print("\n(fwd x, f+b x: torch time / normfuse time, above 1 = normfuse faster; nf/copy: forward / copy)")
+            line = f"{rows:>5}x{n:<6} {str(dtype).removeprefix('torch.'):>8} | {ms['copy']:8.3f}"
+            for mode in ("fwd", "f+b"):
+                mine = ms[f"normfuse {mode}"]
+                line += " | " + " ".join(f"{ms[f'{p} {mode}']:13.3f}" for p in peers) + f" {mine:9.3f} "
+                line += " ".join(f"{ms[f'{p} {mode}'] / mine:8.2f}x" for p in peers)
+            line += f" | {ms['normfuse fwd'] / (floor * ms['copy']):11.2f}x"
+            print(line, flush=True)
+    print(
+        "\n(vs X: X's time / normfuse's time, above 1 = normfuse faster; nf fwd/floor: normfuse forward / "
+        f"{'two copies' if floor == 2 else 'one copy'})"
+    )
+    if args.op.startswith("add_"):
+        return
 
     print(f"\n{'latency':>12} {'dtype':>8} | {'torch us':>8} {'nf us':>8} {'nf/torch':>8}")
     for dtype in dtypes:
@@ -92,15 +82,12 @@ def main() -> None:
             x = torch.randn(rows, n).to(dtype)
             w = torch.ones(n, dtype=dtype, requires_grad=True)
             b = torch.zeros(n, dtype=dtype, requires_grad=True)
+            if args.op == "layer_norm":
+                calls = {"torch": lambda: F.layer_norm(x, (n,), w, b), "normfuse": lambda: normfuse.layer_norm(x, (n,), w, b)}
+            else:
+                calls = {"torch": lambda: F.rms_norm(x, (n,), w), "normfuse": lambda: normfuse.rms_norm(x, (n,), w)}
             with torch.no_grad():
-                med = interleaved_medians(
-                    {
-                        "torch": lambda: F.layer_norm(x, (n,), w, b),
-                        "normfuse": lambda: normfuse.layer_norm(x, (n,), w, b),
-                    },
-                    reps,
-                    200,
-                )
+                med = interleaved_medians(calls, reps, 200)
             print(
                 f"{rows:>5}x{n:<6} {str(dtype).removeprefix('torch.'):>8} | {med['torch'] * 1e6:8.2f}"
                 f" {med['normfuse'] * 1e6:8.2f} {med['normfuse'] / med['torch']:7.2f}x"

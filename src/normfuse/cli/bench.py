@@ -57,33 +57,109 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _contenders(rows: int, n: int, dtype: torch.dtype, device: str, compiled) -> dict[str, Callable[[], object]]:
+OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
+# bytes moved per element of one activation tensor, at the least (reads plus writes):
+# a norm reads x and writes y; its backward reads x and dy and writes dx. The add+norm step
+# also reads the residual and writes the residual output, and its backward reads the gradient
+# arriving at the residual output and writes the residual's gradient.
+TENSORS_MOVED = {
+    "layer_norm": {"fwd": 2, "f+b": 5},
+    "rms_norm": {"fwd": 2, "f+b": 5},
+    "add_layer_norm": {"fwd": 4, "f+b": 9},
+    "add_rms_norm": {"fwd": 4, "f+b": 9},
+}
+
+
+def llama_rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm forward, as a plain torch composite (the common model code)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + (1e-6 if eps is None else eps))
+    return weight * h.to(x.dtype)
+
+
+def _torch_add_layer_norm(x, residual, normalized_shape, weight, bias):
+    h = x + residual
+    return F.layer_norm(h, normalized_shape, weight, bias), h
+
+
+def _torch_add_rms_norm(x, residual, normalized_shape, weight, bias):
+    h = x + residual
+    return F.rms_norm(h, normalized_shape, weight), h
+
+
+def implementations(op: str, compiled: bool) -> dict[str, Callable]:
+    """name -> fn(x, residual, normalized_shape, weight, bias) returning a tensor or (out, residual_out)."""
+    if op == "layer_norm":
+        impls = {
+            "normfuse": lambda x, r, s, w, b: normfuse.layer_norm(x, s, w, b),
+            "torch": lambda x, r, s, w, b: F.layer_norm(x, s, w, b),
+        }
+        base = F.layer_norm
+    elif op == "rms_norm":
+        impls = {
+            "normfuse": lambda x, r, s, w, b: normfuse.rms_norm(x, s, w),
+            "torch": lambda x, r, s, w, b: F.rms_norm(x, s, w),
+            "llama": lambda x, r, s, w, b: llama_rms_norm(x, s, w),
+        }
+        base = F.rms_norm
+    elif op == "add_layer_norm":
+        impls = {
+            "normfuse": lambda x, r, s, w, b: normfuse.add_layer_norm(x, r, s, w, b),
+            "torch": _torch_add_layer_norm,
+        }
+        base = _torch_add_layer_norm
+    else:
+        impls = {
+            "normfuse": lambda x, r, s, w, b: normfuse.add_rms_norm(x, r, s, w),
+            "torch": _torch_add_rms_norm,
+        }
+        base = _torch_add_rms_norm
+    if compiled:
+        compiled_base = torch.compile(base, dynamic=True)
+        if op.startswith("add_"):
+            impls["torch.compile"] = compiled_base
+        elif op == "rms_norm":
+            impls["torch.compile"] = lambda x, r, s, w, b: compiled_base(x, s, w)
+        else:
+            impls["torch.compile"] = lambda x, r, s, w, b: compiled_base(x, s, w, b)
+    return impls
+
+
+def contenders(
+    op: str, rows: int, n: int, dtype: torch.dtype, device: str, impls: dict[str, Callable]
+) -> dict[str, Callable[[], object]]:
+    """"copy" and, for each implementation, "<name> fwd" (no grad) and "<name> f+b"
+    (forward, then ``torch.autograd.grad`` over every input: x, weight, bias, residual)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, n, generator=gen).to(dtype).to(device)
+    r = torch.randn(rows, n, generator=gen).to(dtype).to(device) if op.startswith("add_") else None
     w = (1 + 0.1 * torch.randn(n, generator=gen)).to(dtype).to(device)
-    b = (0.1 * torch.randn(n, generator=gen)).to(dtype).to(device)
+    b = (0.1 * torch.randn(n, generator=gen)).to(dtype).to(device) if "layer" in op else None
     dy = torch.randn(rows, n, generator=gen).to(dtype).to(device)
     buf = torch.empty_like(x)
-    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, r, w, b)]
+    wanted = tuple(t for t in leaves if t is not None)
 
     def fwd(fn):
         def call():
             with torch.no_grad():
-                return fn(x, (n,), w, b)
+                return fn(x, r, (n,), w, b)
 
         return call
 
     def fwd_bwd(fn):
-        return lambda: torch.autograd.grad(fn(xg, (n,), wg, bg), (xg, wg, bg), dy)
+        def call():
+            out = fn(*leaves[:2], (n,), *leaves[2:])
+            outs = out if isinstance(out, tuple) else (out,)
+            return torch.autograd.grad(outs, wanted, (dy,) * len(outs))
 
-    impls = {"normfuse": normfuse.layer_norm, "torch": F.layer_norm}
-    if compiled is not None:
-        impls["torch.compile"] = compiled
-    contenders: dict[str, Callable[[], object]] = {"copy": lambda: buf.copy_(x)}
+        return call
+
+    result: dict[str, Callable[[], object]] = {"copy": lambda: buf.copy_(x)}
     for name, fn in impls.items():
-        contenders[f"{name} fwd"] = fwd(fn)
-        contenders[f"{name} f+b"] = fwd_bwd(fn)
-    return contenders
+        result[f"{name} fwd"] = fwd(fn)
+        result[f"{name} f+b"] = fwd_bwd(fn)
+    return result
 
 
 def machine_line(device: str) -> str:
@@ -117,9 +193,8 @@ def run(args: argparse.Namespace) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     reps = 5 if args.quick else 15
     budget = args.mib * 2**20
-    compiled = None
-    if not args.no_compile:
-        compiled = torch.compile(F.layer_norm, dynamic=True)
+    impls = implementations(args.op, compiled=not args.no_compile)
+    moved_per_mode = TENSORS_MOVED[args.op]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     console.print(machine_line(args.device))
     results = []
@@ -131,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
                 rows = max(1, budget // (n * es))
                 progress.update(task, description=f"{str(dtype)[6:]} {rows}x{n}")
                 try:
-                    med = interleaved_medians(_contenders(rows, n, dtype, args.device, compiled), reps, 1, sync)
+                    med = interleaved_medians(contenders(args.op, rows, n, dtype, args.device, impls), reps, 1, sync)
                 except Exception as error:  # noqa: BLE001 - a compile failure on a shape is reported, not fatal
                     console.print(f"[yellow]{str(dtype)[6:]} {rows}x{n}: {type(error).__name__}: {error}[/yellow]")
                     progress.advance(task)
@@ -142,14 +217,15 @@ def run(args: argparse.Namespace) -> int:
                 for key, seconds in med.items():
                     if key == "copy":
                         continue
-                    moved = (2 if key.endswith("fwd") else 5) * tensor_bytes
+                    moved = moved_per_mode["fwd" if key.endswith("fwd") else "f+b"] * tensor_bytes
                     entry[key] = {"ms": seconds * 1e3, "gbs": moved / seconds / 1e9}
                 results.append(entry)
                 progress.advance(task)
 
-    impls = ["normfuse", "torch"] + ([] if compiled is None else ["torch.compile"])
+    impls = list(impls)
     for mode in ("fwd", "f+b"):
-        table = Table(title=f"{'forward' if mode == 'fwd' else 'forward + backward'}: ms (GB/s), median of {reps}")
+        title = f"{args.op} {'forward' if mode == 'fwd' else 'forward + backward'}: ms (GB/s), median of {reps}"
+        table = Table(title=title)
         for column in ("dtype", "rows x N", "copy", *impls, "normfuse speedup vs torch"):
             table.add_column(column, justify="right")
         for e in results:
@@ -163,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
     json_path, png_path = out / "bench.json", out / "bench.png"
     for path in (json_path, png_path):
         say_if_overwriting(path, console)
-    json_path.write_text(json.dumps({"machine": machine_line(args.device), "device": args.device, "results": results}, indent=1))
+    summary = {"machine": machine_line(args.device), "device": args.device, "op": args.op, "results": results}
+    json_path.write_text(json.dumps(summary, indent=1))
     _plot(png_path, results, impls, dtypes)
     console.print(f"[green]done.[/green] wrote {json_path}, {png_path}")
     return 0
@@ -198,6 +275,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time normfuse against torch and a memory copy",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    p.add_argument("--op", default="layer_norm", choices=OPS, help="which norm to time (default layer_norm)")
     p.add_argument("--quick", action="store_true", help="three feature sizes, fewer repetitions (under a minute)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes (default float32,bfloat16)")
     p.add_argument("--mib", type=positive_int, default=16, help="activation size per case in MiB (default 16)")
