@@ -211,3 +211,53 @@ def _round_as_overload(a, v):
     if a.dtype == types.int16:
         return lambda a, v: _f16_to_f32(_f32_to_f16(v))
     return None
+
+
+@intrinsic
+def keep_bit(typingctx, row_key, col, threshold):
+    """Dropout's keep decision for one element, in 32-bit integer operations (normfuse._dropout):
+    ``fmix32(row_key ^ (col * 0x85EBCA77)) >> 8 < threshold``.
+
+    Written as LLVM i32 arithmetic because numba widens integer products to 64 bits, which
+    AVX2 cannot multiply in vector registers; at 32 bits the loop vectorizes (vpmulld).
+    """
+    if not all(isinstance(t, types.Integer) for t in (row_key, col, threshold)):
+        return None
+    from normfuse import _dropout
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+
+        def to32(value, typ):
+            if typ.bitwidth > 32:
+                return builder.trunc(value, i32)
+            if typ.bitwidth < 32:
+                return builder.zext(value, i32)
+            return value
+
+        key, c, thr = (to32(v, t) for v, t in zip(args, signature.args))
+
+        def const(v):
+            return ir.Constant(i32, v)
+
+        h = builder.xor(key, builder.mul(c, const(_dropout.COL_MULTIPLIER)))
+        h = builder.xor(h, builder.lshr(h, const(16)))
+        h = builder.mul(h, const(_dropout.FMIX_1))
+        h = builder.xor(h, builder.lshr(h, const(13)))
+        h = builder.mul(h, const(_dropout.FMIX_2))
+        h = builder.xor(h, builder.lshr(h, const(16)))
+        return builder.icmp_unsigned("<", builder.lshr(h, const(32 - _dropout.KEEP_BITS)), thr)
+
+    return types.boolean(row_key, col, threshold), codegen
+
+
+@intrinsic
+def select(typingctx, condition, if_true, if_false):
+    """``if_true if condition else if_false`` as one LLVM select (branch-free, vectorizable)."""
+    if condition != types.boolean or if_true != if_false:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.select(*args)
+
+    return if_true(condition, if_true, if_false), codegen

@@ -44,7 +44,16 @@ from numba.extending import overload
 
 from normfuse import _dropout
 from normfuse._dtypes import acc_dtype
-from normfuse.backends._numba_bits import acc_scalar, address_as_pointer, load, round_as, store, store_not_nan
+from normfuse.backends._numba_bits import (
+    acc_scalar,
+    address_as_pointer,
+    keep_bit,
+    load,
+    round_as,
+    select,
+    store,
+    store_not_nan,
+)
 
 # reassoc lets LLVM split the row sums across SIMD lanes (deterministic: fixed at compile
 # time); contract allows FMA. No nnan/ninf: NaN and Inf must propagate as in torch.
@@ -136,8 +145,7 @@ def _kept_overload(drop, key, j):
         return lambda drop, key, j: True
 
     def impl(drop, key, j):
-        h = _fmix32(key ^ ((np.uint64(j) * np.uint64(_dropout.COL_MULTIPLIER)) & np.uint64(_dropout.MASK32)))
-        return (h >> np.uint64(32 - _dropout.KEEP_BITS)) < drop[0]
+        return keep_bit(key, j, drop[0])
 
     return impl
 
@@ -146,17 +154,12 @@ def _dropped(drop, v, keep):
     """v scaled by 1/(1-p) if kept, else 0 (v itself without dropout)."""
 
 
-# not inlined at the IR level: numba's SSA pass mishandles an inlined conditional expression
-# (LLVM inlines the call anyway)
-@overload(_dropped)
+@overload(_dropped, inline="always")
 def _dropped_overload(drop, v, keep):
     if _is_none(drop):
         return lambda drop, v, keep: v
-    def impl(drop, v, keep):
-        # a select, not a product with the mask: a dropped Inf gives 0, not NaN
-        return v * drop[1] if keep else acc_scalar_like(v, 0.0)
-
-    return impl
+    # a select, not a product with the mask: a dropped Inf gives 0, not NaN
+    return lambda drop, v, keep: select(keep, v * drop[1], acc_scalar_like(v, 0.0))
 
 
 def acc_scalar_like(v, c):
@@ -196,10 +199,36 @@ def _add_row_overload(x, res, drop, mask_out, h, i):
 
     def impl(x, res, drop, mask_out, h, i):
         key = _row_key(drop, i)
+        # The vectorizable store first, with a NaN/Inf detector (v * 0 sums to 0 or NaN in any
+        # order: deterministic); a row that had one is stored again the careful way.
+        poisoned = acc_scalar(h, 0.0)
         for j in range(h.shape[1]):
             keep = _kept(drop, key, j)
             _put_keep(mask_out, i, j, keep)
-            store(h, i, j, _plus(res, _dropped(drop, load(x, i, j), keep), i, j))
+            v = _plus(res, _dropped(drop, load(x, i, j), keep), i, j)
+            store_not_nan(h, i, j, v)
+            poisoned += v * 0
+        if poisoned != 0:
+            for j in range(h.shape[1]):
+                store(h, i, j, _plus(res, _dropped(drop, load(x, i, j), _kept(drop, key, j)), i, j))
+
+    return impl
+
+
+def _row_finite(a, i):
+    """Whether row i of a holds no NaN or Inf (a None: True)."""
+
+
+@overload(_row_finite, inline="always", jit_options={"fastmath": _FASTMATH})
+def _row_finite_overload(a, i):
+    if _is_none(a):
+        return lambda a, i: True
+
+    def impl(a, i):
+        s = acc_scalar(a, 0.0)
+        for j in range(a.shape[1]):
+            s += load(a, i, j) * 0
+        return s == 0
 
     return impl
 
@@ -311,15 +340,21 @@ def _fwd(
     params_finite = out.itemsize > 2 or (_all_finite(w) and _all_finite(b))
     n_blocks = (n_rows + rows_per_block - 1) // rows_per_block
     if n_blocks == 1:
-        for i in range(n_rows):
-            _fwd_row(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, i)
+        _fwd_block(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, 0, n_rows)
     else:
         for k in prange(n_blocks):
-            for i in range(k * rows_per_block, min(n_rows, (k + 1) * rows_per_block)):
-                _fwd_row(
-                    x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats,
-                    params_finite, i,
-                )  # fmt: skip
+            _fwd_block(
+                x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite,
+                k * rows_per_block, min(n_rows, (k + 1) * rows_per_block),
+            )  # fmt: skip
+
+
+# Not inlined into ``_fwd``'s two call sites: one compiled copy of the row code per
+# specialization halves its compile time, and the call costs once per block, not per row.
+@njit(fastmath=_FASTMATH)
+def _fwd_block(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, r0, r1):
+    for i in range(r0, r1):
+        _fwd_row(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, i)
 
 
 @njit(fastmath=_FASTMATH, inline="always")
@@ -333,7 +368,8 @@ def _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g):
     return r * (load(dy, i, j) * w[j] - _xhat(h, i, j, m, cm, r) * mean_xhat_g - mean_g)
 
 
-@njit(fastmath=_FASTMATH, inline="always")
+# Not inlined into ``_bwd``'s two call sites (compile time); called once per chunk of rows.
+@njit(fastmath=_FASTMATH)
 def _bwd_rows(dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_acc, db_acc, rms, need_dw, need_db, r0, r1):
     """Rows [r0, r1): write dx (and dres), set dw_acc, db_acc to the chunk's sums of dy*xhat and dy.
 
@@ -363,17 +399,17 @@ def _bwd_rows(dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_acc, db
         mean_g = acc_scalar(h, 0.0) if rms else sg * inv_n
         mean_xhat_g = r * (sdg - cm * sg) * inv_n
         key = _row_key(drop, i)
-        # finite statistics and weights, and no incoming residual gradient (which could be
-        # NaN): dh cannot be NaN, the vectorizable store is exact
+        # finite statistics, weights and incoming residual gradient (a row of which is one
+        # cheap pass from L1 away): dh cannot be NaN, the vectorizable store is exact
         not_nan = (
-            _is_none_value(dh_out) and w_finite and np.isfinite(m) and np.isfinite(r)
-            and np.isfinite(mean_xhat_g + mean_g + cm)
+            w_finite and np.isfinite(m) and np.isfinite(r) and np.isfinite(mean_xhat_g + mean_g + cm)
+            and _row_finite(dh_out, i)
         )  # fmt: skip
         if need_d and need_dw and need_db:
             # the training case: one branch-free loop for all the gradients
             if not_nan:
                 for j in range(n):
-                    dh = _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g)
+                    dh = _plus(dh_out, _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g), i, j)
                     _put_not_nan(dres, i, j, dh)
                     _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
                     dw_acc[j] += load(dy, i, j) * _xhat(h, i, j, m, cm, r)
@@ -390,7 +426,7 @@ def _bwd_rows(dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_acc, db
         if need_d:
             if not_nan:
                 for j in range(n):
-                    dh = _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g)
+                    dh = _plus(dh_out, _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g), i, j)
                     _put_not_nan(dres, i, j, dh)
                     _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
             else:
