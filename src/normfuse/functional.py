@@ -48,6 +48,8 @@ def _shape_list(shape: Sequence[int]) -> str:
 
 def _check_int_tuple(fn: str, value: object, position: int) -> tuple[int, ...]:
     """torch's argument parser for an ``int[]`` named ``normalized_shape``."""
+    if type(value) is tuple and all(type(item) is int for item in value):
+        return value  # the common case, without the general checks' cost (token-sized calls)
     prefix = f"{fn}(): argument 'normalized_shape' (position {position}) must be tuple of ints"
     if not isinstance(value, (tuple, list, torch.Size)):
         raise TypeError(f"{prefix}, not {type(value).__name__}")
@@ -63,6 +65,8 @@ def _check_optional_tensor(fn: str, name: str, value: object, position: int) -> 
 
 
 def _check_eps(fn: str, eps: object, position: int) -> None:
+    if type(eps) is float:
+        return
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{fn}(): argument 'eps' (position {position}) must be float, not {type(eps).__name__}")
 
@@ -183,7 +187,8 @@ def _needs_autograd(*tensors: Tensor | None) -> bool:
 
 
 def _rows_n(x: Tensor, normalized_shape: tuple[int, ...]) -> tuple[int, int]:
-    return math.prod(x.shape[: x.dim() - len(normalized_shape)]), math.prod(normalized_shape)
+    n = math.prod(normalized_shape)
+    return (x.numel() // n if n else math.prod(x.shape[: x.dim() - len(normalized_shape)])), n
 
 
 def _flat(p: Tensor | None, n: int) -> Tensor | None:
@@ -287,10 +292,10 @@ def _rms_eps(x: Tensor, eps: float | None) -> float:
     return torch.finfo(acc_dtype(x.dtype)).eps if eps is None else float(eps)
 
 
-def _check_rms_eps(fn: str, eps: object) -> None:
+def _check_rms_eps(fn: str, eps: object, position: int) -> None:
     # torch's parser takes bools and ints for a ``float?``
     if eps is not None and not isinstance(eps, numbers.Real):
-        raise TypeError(f"{fn}(): argument 'eps' (position 4) must be float, not {type(eps).__name__}")
+        raise TypeError(f"{fn}(): argument 'eps' (position {position}) must be float, not {type(eps).__name__}")
 
 
 def _rms_weight(x: Tensor, weight: Tensor | None, weight_offset: float) -> Tensor | None:
@@ -369,7 +374,7 @@ def rms_norm(
     """
     shape = _check_int_tuple("rms_norm", normalized_shape, 2)
     _check_optional_tensor("rms_norm", "weight", weight, 3)
-    _check_rms_eps("rms_norm", eps)
+    _check_rms_eps("rms_norm", eps, 4)
     _check_family_options("rms_norm", weight_offset, xhat_dtype)
     _check_rms_norm_inputs(input, shape, weight)
     if input.is_complex():
@@ -446,7 +451,7 @@ def add_rms_norm(
     """
     shape = _check_int_tuple("add_rms_norm", normalized_shape, 3)
     _check_optional_tensor("add_rms_norm", "weight", weight, 4)
-    _check_rms_eps("add_rms_norm", eps)
+    _check_rms_eps("add_rms_norm", eps, 5)
     _check_family_options("add_rms_norm", weight_offset, xhat_dtype)
     p = _check_dropout_p(dropout_p)
     _check_rms_norm_inputs(x, shape, weight)

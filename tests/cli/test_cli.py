@@ -42,13 +42,15 @@ def test_demo_says_when_it_overwrites(tmp_path, capsys):
     assert "overwriting" in capsys.readouterr().out
 
 
-def test_bench_quick_writes_json_and_png(tmp_path):
-    assert main(["bench", "--quick", "--no-compile", "--mib", "1", "--dtypes", "float32", "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("op,peers", [("layer_norm", ["torch"]), ("rms_norm", ["torch", "llama"]), ("add_rms_norm", ["torch"])])
+def test_bench_quick_writes_json_and_png(tmp_path, op, peers):
+    args = ["bench", "--op", op, "--quick", "--no-compile", "--mib", "1", "--dtypes", "float32", "--out", str(tmp_path)]
+    assert main(args) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert "torch" in report["machine"] and len(report["results"]) == 3
+    assert "torch" in report["machine"] and report["op"] == op and len(report["results"]) == 3
     for entry in report["results"]:
         assert entry["copy_gbs"] > 0
-        for key in ("normfuse fwd", "normfuse f+b", "torch fwd", "torch f+b"):
+        for key in ["normfuse fwd", "normfuse f+b"] + [f"{p} {m}" for p in peers for m in ("fwd", "f+b")]:
             assert 0 < entry[key]["ms"] < 1e4 and entry[key]["gbs"] > 0
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
 

@@ -516,7 +516,7 @@ def norm_fwd_inference(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The plain forward's output alone, in x's shape; nothing saved."""
-    out = torch.empty_like(x, dtype=out_dtype)
+    out = torch.empty_like(x) if out_dtype is None else torch.empty_like(x, dtype=out_dtype)
     if n_rows and n:
         weight, bias = _params(weight, bias)
         _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, xhat_dtype)
