@@ -1,0 +1,158 @@
+"""``normfuse.patch(model)``: swap, in place, every norm normfuse computes exactly.
+
+How: each recognized module instance gets a generated subclass of its own class as its
+``__class__`` (``NormfuseLlamaRMSNorm`` for a ``LlamaRMSNorm``), whose ``forward`` calls normfuse
+with the class's own formula. Nothing else about the module changes: the same ``Parameter``
+objects (optimizer state and tied weights survive), attribute names (``eps``,
+``variance_epsilon``), ``state_dict`` keys, hooks, ``isinstance`` checks, device and dtype;
+``unpatch`` restores the original class. Only the instances of the model passed in change, never
+the classes, so other models in the process are untouched (patching classes before loading, as
+some libraries do, changes every model built afterwards instead).
+
+torch's own ``nn.LayerNorm`` and ``nn.RMSNorm`` (and their subclasses) get normfuse's module
+inserted just below them in the method resolution order, so a subclass with its own forward
+(a permute around ``super().forward``, say) keeps it and reaches normfuse through ``super()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from normfuse import modules
+from normfuse.patch.formulas import HF_FORMULAS, Formula, probe_agrees, recognize
+
+__all__ = ["PatchReport", "patch", "unpatch"]
+
+
+@dataclass
+class PatchedNorm:
+    path: str
+    original_class: str
+    formula: str
+
+
+@dataclass
+class SkippedNorm:
+    path: str
+    class_name: str
+    reason: str
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` did: the modules it swapped and the norm-like ones it left alone, with why."""
+
+    patched: list[PatchedNorm] = field(default_factory=list)
+    skipped: list[SkippedNorm] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        counts: dict[tuple[str, str], int] = {}
+        for entry in self.patched:
+            key = (entry.original_class, entry.formula)
+            counts[key] = counts.get(key, 0) + 1
+        lines = [f"normfuse.patch: {len(self.patched)} norm(s) patched, {len(self.skipped)} left alone"]
+        for (cls, formula), count in counts.items():
+            lines.append(f"  patched  {count:3d} x {cls} ({formula})")
+        for entry in self.skipped:
+            lines.append(f"  left     {entry.path}: {entry.class_name}: {entry.reason}")
+        return "\n".join(lines)
+
+
+_TORCH_FORMULAS = {
+    torch.nn.LayerNorm: Formula("torch LayerNorm", "torch.nn.LayerNorm and subclasses", "eps", None),
+    torch.nn.RMSNorm: Formula("torch RMSNorm", "torch.nn.RMSNorm and subclasses", "eps", None),
+}
+_generated: dict[tuple[type, str], type] = {}
+
+
+def _patched_class(cls: type, formula: Formula) -> type:
+    key = (cls, formula.name)
+    made = _generated.get(key)
+    if made is not None:
+        return made
+    namespace = {"_normfuse_original_class": cls, "_normfuse_formula": formula, "__module__": __name__}
+    if formula.forward is not None:
+        namespace["forward"] = lambda self, x: formula.forward(self, x)
+        made = type(f"Normfuse{cls.__name__}", (cls,), namespace)
+    else:
+        mixin = modules.LayerNorm if issubclass(cls, torch.nn.LayerNorm) else modules.RMSNorm
+        bases = (mixin,) if cls in (torch.nn.LayerNorm, torch.nn.RMSNorm) else (cls, mixin)
+        made = type(f"Normfuse{cls.__name__}", bases, namespace)
+    _generated[key] = made
+    return made
+
+
+def _torch_formula(module: torch.nn.Module) -> Formula | None:
+    for base, formula in _TORCH_FORMULAS.items():
+        if isinstance(module, base):
+            return formula
+    return None
+
+
+def _looks_like_norm(module: torch.nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return "norm" in name and not isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm))
+
+
+def patch(model: torch.nn.Module, *, layer_norm: bool = True, rms_norm: bool = True) -> PatchReport:
+    """Swap, in place, every norm of ``model`` that normfuse computes exactly; return a report.
+
+    ``layer_norm`` / ``rms_norm`` choose the kinds to swap (torch's LayerNorm and its
+    subclasses; RMSNorm: torch's and the Hugging Face classes whose formula is recognized).
+    Calling it twice is harmless; ``unpatch(model)`` restores the original modules.
+    """
+    report = PatchReport()
+    for path, module in model.named_modules():
+        cls = type(module)
+        if getattr(cls, "_normfuse_original_class", None) is not None:
+            continue  # already patched
+        formula = _torch_formula(module)
+        reason = None
+        if formula is not None:
+            wanted = layer_norm if isinstance(module, torch.nn.LayerNorm) else rms_norm
+            if not wanted:
+                reason = "not asked for"
+        elif _looks_like_norm(module):
+            formula = recognize(cls)
+            if formula is None:
+                reason = "forward not recognized as a formula normfuse reproduces exactly"
+            elif not rms_norm:
+                reason = "not asked for"
+            else:
+                reason = probe_agrees(module, formula)
+        else:
+            continue
+        if reason is not None:
+            report.skipped.append(SkippedNorm(path, cls.__qualname__, reason))
+            continue
+        _swap(module, _patched_class(cls, formula))
+        report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", formula.name))
+    return report
+
+
+def _swap(module: torch.nn.Module, patched: type) -> None:
+    if issubclass(patched, (modules.LayerNorm, modules.RMSNorm)):
+        # the normfuse modules' pre-norm extras, unset (torch's contract unchanged)
+        module.__dict__.setdefault("dropout_p", 0.0)
+        module.__dict__.setdefault("residual_dtype", None)
+    module.__class__ = patched
+
+
+def unpatch(model: torch.nn.Module) -> int:
+    """Restore every module ``patch`` swapped in ``model``; returns how many."""
+    restored = 0
+    for module in model.modules():
+        original = getattr(type(module), "_normfuse_original_class", None)
+        if original is None:
+            continue
+        module.__class__ = original
+        if not issubclass(original, (modules.LayerNorm, modules.RMSNorm)):
+            module.__dict__.pop("dropout_p", None)
+            module.__dict__.pop("residual_dtype", None)
+        restored += 1
+    return restored
+
+
+FORMULAS = tuple(_TORCH_FORMULAS.values()) + HF_FORMULAS

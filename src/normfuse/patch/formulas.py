@@ -1,0 +1,163 @@
+"""What each supported norm class computes, and the normfuse call that computes the same.
+
+A class is recognized by what its ``forward`` computes, not by its name: its source, with
+comments, docstrings, blank space and the signature removed, must be one of the statement
+sequences below (the Llama formula is shared verbatim by Mistral, Mixtral, Qwen2/3, Phi-3,
+Granite and many others), and a numerical probe at patch time must then agree with normfuse
+in float32 and bfloat16. Anything else is left alone and reported. The formulas, in words, are
+in docs/model-families.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import inspect
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from normfuse import functional
+
+
+@dataclass(frozen=True)
+class Formula:
+    name: str
+    families: str
+    eps_attr: str
+    # the forward of a patched module: (module, input) -> output
+    forward: Callable[[torch.nn.Module, Tensor], Tensor]
+    # the statements of a recognized forward body, whitespace removed (None: recognized by class)
+    body: tuple[str, ...] | None = None
+
+
+def _n(module: torch.nn.Module) -> tuple[int, ...]:
+    return (module.weight.shape[-1],)
+
+
+def _llama(module, x):
+    return functional.rms_norm(x, _n(module), module.weight, module.variance_epsilon, xhat_dtype=x.dtype)
+
+
+def _olmo2(module, x):
+    return functional.rms_norm(x, _n(module), module.weight, module.variance_epsilon)
+
+
+def _gemma(module, x):
+    return functional.rms_norm(x, _n(module), module.weight, module.eps, weight_offset=1.0)
+
+
+def _t5(module, x):
+    w = module.weight
+    xhat_dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return functional.rms_norm(x, _n(module), w, module.variance_epsilon, xhat_dtype=xhat_dtype)
+
+
+HF_FORMULAS = (
+    Formula(
+        "llama", "Llama, Mistral, Mixtral, Qwen2/3, Phi-3, Granite, ...: w * (f32(x) * r).to(x.dtype)",
+        "variance_epsilon", _llama,
+        (
+            "input_dtype=hidden_states.dtype",
+            "hidden_states=hidden_states.to(torch.float32)",
+            "variance=hidden_states.pow(2).mean(-1,keepdim=True)",
+            "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)",
+            "returnself.weight*hidden_states.to(input_dtype)",
+        ),
+    ),
+    Formula(
+        "olmo2", "OLMo-2/3, GPT-OSS: (w * (f32(x) * r)).to(x.dtype)", "variance_epsilon", _olmo2,
+        (
+            "input_dtype=hidden_states.dtype",
+            "hidden_states=hidden_states.to(torch.float32)",
+            "variance=hidden_states.pow(2).mean(-1,keepdim=True)",
+            "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)",
+            "return(self.weight*hidden_states).to(input_dtype)",
+        ),
+    ),
+    Formula(
+        "gemma", "Gemma 1-3: (f32(x) * r * (1 + f32(w))).to(x.dtype)", "eps", _gemma,
+        (
+            "output=self._norm(x.float())",
+            "output=output*(1.0+self.weight.float())",
+            "returnoutput.type_as(x)",
+        ),
+    ),
+    Formula(
+        "t5", "T5, Pix2Struct: w * (x * r).to(w.dtype if w is fp16/bf16)", "variance_epsilon", _t5,
+        (
+            "variance=hidden_states.to(torch.float32).pow(2).mean(-1,keepdim=True)",
+            "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)",
+            "ifself.weight.dtypein[torch.float16,torch.bfloat16]:",
+            "hidden_states=hidden_states.to(self.weight.dtype)",
+            "returnself.weight*hidden_states",
+        ),
+    ),
+)
+# Gemma's forward calls its own ``_norm``: that must be the plain RMS too.
+_GEMMA_NORM_BODY = ("returnx*torch.rsqrt(x.pow(2).mean(-1,keepdim=True)+self.eps)",)
+
+
+def body_statements(function) -> tuple[str, ...] | None:
+    """A function's body as whitespace-free statement strings (no docstring, no comments)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return None
+    node = tree.body[0]
+    if not isinstance(node, ast.FunctionDef):
+        return None
+    statements = []
+    for statement in node.body:
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+            continue  # docstring
+        statements.extend(_flatten(statement))
+    return tuple(statements)
+
+
+def _flatten(statement: ast.stmt) -> list[str]:
+    """One string per statement, an ``if``'s header and body as separate entries."""
+    if isinstance(statement, ast.If) and not statement.orelse:
+        out = [f"if{ast.unparse(statement.test)}:".replace(" ", "")]
+        for inner in statement.body:
+            out.extend(_flatten(inner))
+        return out
+    return ["".join(ast.unparse(statement).split())]
+
+
+def recognize(cls: type) -> Formula | None:
+    """The formula a (non-torch) norm class computes, from its forward's statements."""
+    body = body_statements(cls.forward)
+    if body is None:
+        return None
+    for formula in HF_FORMULAS:
+        if body == formula.body:
+            if formula.name == "gemma" and body_statements(getattr(cls, "_norm", None)) != _GEMMA_NORM_BODY:
+                return None
+            return formula
+    return None
+
+
+def probe_agrees(module: torch.nn.Module, formula: Formula) -> str | None:
+    """Run the module's own forward and normfuse's on random inputs in float32 and bfloat16 (with
+    random weights on a copy): None if they agree to rounding, else what differed."""
+    for dtype in (torch.float32, torch.bfloat16):
+        probe = copy.deepcopy(module).to(device="cpu", dtype=dtype)
+        with torch.no_grad():
+            probe.weight.normal_(0.5, 0.3)
+            n = probe.weight.shape[-1]
+            x = (torch.randn(4, n, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+            want = type(module).forward(probe, x)
+            got = formula.forward(probe, x)
+        if got.dtype != want.dtype or got.shape != want.shape:
+            return f"{dtype} probe: normfuse gives {got.dtype} {tuple(got.shape)}, the class {want.dtype} {tuple(want.shape)}"
+        scale = want.float().abs().max().item() + 1e-30
+        err = (got.float() - want.float()).abs().max().item() / scale
+        bound = 1e-5 if dtype == torch.float32 else 1e-2  # a few units in the last place
+        if not err <= bound:
+            return f"{dtype} probe: normfuse differs from the class by {err:.2e} (relative), over {bound:.0e}"
+    return None
