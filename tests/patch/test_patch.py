@@ -1,0 +1,262 @@
+"""normfuse.patch on tiny Hugging Face and torch models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import normfuse
+from tests._helpers import norm_err
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install normfuse[hf])")
+
+VOCAB = 97
+DECODER = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=VOCAB, max_position_embeddings=64,
+)  # fmt: skip
+
+
+def _llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER))
+
+
+def _qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**DECODER))
+
+
+def _gemma():
+    return transformers.GemmaForCausalLM(transformers.GemmaConfig(**DECODER, head_dim=16))
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    )
+
+
+def _bert():
+    return transformers.BertForMaskedLM(
+        transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                vocab_size=VOCAB)  # fmt: skip
+    )
+
+
+def _t5():
+    return transformers.T5ForConditionalGeneration(
+        transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=VOCAB)
+    )
+
+
+class _Encoder(torch.nn.Module):
+    """A norm_first torch.nn.TransformerEncoder with an nn.RMSNorm final norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 64)
+        layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, norm=torch.nn.RMSNorm(64), enable_nested_tensor=False)
+        self.head = torch.nn.Linear(64, VOCAB)
+
+    def forward(self, input_ids, **_):
+        return self.head(self.encoder(self.embed(input_ids)))
+
+
+MODELS = {"llama": _llama, "qwen2": _qwen2, "gemma": _gemma, "gpt2": _gpt2, "bert": _bert, "t5": _t5, "torch": _Encoder}
+EXPECTED = {
+    "llama": {"llama": 5}, "qwen2": {"llama": 5}, "gemma": {"gemma": 5}, "gpt2": {"torch LayerNorm": 5},
+    "bert": {"torch LayerNorm": 6}, "t5": {"t5": 12}, "torch": {"torch LayerNorm": 4, "torch RMSNorm": 1},
+}  # fmt: skip
+
+
+def _build(name, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = MODELS[name]().to(dtype).train()
+    with torch.no_grad():  # non-trivial norm weights (and biases), so a wrong formula shows
+        for pname, param in model.named_parameters():
+            if "norm" in pname.lower() or "ln_" in pname or "LayerNorm" in pname:
+                param.normal_(0.3 if name == "gemma" else 1.0, 0.2) if param.dim() == 1 and "bias" not in pname else param.normal_(0, 0.2)
+    return model
+
+
+def _inputs(name):
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    if name == "t5":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :7]}
+    return {"input_ids": ids}
+
+
+def _logits(model, inputs):
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patched_model_gives_the_same_logits_and_gradients(name, dtype):
+    model = _build(name, dtype).eval()  # eval: no dropout (some of it is functional), gradients still flow
+    reference = copy.deepcopy(model)
+    report = normfuse.patch(model)
+    counts: dict[str, int] = {}
+    for entry in report.patched:
+        counts[entry.formula] = counts.get(entry.formula, 0) + 1
+    assert counts == EXPECTED[name], str(report)
+    assert not report.skipped, str(report)
+    inputs = _inputs(name)
+    logits, ref_logits = _logits(model, inputs), _logits(reference, inputs)
+    assert logits.dtype == ref_logits.dtype
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: norms round within an ulp, which propagates
+    assert norm_err(logits.detach(), ref_logits.detach()) <= tol
+    grads = torch.autograd.grad(logits.float().square().mean(), list(model.parameters()), allow_unused=True)
+    ref_grads = torch.autograd.grad(ref_logits.float().square().mean(), list(reference.parameters()), allow_unused=True)
+    for (pname, _), g, rg in zip(model.named_parameters(), grads, ref_grads):
+        assert (g is None) == (rg is None), pname
+        if g is None:
+            continue
+        if rg.float().norm() < 1e-8:  # zero in exact arithmetic (attention key biases): rounding noise
+            assert g.float().norm() < 1e-6, pname
+        else:
+            assert norm_err(g, rg) <= (1e-4 if dtype == torch.float32 else 6e-2), pname
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma", "t5", "gpt2"])
+def test_normfuse_runs_and_the_original_norm_code_does_not(name, monkeypatch):
+    model = _build(name)
+    report = normfuse.patch(model)
+    originals = {type(m)._normfuse_original_class for m in model.modules() if hasattr(type(m), "_normfuse_original_class")}
+    for cls in originals:
+        if cls.__module__.startswith("transformers"):
+            monkeypatch.setattr(cls, "forward", lambda *a, **k: pytest.fail("the original norm forward ran"))
+    with torch.profiler.profile() as prof:
+        _logits(model, _inputs(name)).sum().backward()
+    names = {event.key for event in prof.key_averages()}
+    assert "NormFunction" in names and "NormFunctionBackward" in names
+    assert len(report.patched) > 0
+
+
+def test_parameters_state_dict_and_names_are_unchanged():
+    model = _build("llama")
+    before = {name: param for name, param in model.named_parameters()}
+    keys = list(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters())
+    normfuse.patch(model)
+    after = dict(model.named_parameters())
+    assert list(after) == list(before) and all(after[k] is before[k] for k in before)
+    assert list(model.state_dict()) == keys
+    assert model.model.norm.variance_epsilon == 1e-6 and isinstance(model.model.norm, type(model.model.layers[0].input_layernorm).__mro__[1])
+    _logits(model, _inputs("llama")).sum().backward()
+    optimizer.step()  # the optimizer holds the very same parameters
+
+
+def test_unpatch_restores_and_patch_twice_is_harmless():
+    model = _build("llama")
+    classes = [type(m) for m in model.modules()]
+    first = normfuse.patch(model)
+    second = normfuse.patch(model)
+    assert len(first.patched) == 5 and len(second.patched) == 0
+    assert normfuse.unpatch(model) == 5
+    assert [type(m) for m in model.modules()] == classes
+
+
+def test_other_instances_and_classes_are_untouched():
+    patched, other = _build("llama"), _build("llama")
+    normfuse.patch(patched)
+    assert type(other.model.norm) is transformers.models.llama.modeling_llama.LlamaRMSNorm
+    assert type(patched.model.norm) is not type(other.model.norm)
+
+
+def test_dtype_device_and_mode_changes_keep_working():
+    model = _build("llama")
+    normfuse.patch(model)
+    ids = _inputs("llama")
+    model.eval()
+    fp32 = _logits(model, ids)
+    model.bfloat16()
+    bf16 = _logits(model, ids)
+    assert bf16.dtype == torch.bfloat16 and norm_err(bf16.float(), fp32) < 5e-2
+    model.float().train()
+    assert _logits(model, ids).dtype == torch.float32
+
+
+def test_greedy_generate_is_identical():
+    model = _build("llama").eval()
+    reference = copy.deepcopy(model)
+    normfuse.patch(model)
+    prompt = _inputs("llama")["input_ids"][:1, :5]
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kwargs), reference.generate(prompt, **kwargs))
+
+
+def test_gradient_checkpointing_works():
+    model = _build("llama")
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    reference = copy.deepcopy(model)
+    normfuse.patch(model)
+    ids = _inputs("llama")
+    (g,) = torch.autograd.grad(_logits(model, ids).square().mean(), [model.model.norm.weight])
+    (rg,) = torch.autograd.grad(_logits(reference, ids).square().mean(), [reference.model.norm.weight])
+    assert norm_err(g, rg) < 1e-4
+
+
+def test_save_pretrained_loads_into_the_unpatched_class(tmp_path):
+    model = _build("gemma")
+    normfuse.patch(model)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.GemmaForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded.model.norm) is transformers.models.gemma.modeling_gemma.GemmaRMSNorm
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+class _ChannelsFirstLayerNorm(torch.nn.LayerNorm):
+    """A LayerNorm subclass with its own forward (as in vision models): a permute around super()."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_layer_norm_subclass_keeps_its_own_forward():
+    module = _ChannelsFirstLayerNorm(8)
+    with torch.no_grad():
+        module.weight.normal_()
+    x = torch.randn(2, 8, 5, 5)
+    want = module(x)
+    report = normfuse.patch(module)
+    assert [e.formula for e in report.patched] == ["torch LayerNorm"]
+    assert isinstance(module, _ChannelsFirstLayerNorm) and isinstance(module, normfuse.LayerNorm)
+    assert norm_err(module(x), want) < 1e-6
+
+
+class _UnknownRMSNorm(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight + 0.1
+
+
+def test_unrecognized_norms_are_left_alone_and_reported():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), _UnknownRMSNorm(8), torch.nn.LayerNorm(8))
+    report = normfuse.patch(model)
+    assert [e.path for e in report.patched] == ["2"]
+    assert [e.path for e in report.skipped] == ["1"] and "not recognized" in report.skipped[0].reason
+    text = str(report)
+    assert "1 norm(s) patched, 1 left alone" in text and "_UnknownRMSNorm" in text
+    only_rms = normfuse.patch(torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.RMSNorm(8)), layer_norm=False)
+    assert [e.path for e in only_rms.patched] == ["1"] and only_rms.skipped[0].reason == "not asked for"
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_compile_has_no_more_graph_breaks_than_unpatched(name):
+    model = _build(name).eval()
+    reference = copy.deepcopy(model)
+    normfuse.patch(model)
+    ids = _inputs(name)["input_ids"]
+    torch._dynamo.reset()
+    patched = torch._dynamo.explain(lambda x: _logits(model, {"input_ids": x}))(ids)
+    torch._dynamo.reset()
+    original = torch._dynamo.explain(lambda x: _logits(reference, {"input_ids": x}))(ids)
+    assert patched.graph_break_count <= original.graph_break_count
