@@ -88,3 +88,14 @@ def test_help(command, capsys):
 def test_python_dash_m_runs():
     done = subprocess.run([sys.executable, "-m", "normfuse", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "demo" in done.stdout
+
+
+def test_bench_model_training_step(tmp_path):
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install normfuse[hf])")
+    args = ["bench", "--model", "llama", "--quick", "--width", "64", "--layers", "1", "--seq", "16", "--batch", "2",
+            "--dtypes", "float32", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    (result,) = json.loads((tmp_path / "bench_model_llama.json").read_text())["results"]
+    assert result["norms"] == 3  # two per decoder layer and the final one
+    for key in ("step_s", "norm_s", "norm_share", "saved_bytes"):
+        assert result[key]["torch"] > 0 and result[key]["normfuse"] > 0

@@ -186,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
+    if args.model is not None:
+        return _run_models(args, console)
     if args.device == "cuda" and not torch.cuda.is_available():
         console.print("normfuse bench: error: --device cuda but no CUDA GPU is available")
         return 2
@@ -276,9 +278,58 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--op", default="layer_norm", choices=OPS, help="which norm to time (default layer_norm)")
+    p.add_argument("--model", choices=["llama", "gpt2"], default=None,
+                   help="instead: a training step (forward, backward, AdamW) of a small Hugging Face model, "
+                   "normfuse.patch-ed vs not (needs transformers)")
+    p.add_argument("--width", type=positive_int, default=512, help="--model: hidden size (default 512)")
+    p.add_argument("--layers", type=positive_int, default=4, help="--model: layers (default 4)")
+    p.add_argument("--seq", type=positive_int, default=256, help="--model: sequence length (default 256)")
+    p.add_argument("--batch", type=positive_int, default=4, help="--model: batch size (default 4)")
     p.add_argument("--quick", action="store_true", help="three feature sizes, fewer repetitions (under a minute)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes (default float32,bfloat16)")
     p.add_argument("--mib", type=positive_int, default=16, help="activation size per case in MiB (default 16)")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out (its first compile takes long)")
     p.add_argument("--out", default="normfuse-bench", help="directory for bench.json and bench.png")
     p.set_defaults(run=run)
+
+
+def _run_models(args: argparse.Namespace, console) -> int:
+    from rich.table import Table
+
+    from normfuse.cli.bench_model import run_model_bench
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        console.print("normfuse bench: error: --model needs transformers (pip install 'normfuse[hf]')")
+        return 2
+    if args.device != "cpu":
+        console.print("normfuse bench: error: --model runs on the CPU only for now")
+        return 2
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    reps = 3 if args.quick else 7
+    console.print(machine_line("cpu"))
+    results = []
+    for dtype in dtypes:
+        console.print(f"{args.model} {str(dtype)[6:]}: width {args.width}, {args.layers} layers, "
+                      f"batch {args.batch} x {args.seq} tokens, {reps} interleaved steps each ...")  # fmt: skip
+        results.append(run_model_bench(args.model, args.width, args.layers, args.seq, args.batch, reps, dtype, console))
+    table = Table(title=f"training step of a {args.model}-shaped model (forward, backward, AdamW): medians")
+    for column in ("dtype", "step s: torch / nf", "step speedup", "norm share: torch / nf", "share shrinks",
+                   "saved MiB: torch / nf"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for r in results:
+        step, share, saved = r["step_s"], r["norm_share"], r["saved_bytes"]
+        table.add_row(
+            r["dtype"], f"{step['torch']:.3f} / {step['normfuse']:.3f}", f"{step['torch'] / step['normfuse']:.2f}x",
+            f"{share['torch']:.1%} / {share['normfuse']:.1%}", f"{share['torch'] / share['normfuse']:.1f}x",
+            f"{saved['torch'] / 2**20:.0f} / {saved['normfuse'] / 2**20:.0f}",
+        )  # fmt: skip
+    console.print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_model_{args.model}.json"
+    say_if_overwriting(path, console)
+    path.write_text(json.dumps({"machine": machine_line("cpu"), "results": results}, indent=1))
+    console.print(f"[green]done.[/green] wrote {path}")
+    return 0
