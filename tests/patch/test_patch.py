@@ -260,3 +260,34 @@ def test_compile_has_no_more_graph_breaks_than_unpatched(name):
     torch._dynamo.reset()
     original = torch._dynamo.explain(lambda x: _logits(reference, {"input_ids": x}))(ids)
     assert patched.graph_break_count <= original.graph_break_count
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_residual_gives_the_same_results_as_the_unfused_patch(name, dtype):
+    model = _build(name, dtype).eval()
+    unfused, original = copy.deepcopy(model), copy.deepcopy(model)
+    normfuse.patch(unfused)
+    report = normfuse.patch(model, fuse_residual=True)
+    fused_layers = [e for e in report.patched if e.formula.startswith("fused residual add")]
+    assert len(fused_layers) == 2 and "2 residual add(s) fused" in str(report)
+    inputs = _inputs(name)
+    logits = _logits(model, inputs)
+    assert torch.equal(logits, _logits(unfused, inputs))  # bit for bit: the same roundings, fused
+    assert norm_err(logits.detach(), _logits(original, inputs).detach()) <= (1e-5 if dtype == torch.float32 else 3e-2)
+    grads = torch.autograd.grad(logits.float().square().mean(), list(model.parameters()))
+    ref = torch.autograd.grad(_logits(unfused, inputs).float().square().mean(), list(unfused.parameters()))
+    for g, r in zip(grads, ref):
+        assert norm_err(g, r) <= (1e-5 if dtype == torch.float32 else 2e-2)
+    prompt = inputs["input_ids"][:1, :5]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kwargs), original.generate(prompt, **kwargs))
+    assert normfuse.unpatch(model) == 7
+    assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
+
+
+def test_fuse_residual_is_not_offered_where_the_norm_is_not_fusable():
+    model = _build("llama")
+    report = normfuse.patch(model, rms_norm=False, fuse_residual=True)
+    assert not any(e.formula.startswith("fused") for e in report.patched)
+    assert any("residual add not fused" in e.reason for e in report.skipped)

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from normfuse import modules
-from normfuse.patch.formulas import HF_FORMULAS, Formula, probe_agrees, recognize
+import inspect
+
+from normfuse.patch.formulas import HF_FORMULAS, Formula, is_fusable_prenorm_layer, probe_agrees, recognize
 
 __all__ = ["PatchReport", "patch", "unpatch"]
 
@@ -52,7 +54,10 @@ class PatchReport:
         for entry in self.patched:
             key = (entry.original_class, entry.formula)
             counts[key] = counts.get(key, 0) + 1
-        lines = [f"normfuse.patch: {len(self.patched)} norm(s) patched, {len(self.skipped)} left alone"]
+        fused = sum(entry.formula.startswith("fused") for entry in self.patched)
+        lines = [f"normfuse.patch: {len(self.patched) - fused} norm(s) patched, {len(self.skipped)} left alone"]
+        if fused:
+            lines[0] += f", {fused} residual add(s) fused"
         for (cls, formula), count in counts.items():
             lines.append(f"  patched  {count:3d} x {cls} ({formula})")
         for entry in self.skipped:
@@ -96,11 +101,16 @@ def _looks_like_norm(module: torch.nn.Module) -> bool:
     return "norm" in name and not isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm))
 
 
-def patch(model: torch.nn.Module, *, layer_norm: bool = True, rms_norm: bool = True) -> PatchReport:
+def patch(
+    model: torch.nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, fuse_residual: bool = False
+) -> PatchReport:
     """Swap, in place, every norm of ``model`` that normfuse computes exactly; return a report.
 
     ``layer_norm`` / ``rms_norm`` choose the kinds to swap (torch's LayerNorm and its
     subclasses; RMSNorm: torch's and the Hugging Face classes whose formula is recognized).
+    ``fuse_residual`` (opt-in) also fuses, in Llama-family decoder layers, the residual add with
+    the norm that follows it (``add_rms_norm``): the same results as the patched layer without
+    it, one pass over memory fewer.
     Calling it twice is harmless; ``unpatch(model)`` restores the original modules.
     """
     report = PatchReport()
@@ -129,7 +139,50 @@ def patch(model: torch.nn.Module, *, layer_norm: bool = True, rms_norm: bool = T
             continue
         _swap(module, _patched_class(cls, formula))
         report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", formula.name))
+    if fuse_residual:
+        _fuse_residuals(model, report)
     return report
+
+
+def _fused_layer_forward(self, hidden_states, *args, **kwargs):
+    """The Llama-family decoder layer with ``residual + h`` and the post-attention norm fused."""
+    bound = self._normfuse_signature.bind(self, hidden_states, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(arguments)))  # self
+    arguments.pop("hidden_states")
+    extra = arguments.pop(self._normfuse_var_keyword, {}) if self._normfuse_var_keyword else {}
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, **arguments, **extra)
+    norm = self.post_attention_layernorm
+    hidden_states, residual = type(norm)._normfuse_formula.add_forward(norm, hidden_states, residual)
+    hidden_states = self.mlp(hidden_states)
+    return residual + hidden_states
+
+
+def _fuse_residuals(model: torch.nn.Module, report: PatchReport) -> None:
+    for path, module in model.named_modules():
+        cls = type(module)
+        if getattr(cls, "_normfuse_original_class", None) is not None or not is_fusable_prenorm_layer(cls):
+            continue
+        norm = getattr(module, "post_attention_layernorm", None)
+        formula = getattr(type(norm), "_normfuse_formula", None)
+        if formula is None or formula.add_forward is None:
+            report.skipped.append(SkippedNorm(path, cls.__qualname__, "residual add not fused: its norm is not patched with a fusable formula"))
+            continue
+        key = (cls, "fused")
+        fused = _generated.get(key)
+        if fused is None:
+            signature = inspect.signature(cls.forward)
+            var_keyword = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+            fused = type(f"NormfuseFused{cls.__name__}", (cls,), {
+                "_normfuse_original_class": cls, "_normfuse_signature": signature, "_normfuse_var_keyword": var_keyword,
+                "forward": _fused_layer_forward, "__module__": __name__,
+            })  # fmt: skip
+            _generated[key] = fused
+        module.__class__ = fused
+        report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", f"fused residual add + {formula.name}"))
 
 
 def _swap(module: torch.nn.Module, patched: type) -> None:

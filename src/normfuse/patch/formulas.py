@@ -32,6 +32,8 @@ class Formula:
     forward: Callable[[torch.nn.Module, Tensor], Tensor]
     # the statements of a recognized forward body, whitespace removed (None: recognized by class)
     body: tuple[str, ...] | None = None
+    # (module, x, residual) -> (norm(residual + x), residual + x), fused; None: not offered
+    add_forward: Callable[[torch.nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
 
 def _n(module: torch.nn.Module) -> tuple[int, ...]:
@@ -40,6 +42,17 @@ def _n(module: torch.nn.Module) -> tuple[int, ...]:
 
 def _llama(module, x):
     return functional.rms_norm(x, _n(module), module.weight, module.variance_epsilon, xhat_dtype=x.dtype)
+
+
+def _llama_add(module, x, residual):
+    # the unfused layer normalizes ``residual + x``, whose dtype is the residual stream's
+    return functional.add_rms_norm(
+        x, residual, _n(module), module.weight, module.variance_epsilon, xhat_dtype=residual.dtype
+    )
+
+
+def _gemma_add(module, x, residual):
+    return functional.add_rms_norm(x, residual, _n(module), module.weight, module.eps, weight_offset=1.0)
 
 
 def _olmo2(module, x):
@@ -67,6 +80,7 @@ HF_FORMULAS = (
             "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)",
             "returnself.weight*hidden_states.to(input_dtype)",
         ),
+        _llama_add,
     ),
     Formula(
         "olmo2", "OLMo-2/3, GPT-OSS: (w * (f32(x) * r)).to(x.dtype)", "variance_epsilon", _olmo2,
@@ -85,6 +99,7 @@ HF_FORMULAS = (
             "output=output*(1.0+self.weight.float())",
             "returnoutput.type_as(x)",
         ),
+        _gemma_add,
     ),
     Formula(
         "t5", "T5, Pix2Struct: w * (x * r).to(w.dtype if w is fp16/bf16)", "variance_epsilon", _t5,
@@ -161,3 +176,37 @@ def probe_agrees(module: torch.nn.Module, formula: Formula) -> str | None:
         if not err <= bound:
             return f"{dtype} probe: normfuse differs from the class by {err:.2e} (relative), over {bound:.0e}"
     return None
+
+
+# A pre-norm decoder layer whose residual add and following norm can be fused exactly: the
+# Llama layer, copied verbatim by Mistral, Qwen2/3, Gemma and others. The attention call must
+# pass every parameter of the layer's forward on under its own name (checked below).
+PRENORM_LAYER_BODY = (
+    "residual=hidden_states",
+    "hidden_states=self.input_layernorm(hidden_states)",
+    None,  # hidden_states,_=self.self_attn(hidden_states=hidden_states,<name>=<name>,...,**kwargs)
+    "hidden_states=residual+hidden_states",
+    "residual=hidden_states",
+    "hidden_states=self.post_attention_layernorm(hidden_states)",
+    "hidden_states=self.mlp(hidden_states)",
+    "hidden_states=residual+hidden_states",
+    "returnhidden_states",
+)
+
+
+def is_fusable_prenorm_layer(cls: type) -> bool:
+    """Whether ``cls.forward`` is the pre-norm decoder layer above, attention arguments passed through."""
+    body = body_statements(cls.forward)
+    if body is None or len(body) != len(PRENORM_LAYER_BODY):
+        return False
+    if any(want is not None and got != want for got, want in zip(body, PRENORM_LAYER_BODY)):
+        return False
+    call = body[2]
+    prefix = "hidden_states,_=self.self_attn(hidden_states=hidden_states,"
+    if not call.startswith(prefix) or not call.endswith(")"):
+        return False
+    parameters = inspect.signature(cls.forward).parameters
+    names = [p.name for p in parameters.values()][2:]  # after self, hidden_states
+    passed = call[len(prefix) : -1].split(",")
+    expected = [f"**{p.name}" if p.kind is inspect.Parameter.VAR_KEYWORD else f"{p.name}={p.name}" for p in list(parameters.values())[2:]]
+    return names and passed == expected
