@@ -110,7 +110,8 @@ def _put_not_nan_overload(a, i, j, v):
 
 @njit(inline="always")
 def _fmix32(h):
-    # murmur3's finalizer on 32 bits held in a uint64 (masked after each multiply)
+    # murmur3's finalizer on 32 bits held in a uint64 (masked after each multiply); once per
+    # row, for the row key (the per-element hash is ``keep_bit``, in 32-bit vector operations)
     h = h ^ (h >> np.uint64(16))
     h = (h * np.uint64(_dropout.FMIX_1)) & np.uint64(_dropout.MASK32)
     h = h ^ (h >> np.uint64(13))
@@ -159,15 +160,15 @@ def _dropped_overload(drop, v, keep):
     if _is_none(drop):
         return lambda drop, v, keep: v
     # a select, not a product with the mask: a dropped Inf gives 0, not NaN
-    return lambda drop, v, keep: select(keep, v * drop[1], acc_scalar_like(v, 0.0))
+    return lambda drop, v, keep: select(keep, v * drop[1], _scalar_like(v, 0.0))
 
 
-def acc_scalar_like(v, c):
+def _scalar_like(v, c):
     """c in v's float type."""
 
 
-@overload(acc_scalar_like, inline="always")
-def _acc_scalar_like_overload(v, c):
+@overload(_scalar_like, inline="always")
+def __scalar_like_overload(v, c):
     if v == types.float64:
         return lambda v, c: np.float64(c)
     return lambda v, c: np.float32(c)
@@ -183,7 +184,7 @@ def _put_keep_overload(mask, i, j, keep):
         return lambda mask, i, j, keep: None
 
     def impl(mask, i, j, keep):
-        mask[i, j] = np.uint8(1) if keep else np.uint8(0)
+        mask[i, j] = np.uint8(keep)
 
     return impl
 

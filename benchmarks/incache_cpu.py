@@ -1,0 +1,57 @@
+"""Per-element cost of the CPU kernels on data that stays in cache (one thread), variant by variant.
+
+    python benchmarks/incache_cpu.py
+
+32 rows of 1024 features (128 KiB per fp32 tensor) are processed again and again, so memory
+bandwidth drops out and what is left is the kernels' own work: the plain norm, RMSNorm, the
+residual add, dropout's hash, next to torch's ``x + r`` for scale. The variants take turns,
+9 rounds of 40 calls each; the median round is reported (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numba
+import torch
+
+from normfuse.backends import cpu
+
+
+def _interleaved_us(variants: dict, rounds: int = 9, calls: int = 40) -> dict[str, float]:
+    for fn in variants.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls)
+    return {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+
+
+def main() -> None:
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    rows, n = 32, 1024
+    for dtype in (torch.float32, torch.bfloat16):
+        x, r = torch.randn(rows, n).to(dtype), torch.randn(rows, n).to(dtype)
+        w, b = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
+        variants = {
+            "layer norm": lambda: cpu.norm_fwd(x, w, b, 1e-5, False),
+            "rms norm": lambda: cpu.norm_fwd(x, w, None, 1e-5, True),
+            "add + layer norm": lambda: cpu.norm_fwd(x, w, b, 1e-5, False, residual=r, residual_out_dtype=dtype),
+            "add + rms norm": lambda: cpu.norm_fwd(x, w, None, 1e-5, True, residual=r, residual_out_dtype=dtype),
+            "dropout + add + layer norm": lambda: cpu.norm_fwd(
+                x, w, b, 1e-5, False, residual=r, residual_out_dtype=dtype, dropout_p=0.1, seed=1
+            ),
+            "torch x + r": lambda: x + r,
+        }
+        for name, us in _interleaved_us(variants).items():
+            print(f"{str(dtype).removeprefix('torch.'):>8}  {name:<28} {us:7.1f} us  {us * 1e3 / (rows * n):5.2f} ns/element")
+
+
+if __name__ == "__main__":
+    main()
