@@ -291,3 +291,23 @@ def test_fuse_residual_is_not_offered_where_the_norm_is_not_fusable():
     report = normfuse.patch(model, rms_norm=False, fuse_residual=True)
     assert not any(e.formula.startswith("fused") for e in report.patched)
     assert any("residual add not fused" in e.reason for e in report.skipped)
+
+
+@pytest.mark.parametrize(
+    "module,cls,formula",
+    [
+        ("mistral", "MistralRMSNorm", "llama"), ("mixtral", "MixtralRMSNorm", "llama"),
+        ("qwen3", "Qwen3RMSNorm", "llama"), ("qwen3_moe", "Qwen3MoeRMSNorm", "llama"),
+        ("phi3", "Phi3RMSNorm", "llama"), ("granite", "GraniteRMSNorm", "llama"),
+        ("olmo2", "Olmo2RMSNorm", "olmo2"), ("gemma2", "Gemma2RMSNorm", "gemma"),
+        ("gemma3", "Gemma3RMSNorm", "gemma"), ("mt5", "MT5LayerNorm", "t5"),
+    ],
+)  # fmt: skip
+def test_the_families_copies_are_recognized_by_what_they_compute(module, cls, formula):
+    from normfuse.patch.formulas import probe_agrees, recognize
+
+    mod = pytest.importorskip(f"transformers.models.{module}.modeling_{module}")
+    norm_cls = getattr(mod, cls)
+    found = recognize(norm_cls)
+    assert found is not None and found.name == formula
+    assert probe_agrees(norm_cls(32), found) is None
