@@ -121,7 +121,7 @@ def test_patched_model_gives_the_same_logits_and_gradients(name, dtype):
             assert norm_err(g, rg) <= (1e-4 if dtype == torch.float32 else 6e-2), pname
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma", "t5", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gemma", "t5", "gpt2", "torch"])
 def test_normfuse_runs_and_the_original_norm_code_does_not(name, monkeypatch):
     model = _build(name)
     report = normfuse.patch(model)
@@ -129,6 +129,9 @@ def test_normfuse_runs_and_the_original_norm_code_does_not(name, monkeypatch):
     for cls in originals:
         if cls.__module__.startswith("transformers"):
             monkeypatch.setattr(cls, "forward", lambda *a, **k: pytest.fail("the original norm forward ran"))
+    # torch's LayerNorm and RMSNorm modules compute through these
+    for fn in ("layer_norm", "rms_norm"):
+        monkeypatch.setattr(torch.nn.functional, fn, lambda *a, **k: pytest.fail(f"torch's {fn} ran"))
     with torch.profiler.profile() as prof:
         _logits(model, _inputs(name)).sum().backward()
     names = {event.key for event in prof.key_averages()}
@@ -176,6 +179,8 @@ def test_dtype_device_and_mode_changes_keep_working():
     model.bfloat16()
     bf16 = _logits(model, ids)
     assert bf16.dtype == torch.bfloat16 and norm_err(bf16.float(), fp32) < 5e-2
+    model.half()
+    assert _logits(model, ids).dtype == torch.float16
     model.float().train()
     assert _logits(model, ids).dtype == torch.float32
 
