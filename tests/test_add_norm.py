@@ -279,3 +279,16 @@ def test_module_residual_path_and_extras(norm_cls):
     assert not torch.equal(h_train, x + r)  # dropout in training mode only
     with pytest.raises(TypeError, match="residual_dtype"):
         norm_cls(16, residual_dtype="float32")
+
+
+def test_compile_fullgraph_with_dropout_runs_and_drops():
+    torch._dynamo.reset()
+
+    def step(x, r, w):
+        return normfuse.add_rms_norm(x, r, (32,), w, dropout_p=0.5, return_dropout_mask=True)
+
+    x, r, w = torch.randn(8, 32), torch.randn(8, 32), torch.randn(32)
+    out, h, mask = torch.compile(step, fullgraph=True, backend="aot_eager")(x, r, w)
+    assert 0 < mask.sum() < mask.numel()
+    assert torch.equal(h, torch.where(mask, x * 2.0, 0.0) + r)
+    assert max_rel_err(out, F.rms_norm(h, (32,), w)) <= 2 * FWD_TOL[torch.float32]
