@@ -10,26 +10,11 @@ residual add, dropout's hash, next to torch's ``x + r`` for scale. The variants 
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numba
 import torch
 
 from normfuse.backends import cpu
-
-
-def _interleaved_us(variants: dict, rounds: int = 9, calls: int = 40) -> dict[str, float]:
-    for fn in variants.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+from normfuse.cli.bench import interleaved_medians
 
 
 def main() -> None:
@@ -49,7 +34,8 @@ def main() -> None:
             ),
             "torch x + r": lambda: x + r,
         }
-        for name, us in _interleaved_us(variants).items():
+        for name, seconds in interleaved_medians(variants, reps=9, inner=40).items():
+            us = seconds * 1e6
             print(f"{str(dtype).removeprefix('torch.'):>8}  {name:<28} {us:7.1f} us  {us * 1e3 / (rows * n):5.2f} ns/element")
 
 

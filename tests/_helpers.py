@@ -33,3 +33,15 @@ def without_dres(grads: tuple) -> tuple:
     dx, dres, dw, db = grads
     assert dres is None
     return dx, dw, db
+
+
+def assert_same_error(make, torch_fn, our_fn) -> None:
+    """``make(fn)`` raises the same exception type with the same text for torch's fn and ours."""
+    import pytest
+
+    with pytest.raises(Exception) as torch_error:
+        make(torch_fn)
+    with pytest.raises(Exception) as our_error:
+        make(our_fn)
+    assert type(our_error.value) is type(torch_error.value)
+    assert str(our_error.value) == str(torch_error.value)

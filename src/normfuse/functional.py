@@ -250,7 +250,7 @@ def _add_normalize(
         x2, r2, _flat(weight, n), _flat(bias, n), float(eps), rms, h_dtype, dropout_p, seed, return_mask,
         xhat_dtype, out_dtype,
     )  # fmt: skip
-    if type(x) is Tensor and not torch.compiler.is_compiling():
+    if type(x) is Tensor and (residual is None or type(residual) is Tensor) and not torch.compiler.is_compiling():
         out, h, mask = ops.NormFunction.apply(*args)
     else:
         out, h, _, _, mask = torch.ops.normfuse.norm_fwd(*args)

@@ -8,6 +8,7 @@ read x, write y; forward+backward: also read x and dy, write dx).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -298,9 +299,7 @@ def _run_models(args: argparse.Namespace, console) -> int:
 
     from normfuse.cli.bench_model import run_model_bench
 
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:
         console.print("normfuse bench: error: --model needs transformers (pip install 'normfuse[hf]')")
         return 2
     if args.device != "cpu":
