@@ -38,7 +38,7 @@ def say_if_overwriting(path: Path, console) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from normfuse.cli import bench, demo, verify
 
-    parser = _Parser(prog="normfuse", description="normfuse: fused LayerNorm for PyTorch.")
+    parser = _Parser(prog="normfuse", description="normfuse: fused LayerNorm, RMSNorm and add+norm for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for module in (demo, bench, verify):
         module.add_parser(sub)
