@@ -316,3 +316,21 @@ def test_the_families_copies_are_recognized_by_what_they_compute(module, cls, fo
     found = recognize(norm_cls)
     assert found is not None and found.name == formula
     assert probe_agrees(norm_cls(32), found) is None
+
+
+def test_cohere_layer_norm_and_its_per_head_variant():
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+
+    model = torch.nn.ModuleDict({"plain": CohereLayerNorm(32), "per_head": CohereLayerNorm((4, 8))})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(1.0, 0.3)
+    reference = copy.deepcopy(model)
+    report = normfuse.patch(model)
+    assert [(e.path, e.formula) for e in report.patched] == [("plain", "cohere")]
+    assert [e.path for e in report.skipped] == ["per_head"] and "weight of shape (4, 8)" in report.skipped[0].reason
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = (torch.randn(3, 5, 32) * 2 + 1).to(dtype)
+        got, want = model["plain"].to(dtype)(x), reference["plain"].to(dtype)(x)
+        assert got.dtype == want.dtype == dtype
+        assert norm_err(got, want) <= (1e-6 if dtype != torch.bfloat16 else 1e-2)

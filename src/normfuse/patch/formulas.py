@@ -69,6 +69,13 @@ def _t5(module, x):
     return functional.rms_norm(x, _n(module), w, module.variance_epsilon, xhat_dtype=xhat_dtype)
 
 
+def _cohere(module, x):
+    # LayerNorm without bias, computed in float32 whatever the input (float64 too), weight in float32
+    computed = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
+    out = functional.layer_norm(computed, _n(module), module.weight.float(), None, module.variance_epsilon)
+    return out.to(x.dtype)
+
+
 HF_FORMULAS = (
     Formula(
         "llama", "Llama, Mistral, Mixtral, Qwen2/3, Phi-3, Granite, ...: w * (f32(x) * r).to(x.dtype)",
@@ -109,6 +116,21 @@ HF_FORMULAS = (
             "ifself.weight.dtypein[torch.float16,torch.bfloat16]:",
             "hidden_states=hidden_states.to(self.weight.dtype)",
             "returnself.weight*hidden_states",
+        ),
+    ),
+)
+HF_FORMULAS += (
+    Formula(
+        "cohere", "Cohere, Cohere2: LayerNorm without bias in float32, (f32(w) * x-hat).to(x.dtype)",
+        "variance_epsilon", _cohere,
+        (
+            "input_dtype=hidden_states.dtype",
+            "hidden_states=hidden_states.to(torch.float32)",
+            "mean=hidden_states.mean(-1,keepdim=True)",
+            "variance=(hidden_states-mean).pow(2).mean(-1,keepdim=True)",
+            "hidden_states=(hidden_states-mean)*torch.rsqrt(variance+self.variance_epsilon)",
+            "hidden_states=self.weight.to(torch.float32)*hidden_states",
+            "returnhidden_states.to(input_dtype)",
         ),
     ),
 )
@@ -160,6 +182,11 @@ def recognize(cls: type) -> Formula | None:
 def probe_agrees(module: torch.nn.Module, formula: Formula) -> str | None:
     """Run the module's own forward and normfuse's on random inputs in float32 and bfloat16 (with
     random weights on a copy): None if they agree to rounding, else what differed."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        # e.g. Cohere's per-head query/key norms: a (heads, head_dim) weight over the last dim
+        shape = None if weight is None else tuple(weight.shape)
+        return f"weight of shape {shape}: normfuse's formulas take one weight per feature of the last dim"
     for dtype in (torch.float32, torch.bfloat16):
         probe = copy.deepcopy(module).to(device="cpu", dtype=dtype)
         with torch.no_grad():
