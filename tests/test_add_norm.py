@@ -292,3 +292,34 @@ def test_compile_fullgraph_with_dropout_runs_and_drops():
     assert 0 < mask.sum() < mask.numel()
     assert torch.equal(h, torch.where(mask, x * 2.0, 0.0) + r)
     assert max_rel_err(out, F.rms_norm(h, (32,), w)) <= 2 * FWD_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_bitwise_identical_across_thread_counts_and_calls(dtype):
+    """dγ, dx and dresidual of the fused step do not depend on the thread count or on where the
+    buffers land (fresh allocations each call)."""
+    import numba
+
+    x = torch.randn(4096, 96).to(dtype)
+    r = torch.randn(4096, 96).to(dtype)
+    w = torch.randn(96).to(dtype)
+    dout, dres = torch.randn(4096, 96).to(dtype), torch.randn(4096, 96).to(dtype)
+
+    def grads():
+        leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+        torch.manual_seed(3)
+        out, h = normfuse.add_rms_norm(leaves[0], leaves[1], (96,), leaves[2], dropout_p=0.1)
+        return torch.autograd.grad((out, h), leaves, (dout, dres))
+
+    previous = numba.get_num_threads()
+    results = []
+    try:
+        for threads in sorted({1, previous}) + [previous]:
+            numba.set_num_threads(threads)
+            padding = torch.empty(int(torch.randint(1, 64, ())))  # moves where the next tensors land
+            results.append(grads())
+            del padding
+    finally:
+        numba.set_num_threads(previous)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
