@@ -334,3 +334,20 @@ def test_cohere_layer_norm_and_its_per_head_variant():
         got, want = model["plain"].to(dtype)(x), reference["plain"].to(dtype)(x)
         assert got.dtype == want.dtype == dtype
         assert norm_err(got, want) <= (1e-6 if dtype != torch.bfloat16 else 1e-2)
+
+
+def test_normfuse_modules_are_left_as_they_are():
+    model = torch.nn.Sequential(normfuse.LayerNorm(8), normfuse.RMSNorm(8), torch.nn.LayerNorm(8))
+    report = normfuse.patch(model)
+    assert [e.path for e in report.patched] == ["2"] and not report.skipped
+    assert type(model[0]) is normfuse.LayerNorm and type(model[1]) is normfuse.RMSNorm
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), model(x))
+
+
+def test_cohere_follows_the_layer_norm_switch():
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+
+    model = torch.nn.Sequential(CohereLayerNorm(16))
+    assert normfuse.patch(model, layer_norm=False).skipped[0].reason == "not asked for"
+    assert [e.formula for e in normfuse.patch(model, rms_norm=False).patched] == ["cohere"]

@@ -116,8 +116,10 @@ def patch(
     report = PatchReport()
     for path, module in model.named_modules():
         cls = type(module)
-        if getattr(cls, "_normfuse_original_class", None) is not None:
-            continue  # already patched
+        if getattr(cls, "_normfuse_original_class", None) is not None or isinstance(
+            module, (modules.LayerNorm, modules.RMSNorm)
+        ):
+            continue  # already patched, or normfuse's own module
         formula = _torch_formula(module)
         reason = None
         if formula is not None:
@@ -128,7 +130,7 @@ def patch(
             formula = recognize(cls)
             if formula is None:
                 reason = "forward not recognized as a formula normfuse reproduces exactly"
-            elif not rms_norm:
+            elif not (layer_norm if formula.kind == "layer" else rms_norm):
                 reason = "not asked for"
             else:
                 reason = probe_agrees(module, formula)

@@ -34,6 +34,8 @@ class Formula:
     body: tuple[str, ...] | None = None
     # (module, x, residual) -> (norm(residual + x), residual + x), fused; None: not offered
     add_forward: Callable[[torch.nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    # which of patch()'s switches covers it: "layer" (layer_norm=) or "rms" (rms_norm=)
+    kind: str = "rms"
 
 
 def _n(module: torch.nn.Module) -> tuple[int, ...]:
@@ -132,6 +134,7 @@ HF_FORMULAS += (
             "hidden_states=self.weight.to(torch.float32)*hidden_states",
             "returnhidden_states.to(input_dtype)",
         ),
+        kind="layer",
     ),
 )
 # Gemma's forward calls its own ``_norm``: that must be the plain RMS too.
