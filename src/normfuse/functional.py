@@ -71,14 +71,44 @@ def _check_eps(fn: str, eps: object, position: int) -> None:
         raise TypeError(f"{fn}(): argument 'eps' (position {position}) must be float, not {type(eps).__name__}")
 
 
+def _check_same_device(x: Tensor, param: Tensor | None) -> None:
+    # cheap test first: building device objects costs a microsecond each
+    if param is not None and not (x.is_cpu and param.is_cpu) and param.device != x.device:
+        raise RuntimeError(f"Tensor on device {param.device} is not on the expected device {x.device}!")
+
+
+def _check_normalized_shape(normalized_shape: tuple[int, ...], params: tuple[tuple[str, Tensor | None], ...]) -> None:
+    """ATen's shared checks: a non-empty normalized_shape, and parameters of exactly that shape."""
+    if len(normalized_shape) < 1:
+        raise RuntimeError(
+            "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element, "
+            f"but got normalized_shape = {_shape_list(normalized_shape)}"
+        )
+    for name, param in params:
+        if param is not None and param.shape != normalized_shape:
+            raise RuntimeError(
+                f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
+                f"{_shape_list(param.shape)} and normalized_shape = {_shape_list(normalized_shape)}"
+            )
+
+
+def _check_trailing_shape(x: Tensor, normalized_shape: tuple[int, ...], star: str) -> None:
+    """x must end in normalized_shape; ``star`` is how the message writes the leading dims
+    (layer_norm says ``[*, 4]``, rms_norm ``[*4]``)."""
+    k = len(normalized_shape)
+    if x.dim() < k or x.shape[x.dim() - k :] != normalized_shape:
+        raise RuntimeError(
+            f"Given normalized_shape={_shape_list(normalized_shape)}, expected input with shape "
+            f"[{star}{', '.join(str(s) for s in normalized_shape)}], but got input of size{_shape_list(x.shape)}"
+        )
+
+
 def _check_layer_norm_inputs(
     x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None
 ) -> None:
     """Device, dtype and shape checks in the order ATen's CPU layer_norm makes them."""
-    x_is_cpu = x.is_cpu  # cheap test first: building device objects costs a microsecond each
-    for param in (weight, bias):
-        if param is not None and not (x_is_cpu and param.is_cpu) and param.device != x.device:
-            raise RuntimeError(f"Tensor on device {param.device} is not on the expected device {x.device}!")
+    _check_same_device(x, weight)
+    _check_same_device(x, bias)
     params = [p for p in (weight, bias) if p is not None]
     mixed = len(params) > 0 and params[0].dtype != x.dtype
     if mixed:
@@ -87,23 +117,8 @@ def _check_layer_norm_inputs(
             raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
         if any(p.dtype != torch.float32 for p in params):
             raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
-    if len(normalized_shape) < 1:
-        raise RuntimeError(
-            "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element, "
-            f"but got normalized_shape = {_shape_list(normalized_shape)}"
-        )
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and param.shape != normalized_shape:
-            raise RuntimeError(
-                f"Expected {name} to be of same shape as normalized_shape, but got {name} of shape "
-                f"{_shape_list(param.shape)} and normalized_shape = {_shape_list(normalized_shape)}"
-            )
-    k = len(normalized_shape)
-    if x.dim() < k or x.shape[x.dim() - k :] != normalized_shape:
-        raise RuntimeError(
-            f"Given normalized_shape={_shape_list(normalized_shape)}, expected input with shape "
-            f"[*, {', '.join(str(s) for s in normalized_shape)}], but got input of size{_shape_list(x.shape)}"
-        )
+    _check_normalized_shape(normalized_shape, (("weight", weight), ("bias", bias)))
+    _check_trailing_shape(x, normalized_shape, "*, ")
     if x.dtype not in KERNEL_DTYPES:
         raise NotImplementedError(f'"LayerNormKernelImpl" not implemented for \'{_scalar_type_name(x.dtype)}\'')
     if not mixed:
@@ -116,28 +131,14 @@ def _check_layer_norm_inputs(
 
 def _check_rms_norm_inputs(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None) -> None:
     """Shape, dtype and device checks in the order ATen's rms_norm makes them."""
-    if len(normalized_shape) < 1:
-        raise RuntimeError(
-            "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element, "
-            f"but got normalized_shape = {_shape_list(normalized_shape)}"
-        )
-    if weight is not None and weight.shape != normalized_shape:
-        raise RuntimeError(
-            "Expected weight to be of same shape as normalized_shape, but got weight of shape "
-            f"{_shape_list(weight.shape)} and normalized_shape = {_shape_list(normalized_shape)}"
-        )
+    _check_normalized_shape(normalized_shape, (("weight", weight),))
     k = len(normalized_shape)
     if x.dim() < k:
         raise ValueError(f"Input tensor must have at least {k} dimensions, but got {x.dim()}")
-    if x.shape[x.dim() - k :] != normalized_shape:
-        raise RuntimeError(
-            f"Given normalized_shape={_shape_list(normalized_shape)}, expected input with shape "
-            f"[*{', '.join(str(s) for s in normalized_shape)}], but got input of size{_shape_list(x.shape)}"
-        )
+    _check_trailing_shape(x, normalized_shape, "*")
     if not (x.is_floating_point() or x.is_complex()):
         raise NotImplementedError(f'"rms_norm" not implemented for \'{_scalar_type_name(x.dtype)}\'')
-    if weight is not None and not (x.is_cpu and weight.is_cpu) and weight.device != x.device:
-        raise RuntimeError(f"Tensor on device {weight.device} is not on the expected device {x.device}!")
+    _check_same_device(x, weight)
 
 
 def _check_residual(fn: str, x: Tensor, residual: Tensor | None, residual_dtype: object) -> None:
