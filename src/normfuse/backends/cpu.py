@@ -27,7 +27,6 @@ This module imports nothing from the front end; it takes 2-D row-major tensors.
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 # numba's OpenMP thread pool is a second pool beside torch's (torch bundles its own libgomp).
@@ -44,6 +43,7 @@ from numba.extending import overload
 
 from normfuse import _dropout
 from normfuse._dtypes import acc_dtype
+from normfuse.backends._buffers import bwd_buffers, fwd_buffers, sums_over_no_rows
 from normfuse.backends._numba_bits import (
     acc_scalar,
     address_as_pointer,
@@ -636,19 +636,9 @@ def norm_fwd(
     """
     n_rows, n = x.shape
     add = residual_out_dtype is not None
-    h_dtype = residual_out_dtype if add else x.dtype
-    acc = acc_dtype(h_dtype)
-    out = torch.empty((n_rows, n), dtype=out_dtype or x.dtype)
-    h = torch.empty((n_rows, n), dtype=h_dtype) if add else None
-    drop = _drop_state(dropout_p, seed, acc) if add else None
-    mask = torch.empty((n_rows, n), dtype=torch.bool) if add and return_mask else None
-    if mask is not None and drop is None:
-        mask.fill_(True)
-    mean = torch.empty(n_rows, dtype=acc)
-    rstd = torch.empty(n_rows, dtype=acc)
+    drop = _drop_state(dropout_p, seed, acc_dtype(residual_out_dtype)) if add else None
+    out, h, mask, mean, rstd = fwd_buffers(x, residual_out_dtype, drop is not None, return_mask, out_dtype)
     if n_rows == 0 or n == 0:
-        mean.zero_()
-        rstd.fill_(math.nan)
         return out, h, mean, rstd, mask
     extra = (residual, h, mask if drop is not None else None, drop) if add else None
     _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype, extra)
@@ -704,12 +694,9 @@ def norm_bwd(
     """
     n_rows, n = h.shape
     acc = acc_dtype(h.dtype)
-    dx = torch.empty((n_rows, n), dtype=x_dtype if add else h.dtype) if need_dx else None
-    dres = torch.empty((n_rows, n), dtype=residual_dtype) if add and need_dresidual else None
+    dx, dres = bwd_buffers(h, add, need_dx, need_dresidual, x_dtype, residual_dtype)
     if n_rows == 0 or n == 0:
-        # zeros: the sums over no rows
-        zeros = torch.zeros(n, dtype=acc)
-        return dx, dres, zeros if need_dweight else None, zeros.clone() if need_dbias else None
+        return dx, dres, *sums_over_no_rows(n, acc, h.device, need_dweight, need_dbias)
     w = _param(weight, n, 1.0, acc)
     chunk = rows_per_chunk(n_rows)
     n_chunks = -(-n_rows // chunk)

@@ -28,6 +28,7 @@ import torch
 
 from normfuse import _dropout
 from normfuse._dtypes import acc_dtype
+from normfuse.backends._buffers import bwd_buffers, fwd_buffers, sums_over_no_rows
 
 try:
     import triton
@@ -482,19 +483,9 @@ def norm_fwd(
     """The contract of ``normfuse.backends.cpu.norm_fwd`` on CUDA tensors (or CPU ones, interpreted)."""
     n_rows, n = x.shape
     add = residual_out_dtype is not None
-    h_dtype = residual_out_dtype if add else x.dtype
-    acc = acc_dtype(h_dtype)
-    out = torch.empty((n_rows, n), dtype=out_dtype or x.dtype, device=x.device)
-    h = torch.empty((n_rows, n), dtype=h_dtype, device=x.device) if add else None
     dropping = add and dropout_p > 0.0
-    mask = torch.empty((n_rows, n), dtype=torch.bool, device=x.device) if add and return_mask else None
-    if mask is not None and not dropping:
-        mask.fill_(True)
-    mean = torch.empty(n_rows, dtype=acc, device=x.device)
-    rstd = torch.empty(n_rows, dtype=acc, device=x.device)
+    out, h, mask, mean, rstd = fwd_buffers(x, residual_out_dtype, dropping, return_mask, out_dtype)
     if n_rows == 0 or n == 0:
-        mean.zero_()
-        rstd.fill_(float("nan"))
         return out, h, mean, rstd, mask
     weight, bias = _params(weight, bias)
     if residual is not None and not residual.is_contiguous():
@@ -545,12 +536,9 @@ def norm_bwd(
     """The contract of ``normfuse.backends.cpu.norm_bwd``: (dx, dresidual, dweight, dbias)."""
     n_rows, n = h.shape
     acc = acc_dtype(h.dtype)
-    dx = torch.empty((n_rows, n), dtype=x_dtype if add else h.dtype, device=h.device) if need_dx else None
-    dres = torch.empty((n_rows, n), dtype=residual_dtype, device=h.device) if add and need_dresidual else None
+    dx, dres = bwd_buffers(h, add, need_dx, need_dresidual, x_dtype, residual_dtype)
     if n_rows == 0 or n == 0:
-        # zeros: the sums over no rows
-        zeros = torch.zeros(n, dtype=acc, device=h.device)
-        return dx, dres, zeros if need_dweight else None, zeros.clone() if need_dbias else None
+        return dx, dres, *sums_over_no_rows(n, acc, h.device, need_dweight, need_dbias)
     weight, _ = _params(weight, None)
     dh_out = dresidual_out if add else None
     if dh_out is not None and not dh_out.is_contiguous():
