@@ -143,12 +143,20 @@ def norm_fwd(
 
     Absent outputs (no residual add, no mask asked for) are empty tensors.
     """
-    out, h, mean, rstd, mask = backend_for(x).norm_fwd(
+    out, h, mean, rstd, mask = _run_fwd(
+        x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype
+    )
+    return out, h if h is not None else x.new_empty(0), mean, rstd, mask if mask is not None else _no_mask(x)
+
+
+def _run_fwd(x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype,
+             out_dtype):  # fmt: skip
+    """The chosen backend's forward, taking norm_fwd's arguments; absent outputs are None."""
+    return backend_for(x).norm_fwd(
         x, weight, bias, eps, rms, residual=residual, residual_out_dtype=residual_out_dtype,
         dropout_p=dropout_p, seed=_seed_value(seed), return_mask=return_mask, xhat_dtype=xhat_dtype,
         out_dtype=out_dtype,
     )  # fmt: skip
-    return out, h if h is not None else x.new_empty(0), mean, rstd, mask if mask is not None else _no_mask(x)
 
 
 def _seed_value(seed: Tensor | None) -> int:
@@ -196,10 +204,9 @@ def norm_bwd(
 
     A gradient not asked for comes back as an empty tensor.
     """
-    dx, dres, dweight, dbias = backend_for(h).norm_bwd(
-        dy, h, weight, mean, rstd, rms, need_dx, need_dweight, need_dbias, add=add,
-        dresidual_out=dresidual_out, need_dresidual=need_dresidual, x_dtype=x_dtype,
-        residual_dtype=residual_dtype, dropout_p=dropout_p, seed=_seed_value(seed),
+    dx, dres, dweight, dbias = _run_bwd(
+        dy, dresidual_out, h, weight, mean, rstd, rms, add, dropout_p, seed, x_dtype, residual_dtype,
+        need_dx, need_dresidual, need_dweight, need_dbias,
     )  # fmt: skip
     acc = acc_dtype(h.dtype)
     return (
@@ -287,8 +294,9 @@ def _backward(ctx, dout, dresidual_out, _dmean, _drstd, _dmask):
 norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _eager_bwd(dy, dresidual_out, h, weight, mean, rstd, rms, add, dropout_p, seed, x_dtype, residual_dtype,
-               need_dx, need_dresidual, need_dweight, need_dbias):  # fmt: skip
+def _run_bwd(dy, dresidual_out, h, weight, mean, rstd, rms, add, dropout_p, seed, x_dtype, residual_dtype,
+             need_dx, need_dresidual, need_dweight, need_dbias):  # fmt: skip
+    """The chosen backend's backward, taking norm_bwd's arguments; gradients not asked for are None."""
     return backend_for(h).norm_bwd(
         dy, h, weight, mean, rstd, rms, need_dx, need_dweight, need_dbias, add=add,
         dresidual_out=dresidual_out, need_dresidual=need_dresidual, x_dtype=x_dtype,
@@ -307,10 +315,9 @@ class NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask,
                 xhat_dtype, out_dtype):  # fmt: skip
-        out, h, mean, rstd, mask = backend_for(x).norm_fwd(
-            x, weight, bias, eps, rms, residual=residual, residual_out_dtype=residual_out_dtype,
-            dropout_p=dropout_p, seed=_seed_value(seed), return_mask=return_mask, xhat_dtype=xhat_dtype,
-            out_dtype=out_dtype,
+        out, h, mean, rstd, mask = _run_fwd(
+            x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype,
+            out_dtype,
         )  # fmt: skip
         inputs = (x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed)
         _setup_context(ctx, inputs, (out, h, mean, rstd, mask))
@@ -318,4 +325,4 @@ class NormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dresidual_out, _dmask):
-        return _gradients(ctx, dout, dresidual_out, _eager_bwd)
+        return _gradients(ctx, dout, dresidual_out, _run_bwd)
