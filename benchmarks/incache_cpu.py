@@ -1,6 +1,7 @@
 """Per-element cost of the CPU kernels on data that stays in cache (one thread), variant by variant.
 
-    python benchmarks/incache_cpu.py
+    python benchmarks/incache_cpu.py              # 32 rows: the whole call, overhead included
+    python benchmarks/incache_cpu.py --rows 200   # the kernels' own per-element cost
 
 32 rows of 1024 features (128 KiB per fp32 tensor) are processed again and again, so memory
 bandwidth drops out and what is left is the kernels' own work: the plain norm, RMSNorm, the
@@ -10,6 +11,8 @@ residual add, dropout's hash, next to torch's ``x + r`` for scale. The variants 
 
 from __future__ import annotations
 
+import argparse
+
 import numba
 import torch
 
@@ -18,12 +21,17 @@ from normfuse.cli.bench import interleaved_medians
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=32, help="rows of 1024 (200: about 1 MiB per fp32 tensor, "
+                        "L2/L3-resident, where the per-call overhead no longer counts)")
+    args = parser.parse_args()
     numba.set_num_threads(1)
     torch.set_num_threads(1)
-    rows, n = 32, 1024
+    rows, n = args.rows, 1024
     for dtype in (torch.float32, torch.bfloat16):
         x, r = torch.randn(rows, n).to(dtype), torch.randn(rows, n).to(dtype)
         w, b = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
+        buf = torch.empty_like(x)
         variants = {
             "layer norm": lambda: cpu.norm_fwd(x, w, b, 1e-5, False),
             "rms norm": lambda: cpu.norm_fwd(x, w, None, 1e-5, True),
@@ -33,6 +41,7 @@ def main() -> None:
                 x, w, b, 1e-5, False, residual=r, residual_out_dtype=dtype, dropout_p=0.1, seed=1
             ),
             "torch x + r": lambda: x + r,
+            "torch copy": lambda: buf.copy_(x),
         }
         for name, seconds in interleaved_medians(variants, reps=9, inner=40).items():
             us = seconds * 1e6
