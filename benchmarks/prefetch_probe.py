@@ -10,11 +10,11 @@ transfer instead of the larger of the two. Here the output loop runs in chunks o
 and hints the matching lines of the next row into L2 (``prefetcht1``) before each chunk. A
 burst of hints for the whole row at its start was slower (it fills the core's miss buffers).
 
-Carrying this into ``backends/cpu.py`` as written there (``for j in range(j0, j1)`` inside a
-chunk loop) made the kernels 2-5x slower: numba's negative-index wraparound on an index LLVM
-cannot prove non-negative turns the vector loop into 64-bit index arithmetic and gathers. The
-probe's inner loop has a constant trip count from a provably non-negative start, which keeps
-it a plain vector loop; a port must keep that shape (see benchmarks/RESULTS.md).
+Carried into ``backends/cpu.py`` (same chunked shape, vectorization kept) it did not pay:
+1-10% on the fp32 plain forward, up to 11% slower on the add+norm forward, nothing on the
+backward (benchmarks/RESULTS.md). A first port with chunk loops ``range(j0, min(n, j0 + 64))``
+was 2-5x slower: its assembly worked on vectors of 64-bit indices, most likely numba's
+negative-index wraparound left in; constant-trip chunks from ``k * 64`` vectorize normally.
 """
 
 from __future__ import annotations
