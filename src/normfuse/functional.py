@@ -72,8 +72,10 @@ def _check_eps(fn: str, eps: object, position: int) -> None:
 
 
 def _check_same_device(x: Tensor, param: Tensor | None) -> None:
-    # cheap test first: building device objects costs a microsecond each
-    if param is not None and not (x.is_cpu and param.is_cpu) and param.device != x.device:
+    # cheap tests first (device indexes are ints; building device objects costs a microsecond each)
+    if param is not None and not (x.is_cpu and param.is_cpu) and not (
+        x.is_cuda and param.is_cuda and x.get_device() == param.get_device()
+    ) and param.device != x.device:
         raise RuntimeError(f"Tensor on device {param.device} is not on the expected device {x.device}!")
 
 
@@ -217,10 +219,9 @@ def _normalize(
         # op on a few rows (token-at-a-time decoding). Inference calls the kernel directly.
         if not _needs_autograd(x, weight, bias):
             return ops.backend_for(x).norm_fwd_inference(x, rows, n, w, b, float(eps), rms, xhat_dtype, out_dtype)
-        out = ops.NormFunction.apply(
-            x.view(rows, n), None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype
+        return ops.NormFunction.apply(
+            x, None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, (rows, n)
         )[0]
-        return out.view(x.shape)
     out = torch.ops.normfuse.norm_fwd(
         x.view(rows, n), None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype
     )[0]
@@ -241,22 +242,21 @@ def _add_normalize(
     xhat_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, ...]:
-    """The pre-norm step on (rows, n) views: (out, residual_out[, mask]) in x's shape."""
+    """The pre-norm step over (rows, n) views of x: (out, residual_out[, mask]) in x's shape."""
     rows, n = _rows_n(x, normalized_shape)
     h_dtype = residual_dtype or (residual.dtype if residual is not None else x.dtype)
-    x2 = x.contiguous().view(rows, n)
-    r2 = residual.contiguous().view(rows, n) if residual is not None else None
+    xc = x.contiguous()
+    rc = residual.contiguous() if residual is not None else None
     seed = _dropout.draw_seed() if dropout_p > 0.0 else None
-    args = (
-        x2, r2, _flat(weight, n), _flat(bias, n), float(eps), rms, h_dtype, dropout_p, seed, return_mask,
-        xhat_dtype, out_dtype,
-    )  # fmt: skip
+    params = (_flat(weight, n), _flat(bias, n), float(eps), rms, h_dtype, dropout_p, seed, return_mask, xhat_dtype,
+              out_dtype)  # fmt: skip
     if type(x) is Tensor and (residual is None or type(residual) is Tensor) and not torch.compiler.is_compiling():
-        out, h, mask = ops.NormFunction.apply(*args)
+        out, h, mask = ops.NormFunction.apply(xc, rc, *params, (rows, n))
     else:
-        out, h, _, _, mask = torch.ops.normfuse.norm_fwd(*args)
-    result = (out.view(x.shape), h.view(x.shape))
-    return result + (mask.view(x.shape),) if return_mask else result
+        r2 = rc.view(rows, n) if rc is not None else None
+        out, h, _, _, mask = torch.ops.normfuse.norm_fwd(xc.view(rows, n), r2, *params)
+        out, h, mask = out.view(x.shape), h.view(x.shape), mask.view(x.shape) if return_mask else mask
+    return (out, h, mask) if return_mask else (out, h)
 
 
 def layer_norm(

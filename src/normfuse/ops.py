@@ -98,7 +98,7 @@ def backend_name(x: Tensor) -> str:
         return forced
     if x.is_cpu and x.dtype in KERNEL_DTYPES:
         return "cpu"
-    if x.device.type == "cuda" and _triton_available():
+    if x.is_cuda and _triton_available():
         return "triton"
     key = (x.device.type, x.dtype)
     if key not in _warned_fallbacks:
@@ -116,12 +116,20 @@ def backend_for(x: Tensor) -> ModuleType:
     return _load_backend(backend_name(x))
 
 
+_triton_usable: bool | None = None
+
+
 def _triton_available() -> bool:
-    try:
-        from normfuse.backends import triton as triton_backend
-    except ImportError:
-        return False
-    return triton_backend.available()
+    # asked on every CUDA call: answered once (the import and torch.cuda's query cost microseconds)
+    global _triton_usable
+    if _triton_usable is None:
+        try:
+            from normfuse.backends import triton as triton_backend
+        except ImportError:
+            _triton_usable = False
+        else:
+            _triton_usable = triton_backend.available()
+    return _triton_usable
 
 
 @torch.library.custom_op("normfuse::norm_fwd", mutates_args=())
@@ -240,19 +248,24 @@ def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, *_ = inputs
     _, h, mean, rstd, mask = output
     ctx.add = residual_out_dtype is not None
+    ctx.rows_n = None  # the (rows, n) view of the saved input, where it has another shape
     ctx.save_for_backward(h if ctx.add else x, weight, mean, rstd, seed)
     ctx.eps = eps
     ctx.rms = rms
     ctx.dropout_p = dropout_p
     ctx.x_dtype = x.dtype
     ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.weight_dtype = weight.dtype if weight is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.mark_non_differentiable(*(t for t in (mean, rstd, mask) if t is not None))
 
 
 def _gradients(ctx, dout: Tensor, dresidual_out: Tensor | None, fused_bwd) -> tuple:
-    """The backward shared by the custom op and the eager autograd.Function."""
+    """The backward shared by the custom op and the eager autograd.Function: (dx, dresidual,
+    dweight, dbias), None where not asked for; the caller appends its non-differentiable inputs."""
     h, weight, mean, rstd, seed = ctx.saved_tensors
+    if ctx.rows_n is not None:
+        h = h.view(ctx.rows_n)
     need_dx, need_dresidual, need_dweight, need_dbias = ctx.needs_input_grad[:4]
     need_dresidual = need_dresidual and ctx.add
     if dresidual_out is not None and dresidual_out.numel() == 0:
@@ -265,12 +278,13 @@ def _gradients(ctx, dout: Tensor, dresidual_out: Tensor | None, fused_bwd) -> tu
             dout.contiguous(), dresidual_out, h, weight, mean, rstd, ctx.rms, ctx.add, ctx.dropout_p, seed,
             ctx.x_dtype, ctx.residual_dtype, need_dx, need_dresidual, need_dweight, need_dbias,
         )  # fmt: skip
+    # a no-op where the backend already rounded the sums to the parameter's dtype
     return (
         dx if need_dx else None,
         dres if need_dresidual else None,
         dweight.to(weight.dtype) if need_dweight else None,
         dbias.to(ctx.bias_dtype) if need_dbias else None,
-    ) + (None,) * _N_NONDIFF_ARGS
+    )
 
 
 def _differentiable_gradients(ctx, dout, dresidual_out, h, weight, seed):
@@ -288,19 +302,24 @@ def _differentiable_gradients(ctx, dout, dresidual_out, h, weight, seed):
 
 
 def _backward(ctx, dout, dresidual_out, _dmean, _drstd, _dmask):
-    return _gradients(ctx, dout, dresidual_out, torch.ops.normfuse.norm_bwd)
+    return _gradients(ctx, dout, dresidual_out, torch.ops.normfuse.norm_bwd) + (None,) * _N_NONDIFF_ARGS
 
 
 norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _run_bwd(dy, dresidual_out, h, weight, mean, rstd, rms, add, dropout_p, seed, x_dtype, residual_dtype,
-             need_dx, need_dresidual, need_dweight, need_dbias):  # fmt: skip
-    """The chosen backend's backward, taking norm_bwd's arguments; gradients not asked for are None."""
+             need_dx, need_dresidual, need_dweight, need_dbias, dweight_dtype=None, dbias_dtype=None):  # fmt: skip
+    """The chosen backend's backward, taking norm_bwd's arguments; gradients not asked for are None.
+
+    dweight_dtype / dbias_dtype: the dtypes the sums are rounded to (default: the accumulation
+    dtype, as the custom op returns them).
+    """
     return backend_for(h).norm_bwd(
         dy, h, weight, mean, rstd, rms, need_dx, need_dweight, need_dbias, add=add,
         dresidual_out=dresidual_out, need_dresidual=need_dresidual, x_dtype=x_dtype,
         residual_dtype=residual_dtype, dropout_p=dropout_p, seed=_seed_value(seed),
+        dweight_dtype=dweight_dtype, dbias_dtype=dbias_dtype,
     )  # fmt: skip
 
 
@@ -308,21 +327,48 @@ class NormFunction(torch.autograd.Function):
     """The eager path for plain tensors: the same kernels and backward as the custom ops,
     without the dispatcher's round trips (about 70 us a call on the CPU here, more than the
     whole op on small inputs). Compiled graphs, tensor subclasses (DTensor, FSDP) and exports
-    go through ``torch.ops.normfuse``. Same arguments and outputs as ``norm_fwd``, with None
-    for absent outputs.
+    go through ``torch.ops.normfuse``.
+
+    Arguments are ``norm_fwd``'s, then ``rows_n``: x (and the residual) may have any shape of
+    ``rows * n`` contiguous elements; the (rows, n) views are taken here, out of autograd's sight,
+    so the graph holds this one node instead of two more view nodes (each costs a node's
+    bookkeeping in forward and backward: a sizeable share of a small op's time). Outputs
+    (out, residual_out, mask) have x's shape, None where absent.
     """
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask,
-                xhat_dtype, out_dtype):  # fmt: skip
+                xhat_dtype, out_dtype, rows_n):  # fmt: skip
+        shape = x.shape
         out, h, mean, rstd, mask = _run_fwd(
-            x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype,
-            out_dtype,
+            x.view(rows_n), residual.view(rows_n) if residual is not None else None, weight, bias, eps, rms,
+            residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype,
         )  # fmt: skip
-        inputs = (x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed)
-        _setup_context(ctx, inputs, (out, h, mean, rstd, mask))
+        out = out.view(shape)
+        h = h.view(shape) if h is not None else None
+        mask = mask.view(shape) if mask is not None else None
+        # saves x (an input) or h (an output) themselves, not views taken here: a double
+        # backward differentiates through them
+        _setup_context(ctx, (x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed), (out, h, mean, rstd, mask))
+        ctx.shape = shape
+        ctx.rows_n = rows_n
         return out, h, mask
 
     @staticmethod
     def backward(ctx, dout, dresidual_out, _dmask):
-        return _gradients(ctx, dout, dresidual_out, _run_bwd)
+        rows_n = ctx.rows_n
+        dout = dout.reshape(rows_n)
+        if dresidual_out is not None:
+            dresidual_out = dresidual_out.reshape(rows_n)
+
+        def fused_bwd(*args):
+            return _run_bwd(*args, dweight_dtype=ctx.weight_dtype, dbias_dtype=ctx.bias_dtype)
+
+        dx, dres, dweight, dbias = _gradients(ctx, dout, dresidual_out, fused_bwd)
+        shape = ctx.shape
+        return (
+            dx.reshape(shape) if dx is not None else None,
+            dres.reshape(shape) if dres is not None else None,
+            dweight,
+            dbias,
+        ) + (None,) * (_N_NONDIFF_ARGS + 1)  # and rows_n

@@ -199,6 +199,8 @@ def norm_bwd(
     residual_dtype: torch.dtype | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    dweight_dtype: torch.dtype | None = None,
+    dbias_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backends' backward contract (see ``normfuse.backends.cpu.norm_bwd``), float64 math."""
     acc = acc_dtype(h.dtype)
@@ -230,8 +232,9 @@ def norm_bwd(
             dx = dh.to(x_dtype)
     elif need_dx:
         dx = dh.to(h.dtype)
-    dweight = (dy64 * xhat).sum(dim=0).to(acc) if need_dweight else None
-    dbias = dy64.sum(dim=0).to(acc) if need_dbias else None
+    # the kernels' rounding: the sums in the accumulation dtype, then to the parameters' dtypes
+    dweight = (dy64 * xhat).sum(dim=0).to(acc).to(dweight_dtype or acc) if need_dweight else None
+    dbias = dy64.sum(dim=0).to(acc).to(dbias_dtype or acc) if need_dbias else None
     return dx, dres, dweight, dbias
 
 

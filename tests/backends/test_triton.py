@@ -116,7 +116,7 @@ def big_chunks_in_interpreter():
     code path, fewer steps). On a GPU the tuned chunk sizes stay."""
     saved = dict(triton_backend.TUNING)
     if DEVICE == "cpu":
-        triton_backend.TUNING.update(loop_block_n=65536, bwd_loop_block_n=65536)
+        triton_backend.TUNING.update(loop_block_n=65536, bwd_loop_block_n=65536, sums_block_n=65536, split_block_n=65536)
         triton_backend.clear_config_caches()
     yield
     triton_backend.TUNING.update(saved)
@@ -137,6 +137,47 @@ def test_million_features(dtype, big_chunks_in_interpreter):
 
 
 # --- the residual-add, dropout and x-hat rounding flags --------------------------------------------
+
+
+@pytest.fixture
+def wide_backward_modes():
+    """Switches TUNING["bwd_wide"] for a test and restores the settings after it."""
+    saved = dict(triton_backend.TUNING)
+
+    def use(mode):
+        triton_backend.TUNING["bwd_wide"] = mode
+        triton_backend.clear_config_caches()
+
+    yield use
+    triton_backend.TUNING.update(saved)
+    triton_backend.clear_config_caches()
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("n", [MID, WIDE])
+def test_wide_backward_split_and_looped_both_match_reference(rms, n, wide_backward_modes):
+    """Rows wider than MAX_FUSED_N_BWD: the split kernels (row sums, then a grid of column
+    blocks) and the looped one give the reference's gradients through a residual add with
+    dropout, the same dropout mask, and the same bits on a second run."""
+    x, w, b, dy = _inputs(6, n, torch.float32)
+    r = torch.randn(6, n, dtype=torch.float64).to(torch.float32).to(DEVICE)
+    dh_out = torch.randn(6, n, dtype=torch.float64).to(torch.float32).to(DEVICE)
+    kw = dict(add=True, dresidual_out=dh_out, need_dresidual=True, x_dtype=torch.float32,
+              residual_dtype=torch.float32, dropout_p=0.3, seed=7)  # fmt: skip
+    _, h, mean, rstd, _ = triton_backend.norm_fwd(
+        x, w, b, 1e-5, rms, residual=r, residual_out_dtype=torch.float32, dropout_p=0.3, seed=7
+    )
+    expected = reference.norm_bwd(dy.cpu(), h.cpu(), w.cpu(), mean.cpu(), rstd.cpu(), rms, True, True, True,
+                                  **dict(kw, dresidual_out=dh_out.cpu()))  # fmt: skip
+    results = {}
+    for mode in ("split", "looped"):
+        wide_backward_modes(mode)
+        results[mode] = triton_backend.norm_bwd(dy, h, w, mean, rstd, rms, True, True, True, **kw)
+        again = triton_backend.norm_bwd(dy, h, w, mean, rstd, rms, True, True, True, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(results[mode], again))
+        for got, want in zip(results[mode], expected):
+            assert norm_err(got.cpu(), want) <= 2e-5
+    assert torch.equal(results["split"][0] == 0, results["looped"][0] == 0)
 
 
 @pytest.mark.parametrize("x_dtype,res_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])

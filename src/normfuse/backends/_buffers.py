@@ -63,3 +63,10 @@ def sums_over_no_rows(
     """dweight and dbias of an input with no rows: zeros (the sums over no rows)."""
     zeros = torch.zeros(n, dtype=acc, device=device)
     return zeros if need_dweight else None, zeros.clone() if need_dbias else None
+
+
+def rounded(total: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """A parameter gradient summed in the accumulation dtype, rounded once to ``dtype`` (None: kept)."""
+    if total is None or dtype is None or total.dtype == dtype:
+        return total
+    return total.to(dtype)

@@ -43,7 +43,7 @@ from numba.extending import overload
 
 from normfuse import _dropout
 from normfuse._dtypes import acc_dtype
-from normfuse.backends._buffers import bwd_buffers, fwd_buffers, sums_over_no_rows
+from normfuse.backends._buffers import bwd_buffers, fwd_buffers, rounded, sums_over_no_rows
 from normfuse.backends._numba_bits import (
     acc_scalar,
     address_as_pointer,
@@ -681,12 +681,15 @@ def norm_bwd(
     residual_dtype: torch.dtype | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    dweight_dtype: torch.dtype | None = None,
+    dbias_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Fused backward: (dx, dresidual, dweight, dbias); gradients not asked for are None.
 
     dy: (M, N) gradient of the output (its dtype). h: (M, N) row-major, the normalized input
     (x itself, or the residual output when ``add``). mean, rstd: what ``norm_fwd`` returned.
-    dweight and dbias (N,) come in the accumulation dtype.
+    dweight and dbias (N,) are summed in the accumulation dtype and come in it, or rounded once
+    to ``dweight_dtype`` / ``dbias_dtype`` where given (the parameters' dtypes).
 
     With ``add``: ``dh = (norm's gradient) + dresidual_out`` (None: nothing arrived there);
     dresidual = dh in ``residual_dtype``, dx = dropout(dh) with the forward's mask (same
@@ -696,7 +699,8 @@ def norm_bwd(
     acc = acc_dtype(h.dtype)
     dx, dres = bwd_buffers(h, add, need_dx, need_dresidual, x_dtype, residual_dtype)
     if n_rows == 0 or n == 0:
-        return dx, dres, *sums_over_no_rows(n, acc, h.device, need_dweight, need_dbias)
+        dweight, dbias = sums_over_no_rows(n, acc, h.device, need_dweight, need_dbias)
+        return dx, dres, rounded(dweight, dweight_dtype), rounded(dbias, dbias_dtype)
     w = _param(weight, n, 1.0, acc)
     chunk = rows_per_chunk(n_rows)
     n_chunks = -(-n_rows // chunk)
@@ -716,7 +720,8 @@ def norm_bwd(
         _KIND[dy.dtype], _KIND[h.dtype], _KIND[w.dtype], _KIND[acc],
         _kind(dh_out), _kind(dx), _kind(dres), _PARALLEL_MIN_ELEMENTS,
     )  # fmt: skip
-    return dx, dres, _total(dw_part, n_chunks, n, acc), _total(db_part, n_chunks, n, acc)
+    dweight = rounded(_total(dw_part, n_chunks, n, acc), dweight_dtype)
+    return dx, dres, dweight, rounded(_total(db_part, n_chunks, n, acc), dbias_dtype)
 
 
 def _total(part: torch.Tensor | None, n_chunks: int, n: int, acc: torch.dtype) -> torch.Tensor | None:

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
 from normfuse import _dropout
 from normfuse._dtypes import acc_dtype
-from normfuse.backends._buffers import bwd_buffers, fwd_buffers, sums_over_no_rows
+from normfuse.backends._buffers import bwd_buffers, fwd_buffers, rounded, sums_over_no_rows
 
 try:
     import triton
@@ -49,7 +50,16 @@ MAX_FUSED_N_BWD = 8192
 TUNING = {
     "loop_block_n": 4096,  # forward: chunk of a wide row per loop step
     "loop_warps": 8,
-    "bwd_loop_block_n": 8192,  # backward, rows wider than MAX_FUSED_N_BWD
+    # backward, rows wider than MAX_FUSED_N_BWD: "split" (_bwd_row_sums, then _bwd_cols over a
+    # 2-D grid of column blocks and row groups) or "looped" (_bwd_looped, one program per row range)
+    "bwd_wide": "split",
+    "sums_block_n": 4096,
+    "sums_warps": 8,
+    "split_block_m": 8,
+    "split_block_n": 512,
+    "split_warps": 8,
+    "split_programs_per_sm": 4,
+    "bwd_loop_block_n": 8192,
     "bwd_loop_warps": 16,
     "bwd_programs_per_sm": None,
     "bwd_warps": None,
@@ -358,19 +368,110 @@ if triton is not None:
                     tl.store(p, tl.load(p, mask=ok, other=0.0) + dy, mask=ok)
 
     @triton.jit
+    def _bwd_row_sums(
+        DY, X, W, MEAN, RSTD, ROWSTAT, n, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, RMS: tl.constexpr,
+        ACC: tl.constexpr,
+    ):  # fmt: skip
+        """Wide rows, split backward, first pass: one program per row walks it once and stores
+        the row's three coefficients of dx (ROWSTAT[row] = cm, mean(xhat*g), mean(g))."""
+        row = tl.program_id(0)
+        base = tl.cast(row, tl.int64) * n
+        cols = tl.arange(0, BLOCK_N)
+        m = tl.load(MEAN + row).to(ACC)
+        r = tl.load(RSTD + row).to(ACC)
+        acc_d = tl.zeros((BLOCK_N,), dtype=ACC)
+        acc_dg = tl.zeros((BLOCK_N,), dtype=ACC)
+        acc_g = tl.zeros((BLOCK_N,), dtype=ACC)
+        for start in range(0, n, BLOCK_N):
+            ok = start + cols < n
+            x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
+            dy = tl.load(DY + base + start + cols, mask=ok, other=0.0).to(ACC)
+            if HAS_W:
+                g = tl.where(ok, dy * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC), 0.0)
+            else:
+                g = dy
+            d = tl.where(ok, x - m, 0.0)
+            acc_d += d
+            acc_dg += d * g
+            acc_g += g
+        sd, sdg, sg = tl.reduce((acc_d, acc_dg, acc_g), 0, _add3)
+        if RMS:
+            cm = tl.zeros((), dtype=ACC)
+            mean_g = tl.zeros((), dtype=ACC)
+        else:
+            cm = sd / n
+            mean_g = sg / n
+        tl.store(ROWSTAT + row * 3, cm)
+        tl.store(ROWSTAT + row * 3 + 1, r * (sdg - cm * sg) / n)
+        tl.store(ROWSTAT + row * 3 + 2, mean_g)
+
+    @triton.jit
+    def _bwd_cols(
+        DY, X, W, MEAN, RSTD, ROWSTAT, DH_OUT, DRES, DX, PART, n_rows, n, rows_per_prog, width, db_offset,
+        seed_lo, seed_hi, threshold, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr,
+        NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, HAS_DH_OUT: tl.constexpr,
+        NEED_DRES: tl.constexpr, DROPOUT: tl.constexpr, ACC: tl.constexpr,
+    ):  # fmt: skip
+        """Wide rows, split backward, second pass: program (j, k) takes columns
+        [j * BLOCK_N, ...) of rows [k * rows_per_prog, ...) in tiles of BLOCK_M rows: dx (and
+        dres) from the row coefficients, and its own partial [dw | db] columns in PART row k,
+        held in registers: a wide row's partial sums never round-trip through memory."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < n
+        if HAS_W:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)
+        else:
+            w = tl.where(col_ok, 1.0, 0.0).to(ACC)
+        dw = tl.zeros((BLOCK_N,), dtype=ACC)
+        db = tl.zeros((BLOCK_N,), dtype=ACC)
+        part = tl.program_id(1)
+        row_start = part * rows_per_prog
+        row_end = tl.minimum(row_start + rows_per_prog, n_rows)
+        for tile in range(row_start, row_end, BLOCK_M):
+            rows = tile + tl.arange(0, BLOCK_M)
+            row_ok = rows < row_end
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = rows[:, None].to(tl.int64) * n + cols[None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+            m = tl.load(MEAN + rows, mask=row_ok, other=0.0).to(ACC)
+            r = tl.load(RSTD + rows, mask=row_ok, other=0.0).to(ACC)
+            cm = tl.load(ROWSTAT + rows * 3, mask=row_ok, other=0.0)
+            mean_xhat_g = tl.load(ROWSTAT + rows * 3 + 1, mask=row_ok, other=0.0)
+            mean_g = tl.load(ROWSTAT + rows * 3 + 2, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, ((x - m[:, None]) - cm[:, None]) * r[:, None], 0.0)
+            if NEED_DX or NEED_DRES:
+                # a select, not a bare product: see _bwd_rows
+                g = tl.where(mask, dy * w[None, :], 0.0)
+                dh = r[:, None] * (g - xhat * mean_xhat_g[:, None] - mean_g[:, None])
+                row_key = _row_keys(rows, seed_lo, seed_hi)[:, None] if DROPOUT else 0
+                _store_input_grads(dh, DH_OUT, DRES, DX, offs, mask, row_key, cols[None, :], threshold, scale,
+                                   HAS_DH_OUT, NEED_DRES, NEED_DX, DROPOUT, ACC)  # fmt: skip
+            if NEED_DW:
+                dw += tl.sum(dy * xhat, axis=0)
+            if NEED_DB:
+                db += tl.sum(dy, axis=0)
+        if NEED_DW:
+            tl.store(PART + part * width + cols, dw, mask=col_ok)
+        if NEED_DB:
+            tl.store(PART + part * width + db_offset + cols, db, mask=col_ok)
+
+    @triton.jit
     def _sum_partials(PART, OUT_W, OUT_B, n_parts, width, db_offset, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Column j of sum over k of PART[k, :], BLOCK_P parts at a time in a fixed order; columns
-        before ``db_offset`` go to OUT_W, the others to OUT_B (two tensors, no copy)."""
+        """Column j of sum over k of PART[k, :], BLOCK_P parts at a time in a fixed order, in PART's
+        (accumulation) dtype; columns before ``db_offset`` go to OUT_W, the others to OUT_B (two
+        tensors, no copy), each rounded once to its own dtype by the store."""
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < width
-        acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=OUT_W.dtype.element_ty)
+        acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=PART.dtype.element_ty)
         for p0 in range(0, n_parts, BLOCK_P):
             parts = p0 + tl.arange(0, BLOCK_P)
             mask = (parts < n_parts)[:, None] & col_ok[None, :]
             acc += tl.load(PART + parts[:, None].to(tl.int64) * width + cols[None, :], mask=mask, other=0.0)
         total = tl.sum(acc, axis=0)
-        tl.store(OUT_W + cols, total, mask=cols < db_offset)
-        tl.store(OUT_B + cols - db_offset, total, mask=col_ok & (cols >= db_offset))
+        tl.store(OUT_W + cols, total.to(OUT_W.dtype.element_ty), mask=cols < db_offset)
+        tl.store(OUT_B + cols - db_offset, total.to(OUT_B.dtype.element_ty), mask=col_ok & (cols >= db_offset))
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -406,15 +507,17 @@ def _bwd_config(n: int) -> tuple[int, int, int, int]:
 
 
 def clear_config_caches() -> None:
-    """Forget cached launch settings (after changing TUNING)."""
-    for cached in (_fwd_config, _bwd_config):
+    """Forget cached launch settings (after changing TUNING or the MAX_FUSED_* limits)."""
+    for cached in (_fwd_config, _bwd_config, _fwd_plan, _bwd_plan):
         cached.cache_clear()
 
 
 @functools.lru_cache(maxsize=8)
-def _multiprocessors(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+def _multiprocessors(device_index: int) -> int:
+    """SMs of CUDA device ``device_index`` (``Tensor.get_device()``: an int, cheaper to get than
+    a ``torch.device``); -1 is a CPU tensor under the interpreter."""
+    if device_index >= 0:
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
     return 2  # interpreter: any fixed number
 
 
@@ -431,31 +534,52 @@ def _drop_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
     return lo, hi, _dropout.threshold(dropout_p), _dropout.scale(dropout_p)
 
 
+# Launch plans: everything about a launch that follows from the sizes and flags, worked out once
+# per distinct call. On a GPU the host's time per call is what small and mid-sized tensors wait
+# for (benchmarks/host_overhead.py), and rebuilding these dicts cost several microseconds a call.
+@functools.lru_cache(maxsize=1024)
+def _fwd_plan(n, has_w, has_b, rms, store_stats, add, has_res, dropout, store_mask, xhat_dtype, acc_dtype_):
+    """(kernel, rows per program, constexpr arguments, num_warps) of a forward over rows of n."""
+    consts = dict(
+        HAS_W=has_w, HAS_B=has_b, RMS=rms, STORE_STATS=store_stats, ADD=add, HAS_RES=has_res, DROPOUT=dropout,
+        STORE_MASK=store_mask, XHAT=_TL_DTYPES[xhat_dtype] if xhat_dtype is not None else None,
+        ACC=_tl_acc(acc_dtype_),
+    )  # fmt: skip
+    if n <= MAX_FUSED_N:
+        block_m, block_n, num_warps = _fwd_config(n)
+        return _fwd_rows, block_m, dict(consts, BLOCK_M=block_m, BLOCK_N=block_n), num_warps
+    return _fwd_looped, 1, dict(consts, BLOCK_N=TUNING["loop_block_n"]), TUNING["loop_warps"]
+
+
 def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None):
     """``add`` is None (plain norm of x) or (residual or None, h, mask or None, dropout_p, seed)."""
     store_stats = mean is not None
-    residual, h, mask, dropout_p, seed = add if add is not None else (None, None, None, 0.0, 0)
-    dropout = add is not None and dropout_p > 0.0
-    common = dict(
-        HAS_W=weight is not None, HAS_B=bias is not None, RMS=bool(rms), STORE_STATS=store_stats,
-        ADD=add is not None, HAS_RES=residual is not None, DROPOUT=dropout, STORE_MASK=dropout and mask is not None,
-        XHAT=_TL_DTYPES[xhat_dtype] if xhat_dtype is not None else None, ACC=_tl_acc(h.dtype if h is not None else x.dtype),
-    )  # fmt: skip
-    ptrs = (
-        x, residual if residual is not None else x, h if h is not None else x,
-        mask.view(torch.int8) if common["STORE_MASK"] else x,
-        weight if weight is not None else x, bias if bias is not None else x, out,
-        mean if store_stats else x, rstd if store_stats else x,
-    )  # fmt: skip
-    drop = _drop_args(dropout_p if dropout else 0.0, seed)
-    if n <= MAX_FUSED_N:
-        block_m, block_n, num_warps = _fwd_config(n)
-        grid = (triton.cdiv(n_rows, block_m),)
-        _fwd_rows[grid](*ptrs, n_rows, n, eps, *drop, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **common)
+    if add is None:
+        kernel, block_m, consts, num_warps = _fwd_plan(
+            n, weight is not None, bias is not None, bool(rms), store_stats, False, False, False, False, xhat_dtype,
+            x.dtype,
+        )  # fmt: skip
+        ptrs = (x, x, x, x, weight if weight is not None else x, bias if bias is not None else x, out,
+                mean if store_stats else x, rstd if store_stats else x)  # fmt: skip
+        drop = (0, 0, 0, 0.0)
     else:
-        _fwd_looped[(n_rows,)](
-            *ptrs, n, eps, *drop, BLOCK_N=TUNING["loop_block_n"], num_warps=TUNING["loop_warps"], **common
-        )
+        residual, h, mask, dropout_p, seed = add
+        dropout = dropout_p > 0.0
+        store_mask = dropout and mask is not None
+        kernel, block_m, consts, num_warps = _fwd_plan(
+            n, weight is not None, bias is not None, bool(rms), store_stats, True, residual is not None, dropout,
+            store_mask, xhat_dtype, h.dtype,
+        )  # fmt: skip
+        ptrs = (
+            x, residual if residual is not None else x, h, mask.view(torch.int8) if store_mask else x,
+            weight if weight is not None else x, bias if bias is not None else x, out,
+            mean if store_stats else x, rstd if store_stats else x,
+        )  # fmt: skip
+        drop = _drop_args(dropout_p if dropout else 0.0, seed)
+    if kernel is _fwd_rows:
+        kernel[(triton.cdiv(n_rows, block_m),)](*ptrs, n_rows, n, eps, *drop, num_warps=num_warps, **consts)
+    else:
+        kernel[(n_rows,)](*ptrs, n, eps, *drop, num_warps=num_warps, **consts)
 
 
 def _params(weight, bias):
@@ -514,6 +638,55 @@ def norm_fwd_inference(
     return out
 
 
+class _BwdPlan(NamedTuple):
+    kernel: object  # _bwd_rows, _bwd_looped or _bwd_cols (after _bwd_row_sums)
+    grid: tuple[int, ...]
+    consts: dict  # the kernel's constexpr arguments
+    num_warps: int
+    n_parts: int  # partial [dw | db] rows for _sum_partials
+    rows_per_prog: int
+    width: int  # of a partial row
+    db_offset: int
+    sum_grid: tuple[int]
+    sum_block: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _bwd_plan(n_rows, n, n_sm, has_w, rms, need_dx, need_dweight, need_dbias, has_dh_out, need_dres, dropout, acc):
+    """How a backward over n_rows rows of n runs: which kernel, its grid and settings."""
+    flags = dict(
+        HAS_W=has_w, NEED_DX=need_dx, NEED_DW=need_dweight, NEED_DB=need_dbias, HAS_DH_OUT=has_dh_out,
+        NEED_DRES=need_dres, DROPOUT=dropout, ACC=_tl_acc(acc),
+    )  # fmt: skip
+    split = n > MAX_FUSED_N_BWD and TUNING["bwd_wide"] == "split"
+    if split:
+        # a 2-D grid: column blocks times row groups, about programs_per_sm programs per SM
+        block_n, num_warps = TUNING["split_block_n"], TUNING["split_warps"]
+        col_blocks = triton.cdiv(n, block_n)
+        n_parts = min(n_rows, max(1, triton.cdiv(TUNING["split_programs_per_sm"] * n_sm, col_blocks)))
+        consts = dict(flags, BLOCK_M=TUNING["split_block_m"], BLOCK_N=block_n)
+        kernel = _bwd_cols
+    else:
+        if n <= MAX_FUSED_N_BWD:
+            block_m, block_n, num_warps, per_sm = _bwd_config(n)
+            consts = dict(flags, RMS=rms, BLOCK_M=block_m, BLOCK_N=block_n)
+            kernel = _bwd_rows
+        else:
+            per_sm, num_warps = TUNING["bwd_programs_per_sm"] or 1, TUNING["bwd_loop_warps"]
+            consts = dict(flags, RMS=rms, BLOCK_N=TUNING["bwd_loop_block_n"])
+            kernel = _bwd_looped
+        n_parts = min(n_rows, per_sm * n_sm)
+    rows_per_prog = triton.cdiv(n_rows, n_parts)
+    n_parts = triton.cdiv(n_rows, rows_per_prog)
+    width = n * (int(need_dweight) + int(need_dbias))
+    # narrow blocks give narrow rows enough programs; wide rows need fewer, wider ones
+    sum_block = 64 if width <= 65536 else 1024
+    return _BwdPlan(
+        kernel, (col_blocks, n_parts) if split else (n_parts,), consts, num_warps, n_parts, rows_per_prog, width,
+        n if need_dweight else 0, (triton.cdiv(width, sum_block),), sum_block,
+    )  # fmt: skip
+
+
 def norm_bwd(
     dy: torch.Tensor,
     h: torch.Tensor,
@@ -532,49 +705,46 @@ def norm_bwd(
     residual_dtype: torch.dtype | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    dweight_dtype: torch.dtype | None = None,
+    dbias_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The contract of ``normfuse.backends.cpu.norm_bwd``: (dx, dresidual, dweight, dbias)."""
     n_rows, n = h.shape
     acc = acc_dtype(h.dtype)
     dx, dres = bwd_buffers(h, add, need_dx, need_dresidual, x_dtype, residual_dtype)
     if n_rows == 0 or n == 0:
-        return dx, dres, *sums_over_no_rows(n, acc, h.device, need_dweight, need_dbias)
+        dweight, dbias = sums_over_no_rows(n, acc, h.device, need_dweight, need_dbias)
+        return dx, dres, rounded(dweight, dweight_dtype), rounded(dbias, dbias_dtype)
     weight, _ = _params(weight, None)
     dh_out = dresidual_out if add else None
     if dh_out is not None and not dh_out.is_contiguous():
         dh_out = dh_out.contiguous()
-    fused = n <= MAX_FUSED_N_BWD
-    block_m, block_n, num_warps, per_sm = _bwd_config(n) if fused else (1, 0, 0, 1)
-    n_progs = min(n_rows, (per_sm if fused else TUNING["bwd_programs_per_sm"] or 1) * _multiprocessors(h.device))
-    rows_per_prog = triton.cdiv(n_rows, n_progs)
-    n_progs = triton.cdiv(n_rows, rows_per_prog)
-    width = n * (int(need_dweight) + int(need_dbias))
-    part = torch.empty((n_progs, max(width, 1)), dtype=acc, device=h.device)
     dropout = add and dropout_p > 0.0
-    flags = dict(
-        HAS_W=weight is not None, RMS=bool(rms), NEED_DX=bool(need_dx), NEED_DW=bool(need_dweight),
-        NEED_DB=bool(need_dbias), HAS_DH_OUT=dh_out is not None, NEED_DRES=dres is not None, DROPOUT=dropout,
-        ACC=_tl_acc(h.dtype),
+    plan = _bwd_plan(
+        n_rows, n, _multiprocessors(h.get_device()), weight is not None, bool(rms), bool(need_dx),
+        bool(need_dweight), bool(need_dbias), dh_out is not None, dres is not None, dropout, acc,
     )  # fmt: skip
-    db_offset = n if need_dweight else 0
-    args = (
-        dy, h, weight if weight is not None else h, mean, rstd, dh_out if dh_out is not None else h,
-        dres if dres is not None else h, dx if need_dx else h, part,
-        n_rows, n, rows_per_prog, width, db_offset, *_drop_args(dropout_p if dropout else 0.0, seed),
+    part = torch.empty((plan.n_parts, max(plan.width, 1)), dtype=acc, device=h.device)
+    w = weight if weight is not None else h
+    extra = ()
+    if plan.kernel is _bwd_cols:
+        rowstat = torch.empty((n_rows, 3), dtype=acc, device=h.device)
+        _bwd_row_sums[(n_rows,)](
+            dy, h, w, mean, rstd, rowstat, n, BLOCK_N=TUNING["sums_block_n"], HAS_W=weight is not None,
+            RMS=bool(rms), ACC=_tl_acc(acc), num_warps=TUNING["sums_warps"],
+        )  # fmt: skip
+        extra = (rowstat,)
+    plan.kernel[plan.grid](
+        dy, h, w, mean, rstd, *extra, dh_out if dh_out is not None else h, dres if dres is not None else h,
+        dx if need_dx else h, part, n_rows, n, plan.rows_per_prog, plan.width, plan.db_offset,
+        *_drop_args(dropout_p if dropout else 0.0, seed), num_warps=plan.num_warps, **plan.consts,
     )  # fmt: skip
-    if fused:
-        _bwd_rows[(n_progs,)](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
-    else:
-        _bwd_looped[(n_progs,)](
-            *args, BLOCK_N=TUNING["bwd_loop_block_n"], num_warps=TUNING["bwd_loop_warps"], **flags
-        )
-    dweight = torch.empty(n, dtype=acc, device=h.device) if need_dweight else None
-    dbias = torch.empty(n, dtype=acc, device=h.device) if need_dbias else None
-    if width:
-        # narrow blocks give narrow rows enough programs; wide rows need fewer, wider ones
-        block = 64 if width <= 65536 else 1024
-        _sum_partials[(triton.cdiv(width, block),)](
+    # _sum_partials adds in the accumulation dtype and rounds once, on the store
+    dweight = torch.empty(n, dtype=dweight_dtype or acc, device=h.device) if need_dweight else None
+    dbias = torch.empty(n, dtype=dbias_dtype or acc, device=h.device) if need_dbias else None
+    if plan.width:
+        _sum_partials[plan.sum_grid](
             part, dweight if need_dweight else dbias, dbias if need_dbias else dweight,
-            n_progs, width, db_offset, BLOCK_P=32, BLOCK_N=block, num_warps=4,
+            plan.n_parts, plan.width, plan.db_offset, BLOCK_P=32, BLOCK_N=plan.sum_block, num_warps=4,
         )  # fmt: skip
     return dx, dres, dweight, dbias
