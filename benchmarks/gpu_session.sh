@@ -6,12 +6,13 @@
 # Stages (default: all, in this order): overhead (benchmarks/host_overhead.py, host time per call
 # layer by layer, with a profile), tests (the Triton kernels' tests and every test parametrized by
 # device, on cuda), ln (bench_gpu.py for LayerNorm, --quick unless FULL=1), ops (bench_gpu.py
-# --quick for each op in OPS), sweep (benchmarks/sweep_triton.py). Each stage has its own timeout
+# --quick for each op in OPS), wide (sweep_triton.py --wide: the wide-row backward, looped vs
+# split), sweep (benchmarks/sweep_triton.py). Each stage has its own timeout
 # so that one slow stage leaves the others their time; MIB picks the activation sizes.
 # Liger-Kernel travels as a wheel in .whl/ (see /work/.library/device/README.md).
 set -u
 OUT=${OUT:-/tmp/normfuse-gpu}
-STAGES=${STAGES:-overhead tests ln ops sweep}
+STAGES=${STAGES:-overhead tests wide ln ops sweep}
 MIB=${MIB:-32 256}
 OPS=${OPS:-rms_norm add_rms_norm add_layer_norm}
 mkdir -p "$OUT"
@@ -33,6 +34,10 @@ if has tests; then
   xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
   timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider $xdist tests -k "cuda or test_triton" 2>&1 \
     | tee "$OUT/pytest.log" | tail -15
+fi
+if has wide; then
+  timeout "${WIDE_TIMEOUT:-120}" python3 benchmarks/sweep_triton.py --wide > "$OUT/wide.log" 2>&1
+  grep -E "looped" "$OUT/wide.log"
 fi
 if has ln; then
   timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_gpu.py $quick --mib $MIB 2>&1 | tee "$OUT/bench.log" | grep -v Warning

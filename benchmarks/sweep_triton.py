@@ -1,9 +1,11 @@
 """Launch-setting sweep for the Triton kernels, side by side on one GPU (256 MiB activations).
 
-    python benchmarks/sweep_triton.py
+    python benchmarks/sweep_triton.py [--wide]
 
 Backward (the fused kernel and the looped one for wide rows) over warps per program and
-programs per SM; the looped forward over chunk size and warps. Prints GB/s (fewest bytes:
+programs per SM; the looped forward over chunk size and warps. ``--wide``: only rows wider than
+``MAX_FUSED_N_BWD``, the looped backward (current settings) against the split one (row sums,
+then a grid of column blocks and row groups) over its block shape, warps and programs per SM. Prints GB/s (fewest bytes:
 backward reads x and dy and writes dx; forward reads x and writes y) and the fraction of a
 device-to-device copy measured in the same run. The winners go into ``TUNING`` in
 ``normfuse/backends/triton.py``.
@@ -11,6 +13,7 @@ device-to-device copy measured in the same run. The winners go into ``TUNING`` i
 
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import torch
@@ -33,9 +36,41 @@ def _set(**settings) -> None:
     tb.clear_config_caches()
 
 
+def wide_backward(default: dict) -> None:
+    """Rows wider than MAX_FUSED_N_BWD: looped vs split backward, side by side."""
+    for dtype in (torch.bfloat16, torch.float32):
+        es = torch.finfo(dtype).bits // 8
+        for n in (16384, 32768, 65536):
+            x, w, dy = _tensors(n, dtype)
+            buf = torch.empty_like(x)
+            copy_gbs = 2 * x.numel() * es / do_bench(lambda: buf.copy_(x), return_mode="median") / 1e6
+            _, _, mean, rstd, _ = tb.norm_fwd(x, w, w, 1e-5, False)
+            settings = [dict(bwd_wide="looped")] + [
+                dict(bwd_wide="split", split_block_n=bn, split_block_m=bm, split_warps=wp, split_programs_per_sm=ps)
+                for bn, bm, wp, ps in itertools.product((256, 512, 1024), (4, 8), (4, 8), (2, 4, 8))
+                if bn * bm <= 8192
+            ]  # fmt: skip
+            for setting in settings:
+                _set(**setting)
+                ms = do_bench(lambda: tb.norm_bwd(dy, x, w, mean, rstd, False, True, True, True), return_mode="median")
+                gbs = 3 * x.numel() * es / ms / 1e6
+                label = " ".join(f"{k.removeprefix('split_')}={v}" for k, v in setting.items())
+                print(f"wide bwd {str(dtype)[6:]:>8} n={n:>6} {label:<60} | {gbs:6.0f} GB/s {gbs / copy_gbs:6.1%} of copy",
+                      flush=True)  # fmt: skip
+            _set(**default)
+            del x, w, dy, buf, mean, rstd
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--wide", action="store_true", help="only the wide-row backward: looped vs split")
+    args = parser.parse_args()
     default = dict(tb.TUNING)
     print(f"device {torch.cuda.get_device_name()}, defaults {default}")
+    if args.wide:
+        wide_backward(default)
+        return
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.finfo(dtype).bits // 8
         for n in (1024, 4096, 8192, 16384, 65536):
