@@ -13,10 +13,15 @@ Kernels, one per pass (after Triton's layer-norm tutorial):
 - ``_fwd_looped``: rows wider than ``MAX_FUSED_N``: one program per row walks the row in
   ``BLOCK_N`` chunks twice: statistics (per-chunk exact moments merged with Chan's formula),
   then the output.
-- ``_bwd_rows`` / ``_bwd_looped``: each program takes a contiguous range of rows, writes dx and
-  accumulates its own partial dweight/dbias row in fp32 (registers, or its own slot of the
-  partial buffer for wide rows); ``_sum_partials`` then adds the partial rows in a fixed order.
-  No atomics: the same inputs give the same bits on every run.
+- ``_bwd_rows``: rows of up to ``MAX_FUSED_N_BWD`` features: each program takes a contiguous
+  range of rows, writes dx and accumulates its own partial dweight/dbias row in fp32 registers.
+- Wider rows, split (the default): ``_bwd_row_sums`` walks each row once for its three
+  coefficients of dx, then ``_bwd_cols`` runs a 2-D grid of column blocks and row groups, each
+  program writing dx for its tile and keeping its partial dweight/dbias columns in registers.
+  ``_bwd_looped`` (one program per range of rows, its partial row kept in memory) stays as the
+  alternative that ``TUNING["bwd_wide"]`` selects; the split one is 1.4-2.9x faster on an H200.
+- ``_sum_partials`` adds the partial rows in a fixed order and rounds once to the parameters'
+  dtype. No atomics: the same inputs give the same bits on every run.
 """
 
 from __future__ import annotations
