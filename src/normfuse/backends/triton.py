@@ -19,7 +19,7 @@ Kernels, one per pass (after Triton's layer-norm tutorial):
   coefficients of dx, then ``_bwd_cols`` runs a 2-D grid of column blocks and row groups, each
   program writing dx for its tile and keeping its partial dweight/dbias columns in registers.
   ``_bwd_looped`` (one program per range of rows, its partial row kept in memory) stays as the
-  alternative that ``TUNING["bwd_wide"]`` selects; the split one is 1.4-2.9x faster on an H200.
+  alternative that ``TUNING["bwd_wide"]`` selects; the split one is 1.3-2.9x faster on an H200.
 - ``_sum_partials`` adds the partial rows in a fixed order and rounds once to the parameters'
   dtype. No atomics: the same inputs give the same bits on every run.
 """
