@@ -7,12 +7,12 @@
 # layer by layer, with a profile), tests (the Triton kernels' tests and every test parametrized by
 # device, on cuda), ln (bench_gpu.py for LayerNorm, --quick unless FULL=1), ops (bench_gpu.py
 # --quick for each op in OPS), wide (sweep_triton.py --wide: the wide-row backward, looped vs
-# split), sweep (benchmarks/sweep_triton.py). Each stage has its own timeout
+# split), narrow (sweep_triton.py --narrow: tile size for narrow rows), sweep (sweep_triton.py). Each stage has its own timeout
 # so that one slow stage leaves the others their time; MIB picks the activation sizes.
 # Liger-Kernel travels as a wheel in .whl/ (see /work/.library/device/README.md).
 set -u
 OUT=${OUT:-/tmp/normfuse-gpu}
-STAGES=${STAGES:-overhead tests wide ln ops sweep}
+STAGES=${STAGES:-overhead tests wide narrow ln ops sweep}
 MIB=${MIB:-32 256}
 OPS=${OPS:-rms_norm add_rms_norm add_layer_norm}
 mkdir -p "$OUT"
@@ -38,6 +38,9 @@ fi
 if has wide; then
   timeout "${WIDE_TIMEOUT:-120}" python3 benchmarks/sweep_triton.py --wide > "$OUT/wide.log" 2>&1
   grep -E "looped" "$OUT/wide.log"
+fi
+if has narrow; then
+  timeout "${NARROW_TIMEOUT:-120}" python3 benchmarks/sweep_triton.py --narrow 2>&1 | tee "$OUT/narrow.log" | grep narrow
 fi
 if has ln; then
   timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_gpu.py $quick --mib $MIB 2>&1 | tee "$OUT/bench.log" | grep -v Warning

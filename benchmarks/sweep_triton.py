@@ -5,7 +5,9 @@
 Backward (the fused kernel and the looped one for wide rows) over warps per program and
 programs per SM; the looped forward over chunk size and warps. ``--wide``: only rows wider than
 ``MAX_FUSED_N_BWD``, the looped backward (current settings) against the split one (row sums,
-then a grid of column blocks and row groups) over its block shape, warps and programs per SM. Prints GB/s (fewest bytes:
+then a grid of column blocks and row groups) over its block shape, warps and programs per SM.
+``--narrow``: rows of 256-2048 features, forward and backward over the tile (rows per program
+step, in elements) and warps: whether bf16, whose tile holds half the bytes, wants a bigger one. Prints GB/s (fewest bytes:
 backward reads x and dy and writes dx; forward reads x and writes y) and the fraction of a
 device-to-device copy measured in the same run. The winners go into ``TUNING`` in
 ``normfuse/backends/triton.py``.
@@ -62,14 +64,39 @@ def wide_backward(default: dict) -> None:
             torch.cuda.empty_cache()
 
 
+def narrow_rows(default: dict) -> None:
+    """Narrow rows: rows per program step (the tile, in elements) and warps, forward and backward."""
+    for dtype in (torch.bfloat16, torch.float32):
+        es = torch.finfo(dtype).bits // 8
+        for n in (256, 512, 1024, 2048):
+            x, w, dy = _tensors(n, dtype)
+            buf = torch.empty_like(x)
+            copy_gbs = 2 * x.numel() * es / do_bench(lambda: buf.copy_(x), return_mode="median") / 1e6
+            _, _, mean, rstd, _ = tb.norm_fwd(x, w, w, 1e-5, False)
+            for tile, warps in itertools.product((2048, 4096, 8192), (4, 8)):
+                _set(fwd_tile=tile, bwd_tile=tile, fwd_warps=warps, bwd_warps=warps)
+                fwd_ms = do_bench(lambda: tb.norm_fwd_inference(x, x.shape[0], n, w, w, 1e-5, False), return_mode="median")
+                bwd_ms = do_bench(lambda: tb.norm_bwd(dy, x, w, mean, rstd, False, True, True, True), return_mode="median")
+                fwd, bwd = 2 * x.numel() * es / fwd_ms / 1e6, 3 * x.numel() * es / bwd_ms / 1e6
+                print(f"narrow {str(dtype)[6:]:>8} n={n:>5} tile={tile:>5} warps={warps} | fwd {fwd / copy_gbs:6.1%} "
+                      f"bwd {bwd / copy_gbs:6.1%} of copy", flush=True)  # fmt: skip
+            _set(**default)
+            del x, w, dy, buf, mean, rstd
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wide", action="store_true", help="only the wide-row backward: looped vs split")
+    parser.add_argument("--narrow", action="store_true", help="only narrow rows: tile size and warps")
     args = parser.parse_args()
     default = dict(tb.TUNING)
     print(f"device {torch.cuda.get_device_name()}, defaults {default}")
     if args.wide:
         wide_backward(default)
+    if args.narrow:
+        narrow_rows(default)
+    if args.wide or args.narrow:
         return
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.finfo(dtype).bits // 8

@@ -71,6 +71,10 @@ TUNING = {
     "bwd_programs_per_sm": None,
     "bwd_warps": None,
     "fwd_warps": None,
+    # elements per program step for narrow rows (several rows a tile); a bf16 tile of 2048 holds
+    # half the bytes of an fp32 one, which may be too few in flight (sweep_triton.py --narrow)
+    "fwd_tile": 2048,
+    "bwd_tile": 2048,
 }
 
 
@@ -492,7 +496,7 @@ def _fwd_config(n: int) -> tuple[int, int, int]:
     block_n = triton.next_power_of_2(n)
     # about 4 to 16 elements per thread; several rows per program for narrow rows
     num_warps = TUNING["fwd_warps"] or max(1, min(16, block_n // 512))
-    block_m = max(1, min(16, 2048 // block_n))
+    block_m = max(1, min(16, TUNING["fwd_tile"] // block_n))
     return block_m, block_n, num_warps
 
 
@@ -508,7 +512,7 @@ def _bwd_config(n: int) -> tuple[int, int, int, int]:
     num_warps = 4 if block_n <= 2048 else 8 if block_n <= 4096 else 16
     per_sm = 4 if block_n <= 2048 else 2 if block_n <= 4096 else 1
     return (
-        max(1, min(16, 2048 // block_n)), block_n,
+        max(1, min(16, TUNING["bwd_tile"] // block_n)), block_n,
         TUNING["bwd_warps"] or num_warps, TUNING["bwd_programs_per_sm"] or per_sm,
     )  # fmt: skip
 
