@@ -56,6 +56,22 @@ def test_backward_flags_skip_work_and_agree():
                 assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("backend", [cpu, reference], ids=["cpu", "reference"])
+@pytest.mark.parametrize("rows", [0, 3, 3000])
+def test_parameter_gradients_rounded_once_to_the_asked_dtypes(backend, rows):
+    """dweight_dtype / dbias_dtype: the fp32 sums rounded once, the same bits as rounding the
+    accumulation-dtype result (one partial chunk, several, and no rows at all)."""
+    x, dy = torch.randn(rows, 96).to(torch.bfloat16), torch.randn(rows, 96).to(torch.bfloat16)
+    w = torch.randn(96).to(torch.bfloat16)
+    _, _, mean, rstd, _ = cpu.norm_fwd(x, w, None, 1e-5, False)
+    _, _, dw, db = backend.norm_bwd(dy, x, w, mean, rstd, False, True, True, True)
+    _, _, dw16, db32 = backend.norm_bwd(dy, x, w, mean, rstd, False, True, True, True,
+                                        dweight_dtype=torch.bfloat16, dbias_dtype=torch.float32)  # fmt: skip
+    assert dw.dtype == db.dtype == torch.float32
+    assert dw16.dtype == torch.bfloat16 and db32.dtype == torch.float32
+    assert torch.equal(dw16, dw.to(torch.bfloat16)) and torch.equal(db32, db)
+
+
 def test_chunking_does_not_depend_on_threads():
     assert cpu.rows_per_chunk(8192) == 64 and cpu.rows_per_chunk(10) == 16
 

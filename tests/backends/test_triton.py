@@ -110,6 +110,25 @@ def test_through_the_front_end_with_autograd():
     assert norm_err(x.grad.cpu(), rdx) < 2e-5 and norm_err(w.grad.cpu(), rdw) < 2e-5
 
 
+def _triton_fp32_to_bf16(t: torch.Tensor) -> torch.Tensor:
+    """Triton's own fp32 -> bf16 conversion: round to nearest even on a GPU (torch's rule); the
+    interpreter truncates (it drops the low 16 bits), so there the expected bits are those."""
+    if DEVICE == "cuda":
+        return t.to(torch.bfloat16)
+    return (t.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def test_parameter_gradients_rounded_once_by_the_partial_sums():
+    """_sum_partials adds in fp32 and rounds on its store: the bits of converting the fp32 sums once."""
+    x, w, _, dy = _inputs(40, 300, torch.bfloat16)
+    _, _, mean, rstd, _ = triton_backend.norm_fwd(x, w, None, 1e-5, False)
+    _, _, dw, db = triton_backend.norm_bwd(dy, x, w, mean, rstd, False, True, True, True)
+    _, _, dw16, db16 = triton_backend.norm_bwd(dy, x, w, mean, rstd, False, True, True, True,
+                                               dweight_dtype=torch.bfloat16, dbias_dtype=torch.bfloat16)  # fmt: skip
+    assert dw.dtype == torch.float32 and dw16.dtype == db16.dtype == torch.bfloat16
+    assert torch.equal(dw16, _triton_fp32_to_bf16(dw)) and torch.equal(db16, _triton_fp32_to_bf16(db))
+
+
 @pytest.fixture
 def big_chunks_in_interpreter():
     """The interpreter's cost is per loop step: walk wide rows in 64K chunks there (the same
