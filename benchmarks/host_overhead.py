@@ -68,12 +68,8 @@ def _fwd_launch_args(x, w, b, out):
     scalars = (rows, n, 1e-5, 0, 0, 0, 0.0)
     consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_W=True, HAS_B=True, RMS=False, STORE_STATS=False,
                   ADD=False, HAS_RES=False, DROPOUT=False, STORE_MASK=False, XHAT=None, ACC=tb._tl_acc(x.dtype))  # fmt: skip
-    grid = (triton_cdiv(rows, block_m),)
+    grid = (tb.triton.cdiv(rows, block_m),)
     return ptrs + scalars, consts, grid, warps
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def main() -> None:

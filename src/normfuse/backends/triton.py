@@ -309,6 +309,36 @@ if triton is not None:
             tl.store(PART + pid * width + db_offset + cols, db, mask=col_ok)
 
     @triton.jit
+    def _dx_coefficients(DY, X, W, base, n, m, r, cols, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr,
+                         RMS: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+        """One sweep over a wide row (from ``base``, in BLOCK_N chunks): the row's coefficients
+        of dx, (cm, mean(xhat * g), mean(g)), where cm corrects the rounding of the saved mean
+        (0 for RMSNorm, as is mean(g))."""
+        acc_d = tl.zeros((BLOCK_N,), dtype=ACC)
+        acc_dg = tl.zeros((BLOCK_N,), dtype=ACC)
+        acc_g = tl.zeros((BLOCK_N,), dtype=ACC)
+        for start in range(0, n, BLOCK_N):
+            ok = start + cols < n
+            x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
+            dy = tl.load(DY + base + start + cols, mask=ok, other=0.0).to(ACC)
+            if HAS_W:
+                g = tl.where(ok, dy * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC), 0.0)
+            else:
+                g = dy
+            d = tl.where(ok, x - m, 0.0)
+            acc_d += d
+            acc_dg += d * g
+            acc_g += g
+        sd, sdg, sg = tl.reduce((acc_d, acc_dg, acc_g), 0, _add3)
+        if RMS:
+            cm = tl.zeros((), dtype=ACC)
+            mean_g = tl.zeros((), dtype=ACC)
+        else:
+            cm = sd / n
+            mean_g = sg / n
+        return cm, r * (sdg - cm * sg) / n, mean_g
+
+    @triton.jit
     def _bwd_looped(
         DY, X, W, MEAN, RSTD, DH_OUT, DRES, DX, PART, n_rows, n, rows_per_prog, width, db_offset,
         seed_lo, seed_hi, threshold, scale,
@@ -333,29 +363,7 @@ if triton is not None:
             base = tl.cast(row, tl.int64) * n
             m = tl.load(MEAN + row).to(ACC)
             r = tl.load(RSTD + row).to(ACC)
-            acc_d = tl.zeros((BLOCK_N,), dtype=ACC)
-            acc_dg = tl.zeros((BLOCK_N,), dtype=ACC)
-            acc_g = tl.zeros((BLOCK_N,), dtype=ACC)
-            for start in range(0, n, BLOCK_N):
-                ok = start + cols < n
-                x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
-                dy = tl.load(DY + base + start + cols, mask=ok, other=0.0).to(ACC)
-                if HAS_W:
-                    g = tl.where(ok, dy * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC), 0.0)
-                else:
-                    g = dy
-                d = tl.where(ok, x - m, 0.0)
-                acc_d += d
-                acc_dg += d * g
-                acc_g += g
-            if RMS:
-                cm = 0.0
-                mean_g = 0.0
-            else:
-                cm = tl.sum(acc_d, axis=0) / n
-                mean_g = tl.sum(acc_g, axis=0) / n
-            sg = tl.sum(acc_g, axis=0)
-            mean_xhat_g = r * (tl.sum(acc_dg, axis=0) - cm * sg) / n
+            cm, mean_xhat_g, mean_g = _dx_coefficients(DY, X, W, base, n, m, r, cols, BLOCK_N, HAS_W, RMS, ACC)
             row_key = _row_keys(row, seed_lo, seed_hi) if DROPOUT else 0
             for start in range(0, n, BLOCK_N):
                 ok = start + cols < n
@@ -390,30 +398,9 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_N)
         m = tl.load(MEAN + row).to(ACC)
         r = tl.load(RSTD + row).to(ACC)
-        acc_d = tl.zeros((BLOCK_N,), dtype=ACC)
-        acc_dg = tl.zeros((BLOCK_N,), dtype=ACC)
-        acc_g = tl.zeros((BLOCK_N,), dtype=ACC)
-        for start in range(0, n, BLOCK_N):
-            ok = start + cols < n
-            x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
-            dy = tl.load(DY + base + start + cols, mask=ok, other=0.0).to(ACC)
-            if HAS_W:
-                g = tl.where(ok, dy * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC), 0.0)
-            else:
-                g = dy
-            d = tl.where(ok, x - m, 0.0)
-            acc_d += d
-            acc_dg += d * g
-            acc_g += g
-        sd, sdg, sg = tl.reduce((acc_d, acc_dg, acc_g), 0, _add3)
-        if RMS:
-            cm = tl.zeros((), dtype=ACC)
-            mean_g = tl.zeros((), dtype=ACC)
-        else:
-            cm = sd / n
-            mean_g = sg / n
+        cm, mean_xhat_g, mean_g = _dx_coefficients(DY, X, W, base, n, m, r, cols, BLOCK_N, HAS_W, RMS, ACC)
         tl.store(ROWSTAT + row * 3, cm)
-        tl.store(ROWSTAT + row * 3 + 1, r * (sdg - cm * sg) / n)
+        tl.store(ROWSTAT + row * 3 + 1, mean_xhat_g)
         tl.store(ROWSTAT + row * 3 + 2, mean_g)
 
     @triton.jit
