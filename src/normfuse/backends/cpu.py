@@ -359,14 +359,111 @@ def _fwd_block(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps,
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _xhat(h, i, j, m, cm, r):
-    return ((load(h, i, j) - m) - cm) * r
+def _bwd_row_stats(dy, h, w, w_finite, mean, rstd, dh_out, rms, i):
+    """Row i's backward statistics: (m, cm, r, mean_xhat_g, mean_g, not_nan).
+
+    With ``g = dy * w``: m and r are the saved mean and rstd, cm = mean(h - m) corrects the
+    fp32-rounded saved mean, mean_g = mean(g), mean_xhat_g = mean(xhat * g). not_nan: the
+    statistics, weights and incoming residual gradient (a row of which is one cheap pass from
+    L1 away) are finite, so no dh of the row can be NaN and the vectorizable store is exact.
+    """
+    n = h.shape[1]
+    inv_n = acc_scalar(h, 1.0 / n)
+    m = mean[i]
+    r = rstd[i]
+    sd = acc_scalar(h, 0.0)
+    sdg = acc_scalar(h, 0.0)
+    sg = acc_scalar(h, 0.0)
+    for j in range(n):
+        d = load(h, i, j) - m
+        g = load(dy, i, j) * w[j]
+        sd += d
+        sdg += d * g
+        sg += g
+    # RMSNorm has no mean: nothing to correct and no mean(g) term.
+    cm = acc_scalar(h, 0.0) if rms else sd * inv_n
+    mean_g = acc_scalar(h, 0.0) if rms else sg * inv_n
+    mean_xhat_g = r * (sdg - cm * sg) * inv_n
+    not_nan = (
+        w_finite and np.isfinite(m) and np.isfinite(r) and np.isfinite(mean_xhat_g + mean_g + cm)
+        and _row_finite(dh_out, i)
+    )  # fmt: skip
+    return m, cm, r, mean_xhat_g, mean_g, not_nan
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g):
-    """The normalization's own gradient with respect to its input h."""
-    return r * (load(dy, i, j) * w[j] - _xhat(h, i, j, m, cm, r) * mean_xhat_g - mean_g)
+def _dh(dy_v, h_v, w_v, m, cm, r, mean_xhat_g, mean_g):
+    """The normalization's own gradient with respect to its input h, and x-hat: (dh, xhat)."""
+    xhat = ((h_v - m) - cm) * r
+    return r * (dy_v * w_v - xhat * mean_xhat_g - mean_g), xhat
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _bwd_row(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, need_d, need_dw, need_db, i, stats):
+    """Row i alone: dx (and dres) from its statistics; dw_acc += dy * xhat, db_acc += dy."""
+    n = h.shape[1]
+    m, cm, r, mean_xhat_g, mean_g, not_nan = stats
+    key = _row_key(drop, i)
+    if need_d and need_dw and need_db:
+        # the training case, for the rows that do not pair (a row with a NaN or Inf, the last
+        # of an odd count): the careful store, which is exact for any value. Every element is
+        # loaded once, before any store (LLVM cannot know that dx aliases nothing, and would
+        # load again after each store).
+        for j in range(n):
+            dy_v = load(dy, i, j)
+            d, xhat = _dh(dy_v, load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)
+            dh = _plus(dh_out, d, i, j)
+            _put(dres, i, j, dh)
+            _put(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
+            dw_acc[j] += dy_v * xhat
+            db_acc[j] += dy_v
+        return
+    # otherwise one loop per gradient asked for, each branch-free so that it vectorizes
+    if need_d:
+        if not_nan:
+            for j in range(n):
+                dh = _plus(dh_out, _dh(load(dy, i, j), load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)[0], i, j)
+                _put_not_nan(dres, i, j, dh)
+                _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
+        else:
+            for j in range(n):
+                dh = _plus(dh_out, _dh(load(dy, i, j), load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)[0], i, j)
+                _put(dres, i, j, dh)
+                _put(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
+    if need_dw:
+        for j in range(n):
+            dw_acc[j] += load(dy, i, j) * (((load(h, i, j) - m) - cm) * r)
+    if need_db:
+        for j in range(n):
+            db_acc[j] += load(dy, i, j)
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _bwd_row_pair(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, stats_a, stats_b):
+    """Rows i and i + 1 of the training case, both not NaN, in one sweep.
+
+    dw_acc and db_acc are read and written once for the two rows: in the one-row loop those
+    accesses are half of the loop's memory operations.
+    """
+    n = h.shape[1]
+    ma, cma, ra, mean_xhat_ga, mean_ga, _ = stats_a
+    mb, cmb, rb, mean_xhat_gb, mean_gb, _ = stats_b
+    key_a = _row_key(drop, i)
+    key_b = _row_key(drop, i + 1)
+    for j in range(n):
+        w_v = w[j]
+        dy_a = load(dy, i, j)
+        dy_b = load(dy, i + 1, j)
+        d_a, xhat_a = _dh(dy_a, load(h, i, j), w_v, ma, cma, ra, mean_xhat_ga, mean_ga)
+        d_b, xhat_b = _dh(dy_b, load(h, i + 1, j), w_v, mb, cmb, rb, mean_xhat_gb, mean_gb)
+        dh_a = _plus(dh_out, d_a, i, j)
+        dh_b = _plus(dh_out, d_b, i + 1, j)
+        _put_not_nan(dres, i, j, dh_a)
+        _put_not_nan(dres, i + 1, j, dh_b)
+        _put_not_nan(dx, i, j, _dropped(drop, dh_a, _kept(drop, key_a, j)))
+        _put_not_nan(dx, i + 1, j, _dropped(drop, dh_b, _kept(drop, key_b, j)))
+        dw_acc[j] += dy_a * xhat_a + dy_b * xhat_b
+        db_acc[j] += dy_a + dy_b
 
 
 # Not inlined into ``_bwd``'s two call sites (compile time); called once per chunk of rows.
@@ -377,70 +474,27 @@ def _bwd_rows(dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_acc, db
     With a residual add, the input's gradient is ``dh = (norm's gradient) + dh_out`` (the
     gradient arriving at the residual output): dres gets dh, dx gets dropout(dh) with the
     forward's mask. Without one, dx gets the norm's gradient (dh_out, dres and drop are None).
+    In training (every gradient asked for) rows go in pairs, each pair's terms added to the
+    sums together; the pairing is fixed by the chunk and the values, so the sums stay bitwise
+    the same whatever the thread count.
     """
-    n = h.shape[1]
-    inv_n = acc_scalar(h, 1.0 / n)
     need_d = not (_is_none_value(dx) and _is_none_value(dres))
+    training = need_d and need_dw and need_db
     dw_acc[:] = 0
     db_acc[:] = 0
-    for i in range(r0, r1):
-        m = mean[i]
-        r = rstd[i]
-        sd = acc_scalar(h, 0.0)
-        sdg = acc_scalar(h, 0.0)
-        sg = acc_scalar(h, 0.0)
-        for j in range(n):
-            d = load(h, i, j) - m
-            g = load(dy, i, j) * w[j]
-            sd += d
-            sdg += d * g
-            sg += g
-        # RMSNorm has no mean: nothing to correct and no mean(g) term.
-        cm = acc_scalar(h, 0.0) if rms else sd * inv_n
-        mean_g = acc_scalar(h, 0.0) if rms else sg * inv_n
-        mean_xhat_g = r * (sdg - cm * sg) * inv_n
-        key = _row_key(drop, i)
-        # finite statistics, weights and incoming residual gradient (a row of which is one
-        # cheap pass from L1 away): dh cannot be NaN, the vectorizable store is exact
-        not_nan = (
-            w_finite and np.isfinite(m) and np.isfinite(r) and np.isfinite(mean_xhat_g + mean_g + cm)
-            and _row_finite(dh_out, i)
-        )  # fmt: skip
-        if need_d and need_dw and need_db:
-            # the training case: one branch-free loop for all the gradients
-            if not_nan:
-                for j in range(n):
-                    dh = _plus(dh_out, _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g), i, j)
-                    _put_not_nan(dres, i, j, dh)
-                    _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
-                    dw_acc[j] += load(dy, i, j) * _xhat(h, i, j, m, cm, r)
-                    db_acc[j] += load(dy, i, j)
-            else:
-                for j in range(n):
-                    dh = _plus(dh_out, _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g), i, j)
-                    _put(dres, i, j, dh)
-                    _put(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
-                    dw_acc[j] += load(dy, i, j) * _xhat(h, i, j, m, cm, r)
-                    db_acc[j] += load(dy, i, j)
-            continue
-        # otherwise one loop per gradient asked for, each branch-free so that it vectorizes
-        if need_d:
-            if not_nan:
-                for j in range(n):
-                    dh = _plus(dh_out, _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g), i, j)
-                    _put_not_nan(dres, i, j, dh)
-                    _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
-            else:
-                for j in range(n):
-                    dh = _plus(dh_out, _dh(dy, h, w, i, j, m, cm, r, mean_xhat_g, mean_g), i, j)
-                    _put(dres, i, j, dh)
-                    _put(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
-        if need_dw:
-            for j in range(n):
-                dw_acc[j] += load(dy, i, j) * _xhat(h, i, j, m, cm, r)
-        if need_db:
-            for j in range(n):
-                db_acc[j] += load(dy, i, j)
+    i = r0
+    while i < r1:
+        stats_a = _bwd_row_stats(dy, h, w, w_finite, mean, rstd, dh_out, rms, i)
+        if training and i + 1 < r1 and stats_a[5]:
+            stats_b = _bwd_row_stats(dy, h, w, w_finite, mean, rstd, dh_out, rms, i + 1)
+            if stats_b[5]:
+                _bwd_row_pair(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, stats_a, stats_b)
+                i += 2
+                continue
+        # one row: the last of an odd count, a row with a NaN or Inf (row i + 1 then pairs with
+        # i + 2: the pairing depends on the values, never on the threads), or not training
+        _bwd_row(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, need_d, need_dw, need_db, i, stats_a)
+        i += 1
 
 
 def _is_none_value(t):
@@ -516,8 +570,12 @@ def _sum_chunks(part_at, out_at, n_chunks, n, cols_per_block, acc_kind):
 
 
 def rows_per_chunk(n_rows: int) -> int:
-    """Rows per dweight/dbias partial sum: a function of the row count only, never of threads."""
-    return max(16, -(-n_rows // 128))
+    """Rows per dweight/dbias partial sum: a function of the row count only, never of threads.
+
+    Even, so that training's row pairs fill every chunk but the last.
+    """
+    rows = max(16, -(-n_rows // 128))
+    return rows + (rows & 1)
 
 
 # numba element type of each torch dtype: bf16 and fp16 travel as their bits

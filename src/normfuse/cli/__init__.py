@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the real command line (not a call from Python): time with a quiet allocator
         from normfuse.cli.bench import reexec_with_malloc_tunables
 
-        reexec_with_malloc_tunables()
+        # a model's step is not timed through interleaved_medians: no warm-up run for it
+        reexec_with_malloc_tunables(warm_first=getattr(args, "model", None) is None)
     return int(args.run(args) or 0)
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,21 +34,44 @@ from normfuse.cli import positive_int, say_if_overwriting
 MALLOC_TUNABLES = "glibc.malloc.trim_threshold=4294967295:glibc.malloc.mmap_threshold=4294967295"
 
 
-def reexec_with_malloc_tunables() -> None:
-    """Restart this very program with MALLOC_TUNABLES set (Linux, once; no-op elsewhere)."""
+# A numba kernel compiled in the running process was measured here to run 1.6-2x slower, for
+# the life of that process, than the same kernel loaded from numba's on-disk cache by a fresh
+# process (the backward, one thread or two; numba issue #10617 reports the same for parallel
+# code). So a benchmark first runs itself once in this mode, to compile and cache every kernel
+# it will time, and only the run after it measures.
+_WARMUP_ONLY = "NORMFUSE_BENCH_WARMUP_ONLY"
+
+
+def reexec_with_malloc_tunables(warm_first: bool = True) -> None:
+    """Restart this very program with MALLOC_TUNABLES set (Linux, once; no-op elsewhere).
+
+    ``warm_first``: before that, run the program once with ``interleaved_medians`` timing
+    nothing (output discarded), so that the measured run loads every kernel from the cache.
+    """
     if "GLIBC_TUNABLES" not in os.environ and sys.platform == "linux":
         os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+        if warm_first:
+            subprocess.run(
+                [sys.executable, *sys.argv], env={**os.environ, _WARMUP_ONLY: "1"},
+                stdout=subprocess.DEVNULL, check=False,
+            )  # fmt: skip
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def interleaved_medians(
     contenders: dict[str, Callable[[], object]], reps: int, inner: int, sync: Callable[[], None] = lambda: None
 ) -> dict[str, float]:
-    """Median seconds per call of each contender, the contenders alternating every repetition."""
+    """Median seconds per call of each contender, the contenders alternating every repetition.
+
+    In a warm-up run (see ``reexec_with_malloc_tunables``) only the first calls are made, and
+    every median is NaN.
+    """
     for fn in contenders.values():  # warm-up: JIT, allocator, caches
         for _ in range(3):
             fn()
     sync()
+    if os.environ.get(_WARMUP_ONLY):
+        return {name: math.nan for name in contenders}
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(reps):
         for name, fn in contenders.items():
@@ -237,6 +262,8 @@ def run(args: argparse.Namespace) -> int:
             table.add_row(e["dtype"], f"{e['rows']}x{e['n']}", f"{e['copy_ms']:.3f} ({e['copy_gbs']:.0f})", *cells, f"{speedup:.2f}x")
         console.print(table)
 
+    if os.environ.get(_WARMUP_ONLY):
+        return 0  # the warm-up run's medians are NaN: nothing to write
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "bench.json", out / "bench.png"
