@@ -6,19 +6,22 @@
 Loads the given copy of ``backends/cpu.py`` as a second module beside the installed one and
 times, interleaved, the backend backward (dx, dweight, dbias) of: torch
 (``aten.native_layer_norm_backward``), the earlier kernel and the current one; medians of
-rounds of medians, ms. The earlier kernel compiles in this process (a few seconds a shape's
-dtype); the current one comes from numba's cache: run the script once after an edit first.
+rounds of medians, ms. Run it twice and read the second run: a numba kernel compiled in the
+running process runs slower than the same kernel loaded from the cache (see
+``normfuse.backends.cpu``), so the first run only fills the cache for both versions.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import hashlib
+import importlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 if "GLIBC_TUNABLES" not in os.environ and sys.platform == "linux":
     # keep freed multi-MiB blocks in the process: no page faults on every output (bench.py)
@@ -45,15 +48,15 @@ def main() -> None:
     parser.add_argument("--shapes", default="4096x1024,1024x4096,256x16384")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    # compiled afresh in this process: numba cannot reload cached parallel kernels of a module
-    # that is not importable by name
-    with open(args.before) as f:
-        source = f.read().replace("cache=True", "cache=False")
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("cpu_before", f.name)
-    before = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(before)
+    # imported by name from a directory of its own, so that numba can cache its kernels too
+    # (it reloads a cached kernel by importing the module that defined it)
+    with open(args.before, "rb") as f:
+        source = f.read()
+    home = Path(tempfile.gettempdir()) / "normfuse_ab" / hashlib.sha1(source).hexdigest()[:12]
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "cpu_before.py").write_bytes(source)
+    sys.path.insert(0, str(home))
+    before = importlib.import_module("cpu_before")
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; ms, medians of {args.rounds} rounds")
     print(f"{'shape':>11} {'dtype':>9} | {'torch':>7} {'before':>7} {'now':>7} | before/now torch/now")

@@ -60,27 +60,32 @@ def test_backward_flags_skip_work_and_agree():
                 assert norm_err(got, expected) <= 1e-6
 
 
-@pytest.mark.parametrize("rows", [2, 7, 64, 301])
+@pytest.mark.parametrize("rows", [2, 7, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_backward_pairs_rows_with_and_without_non_finite_rows(rows, dtype):
-    """Training pairs rows for dw/db; an odd last row and rows holding a NaN or Inf go alone
-    (the rows after them pair anew). Every row's dx must match the reference, NaN for NaN."""
+    """From ``_PAIR_MIN_FEATURES`` features, training pairs rows for dw/db; an odd last row and
+    rows holding a NaN or Inf go alone (the rows after them pair anew). dx must match the
+    reference row by row, non-finite where it is; dw and db too."""
+    n = cpu._PAIR_MIN_FEATURES + 52
     torch.manual_seed(rows)
-    x, dy = torch.randn(rows, 96).to(dtype), torch.randn(rows, 96).to(dtype)
-    w, b = torch.randn(96).to(dtype), torch.randn(96).to(dtype)
+    x, dy = torch.randn(rows, n).to(dtype), torch.randn(rows, n).to(dtype)
+    w, b = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
     if rows > 2:
-        x[1, 5] = float("inf")
+        dy[1, 5] = float("inf")
         dy[rows - 2, 7] = float("nan")
     _, _, mean, rstd, _ = cpu.norm_fwd(x, w, b, 1e-5, False)
     dx, _, dw, db = cpu.norm_bwd(dy, x, w, mean, rstd, False, True, True, True)
-    rdx, rdw, rdb = reference.layer_norm_backward(dy, x, (96,), w, 1e-5, False)
-    assert torch.equal(dx.isnan(), rdx.isnan())
-    finite_rows = ~rdx.isnan().any(dim=1)
+    rdx, rdw, rdb = reference.layer_norm_backward(dy, x, (n,), w, 1e-5, False)
+    assert torch.equal(dx.isfinite(), rdx.isfinite())
+    finite_rows = rdx.isfinite().all(dim=1)
+    assert finite_rows.sum() >= rows - 2
     tol = {torch.float32: 2e-5, torch.bfloat16: 1e-2}[dtype]
     assert norm_err(dx[finite_rows], rdx[finite_rows]) <= tol
-    assert torch.equal(dw.isnan(), rdw.isnan()) and torch.equal(db.isnan(), rdb.isnan())
-    if rows <= 2:
-        assert norm_err(dw, rdw) <= 2e-5 and norm_err(db, rdb) <= 2e-5
+    assert torch.equal(dw.isfinite(), rdw.isfinite()) and torch.equal(db.isfinite(), rdb.isfinite())
+    finite_cols = rdw.isfinite()
+    assert finite_cols.sum() >= n - 2
+    assert norm_err(dw[finite_cols], rdw[finite_cols]) <= 2e-5
+    assert norm_err(db[finite_cols], rdb[finite_cols]) <= 2e-5
 
 
 @pytest.mark.parametrize("backend", [cpu, reference], ids=["cpu", "reference"])

@@ -39,6 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch
 from numba import carray, njit, prange, types
+from numba.core import event as numba_event
 from numba.extending import overload
 
 from normfuse import _dropout
@@ -63,6 +64,12 @@ _FASTMATH = {"reassoc", "contract"}
 # numba's pool, which shares two cores with torch's, cost more than it saved on the demo's
 # 1024x128 activations (measured with `normfuse demo`: tokens/s level with torch this way).
 _PARALLEL_MIN_ELEMENTS = 1 << 18
+
+# From this many features a row, the training backward takes rows in pairs (``_bwd_row_pair``):
+# its dw/db accumulator rows no longer fit L1 beside the row, and reading and writing them once
+# for two rows pays (1.1-1.2x at 4096 and 16384 features); on narrower rows the one-row loop
+# was faster (pairs 0.7-0.9x at 768 and 1024 fp32 features; `benchmarks/ab_cpu_backward.py`).
+_PAIR_MIN_FEATURES = 2048
 
 
 # --- optional operands -----------------------------------------------------------------------
@@ -404,19 +411,28 @@ def _bwd_row(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, need_d, need_dw, 
     n = h.shape[1]
     m, cm, r, mean_xhat_g, mean_g, not_nan = stats
     key = _row_key(drop, i)
+    # Every element is loaded once, before any store: LLVM cannot know that dx aliases
+    # nothing, and would load again after each store.
     if need_d and need_dw and need_db:
-        # the training case, for the rows that do not pair (a row with a NaN or Inf, the last
-        # of an odd count): the careful store, which is exact for any value. Every element is
-        # loaded once, before any store (LLVM cannot know that dx aliases nothing, and would
-        # load again after each store).
-        for j in range(n):
-            dy_v = load(dy, i, j)
-            d, xhat = _dh(dy_v, load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)
-            dh = _plus(dh_out, d, i, j)
-            _put(dres, i, j, dh)
-            _put(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
-            dw_acc[j] += dy_v * xhat
-            db_acc[j] += dy_v
+        # the training case: one branch-free loop for all the gradients
+        if not_nan:
+            for j in range(n):
+                dy_v = load(dy, i, j)
+                d, xhat = _dh(dy_v, load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)
+                dh = _plus(dh_out, d, i, j)
+                _put_not_nan(dres, i, j, dh)
+                _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
+                dw_acc[j] += dy_v * xhat
+                db_acc[j] += dy_v
+        else:
+            for j in range(n):
+                dy_v = load(dy, i, j)
+                d, xhat = _dh(dy_v, load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)
+                dh = _plus(dh_out, d, i, j)
+                _put(dres, i, j, dh)
+                _put(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
+                dw_acc[j] += dy_v * xhat
+                db_acc[j] += dy_v
         return
     # otherwise one loop per gradient asked for, each branch-free so that it vectorizes
     if need_d:
@@ -468,18 +484,18 @@ def _bwd_row_pair(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, stats_a, 
 
 # Not inlined into ``_bwd``'s two call sites (compile time); called once per chunk of rows.
 @njit(fastmath=_FASTMATH)
-def _bwd_rows(dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_acc, db_acc, rms, need_dw, need_db, r0, r1):
+def _bwd_rows(dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_acc, db_acc, rms, need_dw, need_db, pair_rows, r0, r1):
     """Rows [r0, r1): write dx (and dres), set dw_acc, db_acc to the chunk's sums of dy*xhat and dy.
 
     With a residual add, the input's gradient is ``dh = (norm's gradient) + dh_out`` (the
     gradient arriving at the residual output): dres gets dh, dx gets dropout(dh) with the
     forward's mask. Without one, dx gets the norm's gradient (dh_out, dres and drop are None).
-    In training (every gradient asked for) rows go in pairs, each pair's terms added to the
-    sums together; the pairing is fixed by the chunk and the values, so the sums stay bitwise
-    the same whatever the thread count.
+    With ``pair_rows``, training (every gradient asked for) takes rows in pairs, each pair's
+    terms added to the sums together; the pairing is fixed by the chunk and the values, so the
+    sums stay bitwise the same whatever the thread count.
     """
     need_d = not (_is_none_value(dx) and _is_none_value(dres))
-    training = need_d and need_dw and need_db
+    training = pair_rows and need_d and need_dw and need_db
     dw_acc[:] = 0
     db_acc[:] = 0
     i = r0
@@ -511,7 +527,7 @@ def _is_none_value_overload(t):
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
 def _bwd(
     dy_at, h_at, w_at, mean_at, rstd_at, dh_out_at, dx_at, dres_at, dw_part_at, db_part_at, n_rows, n,
-    rms, need_dw, need_db, drop, rows_per_chunk, n_chunks,
+    rms, need_dw, need_db, pair_rows, drop, rows_per_chunk, n_chunks,
     dy_kind, h_kind, w_kind, acc_kind, dh_out_kind, dx_kind, dres_kind, min_parallel_elements,
 ):  # fmt: skip
     """Chunk k of rows_per_chunk rows writes row k of the partial sums of dw and db; chunks in parallel.
@@ -535,7 +551,7 @@ def _bwd(
             r0 = k * rows_per_chunk
             _bwd_rows(
                 dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_part[k], db_part[k],
-                rms, need_dw, need_db, r0, min(n_rows, r0 + rows_per_chunk),
+                rms, need_dw, need_db, pair_rows, r0, min(n_rows, r0 + rows_per_chunk),
             )  # fmt: skip
         return
     for k in prange(n_chunks):
@@ -543,7 +559,7 @@ def _bwd(
         r1 = min(n_rows, r0 + rows_per_chunk)
         _bwd_rows(
             dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_part[k], db_part[k],
-            rms, need_dw, need_db, r0, r1,
+            rms, need_dw, need_db, pair_rows, r0, r1,
         )  # fmt: skip
 
 
@@ -567,6 +583,49 @@ def _sum_chunks(part_at, out_at, n_chunks, n, cols_per_block, acc_kind):
         return
     for blk in prange(n_blocks):
         _sum_chunk_columns(part, out, blk * cols_per_block, min(n, (blk + 1) * cols_per_block))
+
+
+# --- kernels compiled in this process are reloaded from numba's cache ------------------------
+# A kernel compiled in the running process was measured here to run 1.6-2x slower, for the
+# life of that process, than the same machine code loaded from numba's on-disk cache (the
+# backward at 1024x4096 fp32: 4.7 ms as compiled, 3.2 ms reloaded in the same process; one
+# thread or two; numba issue #10617 reports it for parallel code). So once numba has compiled
+# and saved one of the kernels below, the next call first drops the dispatchers' in-process
+# code, and every later call runs the code loaded from the cache. Without a working cache a
+# signature would compile again: the second compile of one turns this off for the process.
+
+
+class _CompileWatch(numba_event.Listener):
+    """Notes each compile of a cached kernel; ``_reload_due`` tells the launchers to reload."""
+
+    def __init__(self) -> None:
+        self.kernels: tuple = ()
+        self.compiled: set = set()
+        self.enabled = hasattr(_fwd, "_reset_overloads")  # a numba internal: used only if present
+        self.reload_due = False
+
+    def on_start(self, event) -> None:
+        pass
+
+    def on_end(self, event) -> None:
+        dispatcher = event.data["dispatcher"]
+        if dispatcher not in self.kernels:
+            return
+        key = (dispatcher, tuple(event.data["args"]))
+        if key in self.compiled:
+            self.enabled = False  # compiled twice: the cache does not keep it
+        self.compiled.add(key)
+        self.reload_due = self.enabled
+
+    def reload(self) -> None:
+        """Drop the kernels' compiled code: each next call loads its signature from the cache."""
+        self.reload_due = False
+        for dispatcher in self.kernels:
+            dispatcher._reset_overloads()
+
+
+_compile_watch = _CompileWatch()
+numba_event.register("numba:compile", _compile_watch)
 
 
 def rows_per_chunk(n_rows: int) -> int:
@@ -658,6 +717,8 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         x_kind, res_kind, mask_kind, h_kind, _KIND[w.dtype], _KIND[out.dtype], _kind(xhat_dtype),
         _rows_per_block(n_rows, n),
     )  # fmt: skip
+    if _compile_watch.reload_due:
+        _compile_watch.reload()
 
 
 def norm_fwd(
@@ -773,13 +834,16 @@ def norm_bwd(
         dh_out.data_ptr() if dh_out is not None else 0,
         dx.data_ptr() if dx is not None else 0, dres.data_ptr() if dres is not None else 0,
         dw_part.data_ptr() if need_dweight else 0, db_part.data_ptr() if need_dbias else 0,
-        n_rows, n, bool(rms), bool(need_dweight), bool(need_dbias),
+        n_rows, n, bool(rms), bool(need_dweight), bool(need_dbias), n >= _PAIR_MIN_FEATURES,
         _drop_state(dropout_p, seed, acc) if add else None, chunk, n_chunks,
         _KIND[dy.dtype], _KIND[h.dtype], _KIND[w.dtype], _KIND[acc],
         _kind(dh_out), _kind(dx), _kind(dres), _PARALLEL_MIN_ELEMENTS,
     )  # fmt: skip
     dweight = rounded(_total(dw_part, n_chunks, n, acc), dweight_dtype)
-    return dx, dres, dweight, rounded(_total(db_part, n_chunks, n, acc), dbias_dtype)
+    dbias = rounded(_total(db_part, n_chunks, n, acc), dbias_dtype)
+    if _compile_watch.reload_due:
+        _compile_watch.reload()
+    return dx, dres, dweight, dbias
 
 
 def _total(part: torch.Tensor | None, n_chunks: int, n: int, acc: torch.dtype) -> torch.Tensor | None:
@@ -792,3 +856,6 @@ def _total(part: torch.Tensor | None, n_chunks: int, n: int, acc: torch.dtype) -
     cols_per_block = n if n_chunks * n < _PARALLEL_MIN_ELEMENTS else max(256, -(-n // 64))
     _sum_chunks(part.data_ptr(), total.data_ptr(), n_chunks, n, cols_per_block, _KIND[acc])
     return total
+
+
+_compile_watch.kernels = (_fwd, _bwd, _sum_chunks)
