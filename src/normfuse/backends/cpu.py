@@ -36,10 +36,13 @@ import os
 # torch's and reads the variable then; torch's pool is not affected. A value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import warnings  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch
 from numba import carray, njit, prange, types
 from numba.core import event as numba_event
+from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 
 from normfuse import _dropout
@@ -56,6 +59,11 @@ from normfuse.backends._numba_bits import (
     store_not_nan,
 )
 
+# numba's "internal pedantic check" of variable scopes (its words) misfires when an inlined
+# overload is called from two places in one loop (the row-pair code does); the kernels are
+# checked by the tests, and a user's first compile should not print numba's internals.
+warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning, module=r".*normfuse[/\\.]backends[/\\.]cpu")
+
 # reassoc lets LLVM split the row sums across SIMD lanes (deterministic: fixed at compile
 # time); contract allows FMA. No nnan/ninf: NaN and Inf must propagate as in torch.
 _FASTMATH = {"reassoc", "contract"}
@@ -65,10 +73,12 @@ _FASTMATH = {"reassoc", "contract"}
 # 1024x128 activations (measured with `normfuse demo`: tokens/s level with torch this way).
 _PARALLEL_MIN_ELEMENTS = 1 << 18
 
-# From this many features a row, the training backward takes rows in pairs (``_bwd_row_pair``):
-# its dw/db accumulator rows no longer fit L1 beside the row, and reading and writing them once
-# for two rows pays (1.1-1.2x at 4096 and 16384 features); on narrower rows the one-row loop
-# was faster (pairs 0.7-0.9x at 768 and 1024 fp32 features; `benchmarks/ab_cpu_backward.py`).
+# From this many features a row, the kernels take rows in pairs: the training backward
+# (``_bwd_row_pair``), whose dw/db accumulator rows no longer fit L1 beside the row, and the
+# forward's output sweep (``_fwd_row_pair_out``), whose w and b rows no longer do; reading
+# them once for two rows pays (backward 1.1-1.2x at 4096 and 16384 features); on narrower
+# rows the one-row loop was faster (backward pairs 0.7-0.9x at 768 and 1024 fp32 features;
+# `benchmarks/ab_cpu_backward.py`).
 _PAIR_MIN_FEATURES = 2048
 
 
@@ -242,9 +252,10 @@ def _row_finite_overload(a, i):
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _fwd_row(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, i):
-    """Row i of the forward. With a residual add (x given), the sum ``h`` is written first and
-    then read back from L1/L2 by the loops below; without one ``h`` is the input itself."""
+def _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats, i):
+    """Row i's statistics (m1, c, r): mean = m1 + c, rstd = r. With a residual add (x given),
+    the sum ``h`` is written first and then read back from L1/L2 by the loops below; without
+    one ``h`` is the input itself."""
     n = h.shape[1]
     inv_n = acc_scalar(h, 1.0 / n)
     _add_row(x, res, drop, mask_out, h, i)
@@ -271,6 +282,13 @@ def _fwd_row(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, r
     if store_stats:
         mean[i] = m1 + c
         rstd[i] = r
+    return m1, c, r
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _fwd_row_out(h, w, b, out, xhat_like, params_finite, i, m1, c, r):
+    """Row i's output from its statistics."""
+    n = h.shape[1]
     if params_finite and np.isfinite(m1 + c) and np.isfinite(r):
         # h is finite (else m1 is not), so no output can be NaN: the vectorizable store
         for j in range(n):
@@ -278,6 +296,19 @@ def _fwd_row(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, r
     else:
         for j in range(n):
             store(out, i, j, round_as(xhat_like, ((load(h, i, j) - m1) - c) * r) * w[j] + b[j])
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _fwd_row_pair_out(h, w, b, out, xhat_like, i, m1a, ca, ra, m1b, cb, rb):
+    """Rows i and i + 1's outputs, neither with a NaN, in one sweep: w and b read once for both."""
+    n = h.shape[1]
+    for j in range(n):
+        w_v = w[j]
+        b_v = b[j]
+        ya = round_as(xhat_like, ((load(h, i, j) - m1a) - ca) * ra) * w_v + b_v
+        yb = round_as(xhat_like, ((load(h, i + 1, j) - m1b) - cb) * rb) * w_v + b_v
+        store_not_nan(out, i, j, ya)
+        store_not_nan(out, i + 1, j, yb)
 
 
 @njit(fastmath=_FASTMATH)
@@ -326,7 +357,7 @@ def _widen_overload(p, like):
 @njit(fastmath=_FASTMATH, cache=True, parallel=True)
 def _fwd(
     x_at, res_at, mask_at, h_at, w_at, b_at, out_at, mean_at, rstd_at, n_rows, n, eps, rms, store_stats, drop,
-    x_kind, res_kind, mask_kind, h_kind, w_kind, out_kind, xhat_kind, rows_per_block,
+    x_kind, res_kind, mask_kind, h_kind, w_kind, out_kind, xhat_kind, rows_per_block, pair_rows,
 ):  # fmt: skip
     """Rows are independent: blocks of rows go to the threads (one block: no thread pool).
 
@@ -348,21 +379,38 @@ def _fwd(
     params_finite = out.itemsize > 2 or (_all_finite(w) and _all_finite(b))
     n_blocks = (n_rows + rows_per_block - 1) // rows_per_block
     if n_blocks == 1:
-        _fwd_block(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, 0, n_rows)
+        _fwd_block(
+            x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, pair_rows,
+            0, n_rows,
+        )  # fmt: skip
     else:
         for k in prange(n_blocks):
             _fwd_block(
                 x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite,
-                k * rows_per_block, min(n_rows, (k + 1) * rows_per_block),
+                pair_rows, k * rows_per_block, min(n_rows, (k + 1) * rows_per_block),
             )  # fmt: skip
 
 
 # Not inlined into ``_fwd``'s two call sites: one compiled copy of the row code per
 # specialization halves its compile time, and the call costs once per block, not per row.
 @njit(fastmath=_FASTMATH)
-def _fwd_block(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, r0, r1):
-    for i in range(r0, r1):
-        _fwd_row(x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, i)
+def _fwd_block(
+    x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, pair_rows, r0, r1,
+):  # fmt: skip
+    i = r0
+    while i < r1:
+        m1a, ca, ra = _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats, i)
+        finite_a = params_finite and np.isfinite(m1a + ca) and np.isfinite(ra)
+        if pair_rows and finite_a and i + 1 < r1:
+            m1b, cb, rb = _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats, i + 1)
+            if np.isfinite(m1b + cb) and np.isfinite(rb):
+                _fwd_row_pair_out(h, w, b, out, xhat_like, i, m1a, ca, ra, m1b, cb, rb)
+                i += 2
+                continue
+        # one row: not pairing, the last of an odd count, or a row with a NaN or Inf (row i + 1
+        # is then done again from the start, which gives the same values)
+        _fwd_row_out(h, w, b, out, xhat_like, params_finite, i, m1a, ca, ra)
+        i += 1
 
 
 @njit(fastmath=_FASTMATH, inline="always")
@@ -661,8 +709,10 @@ def _param(p: torch.Tensor | None, n: int, fill: float, dtype: torch.dtype) -> t
 def _rows_per_block(n_rows: int, n: int) -> int:
     if n_rows * n < _PARALLEL_MIN_ELEMENTS:
         return n_rows
-    # blocks of about 64 KiB of fp32 keep the scheduler's overhead small and balance well
-    return max(1, min(64, (1 << 14) // n))
+    # blocks of about 64 KiB of fp32 keep the scheduler's overhead small and balance well;
+    # rows that go in pairs (``_PAIR_MIN_FEATURES``) come in blocks of an even count
+    rows = max(1, min(64, (1 << 14) // n))
+    return rows if n < _PAIR_MIN_FEATURES else max(2, rows + (rows & 1))
 
 
 def _kind(t: torch.Tensor | torch.dtype | None):
@@ -715,7 +765,7 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         x_at, res_at, mask_at, h_at, w.data_ptr(), b.data_ptr(), out.data_ptr(), mean_at, rstd_at, n_rows, n,
         np.float64(eps) if acc_is_f64 else np.float32(eps), bool(rms), store_stats, drop,
         x_kind, res_kind, mask_kind, h_kind, _KIND[w.dtype], _KIND[out.dtype], _kind(xhat_dtype),
-        _rows_per_block(n_rows, n),
+        _rows_per_block(n_rows, n), n >= _PAIR_MIN_FEATURES,
     )  # fmt: skip
     if _compile_watch.reload_due:
         _compile_watch.reload()

@@ -1,11 +1,12 @@
-"""The CPU backward kernel against an earlier version of itself, and torch's, in one process.
+"""The CPU kernels against an earlier version of themselves, and torch's, in one process.
 
     git show 3eeb6db:src/normfuse/backends/cpu.py > /tmp/cpu_before.py
-    python benchmarks/ab_cpu_backward.py /tmp/cpu_before.py [--shapes 4096x1024,1024x4096]
+    python benchmarks/ab_cpu.py /tmp/cpu_before.py [--forward] [--rms] [--shapes 4096x1024,1024x4096]
 
 Loads the given copy of ``backends/cpu.py`` as a second module beside the installed one and
-times, interleaved, the backend backward (dx, dweight, dbias) of: torch
-(``aten.native_layer_norm_backward``), the earlier kernel and the current one; medians of
+times, interleaved, the backend backward (dx, dweight, dbias), or with ``--forward`` the
+training forward (output, mean, rstd), of LayerNorm (``--rms``: RMSNorm): torch
+(``aten.native_layer_norm[_backward]``; ``F.rms_norm``), the earlier kernel and the current one; medians of
 rounds of medians, ms. Run it twice and read the second run: a numba kernel compiled in the
 running process runs slower than the same kernel loaded from the cache (see
 ``normfuse.backends.cpu``), so the first run only fills the cache for both versions.
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("before", help="path of an earlier backends/cpu.py")
     parser.add_argument("--shapes", default="4096x1024,1024x4096,256x16384")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--forward", action="store_true", help="time the forward instead of the backward")
+    parser.add_argument("--rms", action="store_true", help="RMSNorm instead of LayerNorm")
     args = parser.parse_args()
     # imported by name from a directory of its own, so that numba can cache its kernels too
     # (it reloads a cached kernel by importing the module that defined it)
@@ -66,14 +69,23 @@ def main() -> None:
             x, dy = torch.randn(rows, n).to(dtype), torch.randn(rows, n).to(dtype)
             w, b = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
             _, mean, rstd = torch.ops.aten.native_layer_norm(x, [n], w, b, 1e-5)
-            _, _, nf_mean, nf_rstd, _ = cpu.norm_fwd(x, w, b, 1e-5, False)
-            contenders = {
-                "torch": lambda: torch.ops.aten.native_layer_norm_backward(dy, x, [n], mean, rstd, w, b, [True] * 3),
-                "before": lambda: before.norm_bwd(dy, x, w, nf_mean, nf_rstd, False, True, True, True,
-                                                  dweight_dtype=dtype, dbias_dtype=dtype),  # fmt: skip
-                "now": lambda: cpu.norm_bwd(dy, x, w, nf_mean, nf_rstd, False, True, True, True,
-                                            dweight_dtype=dtype, dbias_dtype=dtype),  # fmt: skip
-            }
+            _, _, nf_mean, nf_rstd, _ = cpu.norm_fwd(x, w, b, 1e-5, args.rms)
+            if args.forward:
+                torch_fwd = (lambda: torch.nn.functional.rms_norm(x, [n], w)) if args.rms else (
+                    lambda: torch.ops.aten.native_layer_norm(x, [n], w, b, 1e-5))
+                contenders = {
+                    "torch": torch_fwd,
+                    "before": lambda: before.norm_fwd(x, w, None if args.rms else b, 1e-5, args.rms),
+                    "now": lambda: cpu.norm_fwd(x, w, None if args.rms else b, 1e-5, args.rms),
+                }
+            else:
+                contenders = {
+                    "torch": lambda: torch.ops.aten.native_layer_norm_backward(dy, x, [n], mean, rstd, w, b, [True] * 3),
+                    "before": lambda: before.norm_bwd(dy, x, w, nf_mean, nf_rstd, args.rms, True, True, True,
+                                                      dweight_dtype=dtype, dbias_dtype=dtype),  # fmt: skip
+                    "now": lambda: cpu.norm_bwd(dy, x, w, nf_mean, nf_rstd, args.rms, True, True, True,
+                                                dweight_dtype=dtype, dbias_dtype=dtype),  # fmt: skip
+                }
             for fn in contenders.values():
                 fn()
             samples = {name: [] for name in contenders}
