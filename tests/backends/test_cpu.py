@@ -43,21 +43,46 @@ def test_kernels_match_reference(dtype, rms, rows, n):
         assert norm_err(db, rdb) <= acc_tol
 
 
-def test_backward_flags_skip_work_and_agree():
-    """Gradients not asked for are not computed; the others agree with the training case: dx
-    bit for bit, dw and db to fp32 rounding (training adds two rows' terms at a time)."""
-    x, dy = torch.randn(300, 40), torch.randn(300, 40)
-    w = torch.randn(40)
+@pytest.mark.parametrize("n", [40, cpu._PAIR_MIN_FEATURES + 52], ids=["one-row", "row-pairs"])
+def test_backward_flags_skip_work_and_agree(n):
+    """Gradients not asked for are not computed; the others agree with the training case bit
+    for bit, except dw and db of rows wide enough to pair (training adds two rows' terms at a
+    time): to fp32 rounding there."""
+    x, dy = torch.randn(30, n), torch.randn(30, n)
+    w = torch.randn(n)
     _, _, mean, rstd, _ = cpu.norm_fwd(x, w, None, 1e-5, False)
     full = _without_dres(cpu.norm_bwd(dy, x, w, mean, rstd, False, True, True, True))
     for mask in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:
         part = _without_dres(cpu.norm_bwd(dy, x, w, mean, rstd, False, *mask))
         for k, (wanted, got, expected) in enumerate(zip(mask, part, full)):
             assert (got is None) != wanted
-            if wanted and k == 0:
+            if wanted and (k == 0 or n < cpu._PAIR_MIN_FEATURES):
                 assert torch.equal(got, expected)
             elif wanted:
                 assert norm_err(got, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_row_pairs_with_non_finite_rows(dtype, with_residual):
+    """From ``_PAIR_MIN_FEATURES`` features the forward writes rows two at a time; an odd last
+    row and rows holding a NaN or Inf go alone. Each row must match the reference, NaN where
+    torch gives NaN; a non-finite weight turns pairs off for bf16 (the careful store)."""
+    rows, n = 9, cpu._PAIR_MIN_FEATURES + 52
+    torch.manual_seed(3)
+    x = torch.randn(rows, n).to(dtype)
+    x[2, 11] = float("nan")
+    x[5, 3] = float("inf")
+    residual = torch.randn(rows, n).to(dtype) if with_residual else None
+    for w in (torch.randn(n).to(dtype), torch.full((n,), float("inf")).to(dtype)):
+        b = torch.randn(n).to(dtype)
+        kwargs = dict(residual=residual, residual_out_dtype=dtype) if with_residual else {}
+        out, h, mean, rstd, _ = cpu.norm_fwd(x, w, b, 1e-5, False, **kwargs)
+        normalized = h if with_residual else x
+        ref = reference.layer_norm(normalized, (n,), w, b, 1e-5)
+        assert torch.equal(out.isnan(), ref.isnan())
+        finite = ref.isfinite()
+        assert max_rel_err(out[finite], ref[finite]) <= FWD_TOL[dtype]
 
 
 @pytest.mark.parametrize("rows", [2, 7, 40])

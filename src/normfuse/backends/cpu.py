@@ -78,7 +78,7 @@ _PARALLEL_MIN_ELEMENTS = 1 << 18
 # forward's output sweep (``_fwd_row_pair_out``), whose w and b rows no longer do; reading
 # them once for two rows pays (backward 1.1-1.2x at 4096 and 16384 features); on narrower
 # rows the one-row loop was faster (backward pairs 0.7-0.9x at 768 and 1024 fp32 features;
-# `benchmarks/ab_cpu_backward.py`).
+# `benchmarks/ab_cpu.py`).
 _PAIR_MIN_FEATURES = 2048
 
 
@@ -634,12 +634,12 @@ def _sum_chunks(part_at, out_at, n_chunks, n, cols_per_block, acc_kind):
 
 
 # --- kernels compiled in this process are reloaded from numba's cache ------------------------
-# A kernel compiled in the running process was measured here to run 1.6-2x slower, for the
-# life of that process, than the same machine code loaded from numba's on-disk cache (the
-# backward at 1024x4096 fp32: 4.7 ms as compiled, 3.2 ms reloaded in the same process; one
-# thread or two; numba issue #10617 reports it for parallel code). So once numba has compiled
-# and saved one of the kernels below, the next call first drops the dispatchers' in-process
-# code, and every later call runs the code loaded from the cache. Without a working cache a
+# A kernel compiled in the running process was measured here to run slower, for the life of
+# that process, than the same kernel loaded from numba's on-disk cache by a fresh process (the
+# backward at 1024x4096 fp32: 3.5-4.8 ms as compiled, 1.7-2.7 ms loaded; one thread or two;
+# numba issue #10617 reports it for parallel code). Dropping the in-process code once numba has
+# saved it, so that the next call loads the kernel from the cache, recovers part of that (3.1-3.3
+# ms in the same process); the rest of the cause is not known. Without a working cache a
 # signature would compile again: the second compile of one turns this off for the process.
 
 
