@@ -17,21 +17,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-if "GLIBC_TUNABLES" not in os.environ and sys.platform == "linux":
-    # keep freed multi-MiB blocks in the process: no page faults on every output (bench.py)
-    os.environ["GLIBC_TUNABLES"] = "glibc.malloc.trim_threshold=4294967295:glibc.malloc.mmap_threshold=4294967295"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+import torch
 
-import torch  # noqa: E402
-
-from normfuse.backends import cpu  # noqa: E402
+from normfuse.backends import cpu
+from normfuse.cli.bench import reexec_with_malloc_tunables
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -51,6 +46,9 @@ def main() -> None:
     parser.add_argument("--forward", action="store_true", help="time the forward instead of the backward")
     parser.add_argument("--rms", action="store_true", help="RMSNorm instead of LayerNorm")
     args = parser.parse_args()
+    # a quiet allocator, as bench.py; this script times outside interleaved_medians, so no
+    # warm-up pass (run it twice instead, as the docstring says)
+    reexec_with_malloc_tunables(warm_first=False)
     # imported by name from a directory of its own, so that numba can cache its kernels too
     # (it reloads a cached kernel by importing the module that defined it)
     with open(args.before, "rb") as f:
