@@ -5,14 +5,14 @@
 #
 # Stages (default: all, in this order): overhead (benchmarks/host_overhead.py, host time per call
 # layer by layer, with a profile), tests (the Triton kernels' tests and every test parametrized by
-# device, on cuda), ln (bench_gpu.py for LayerNorm, --quick unless FULL=1), ops (bench_gpu.py
+# device, on cuda), timeline (fb_timeline.py: host, GPU and do_bench time per call), ln (bench_gpu.py for LayerNorm, --quick unless FULL=1), ops (bench_gpu.py
 # --quick for each op in OPS), wide (sweep_triton.py --wide: the wide-row backward, looped vs
 # split), narrow (sweep_triton.py --narrow: tile size for narrow rows), sweep (sweep_triton.py). Each stage has its own timeout
 # so that one slow stage leaves the others their time; MIB picks the activation sizes.
 # Liger-Kernel travels as a wheel in .whl/ (see /work/.library/device/README.md).
 set -u
 OUT=${OUT:-/tmp/normfuse-gpu}
-STAGES=${STAGES:-overhead tests wide narrow ln ops sweep}
+STAGES=${STAGES:-overhead tests timeline wide narrow ln ops sweep}
 MIB=${MIB:-32 256}
 OPS=${OPS:-rms_norm add_rms_norm add_layer_norm}
 mkdir -p "$OUT"
@@ -34,6 +34,9 @@ if has tests; then
   xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
   timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider $xdist tests -k "cuda or test_triton" 2>&1 \
     | tee "$OUT/pytest.log" | tail -15
+fi
+if has timeline; then
+  timeout "${TIMELINE_TIMEOUT:-150}" python3 benchmarks/fb_timeline.py --kernels 2>&1 | tee "$OUT/timeline.log" | grep -v Warning
 fi
 if has wide; then
   timeout "${WIDE_TIMEOUT:-120}" python3 benchmarks/sweep_triton.py --wide > "$OUT/wide.log" 2>&1

@@ -9,6 +9,11 @@ about 50 us, so any layer of Python above that shows up directly in the GB/s of
 followed by one synchronize: on tiny tensors that is the host's time per call. Rows go from the
 whole public call down to a bare Triton launch, so the differences say where the time goes.
 ``--profile`` adds a cProfile of normfuse's forward+backward (top functions by own time).
+
+The last rows ask where a Python autograd op's backward loses its time: autograd runs the
+backward of a CUDA op on its own worker thread, so a Triton launch (or a torch kernel) is timed
+there, in a plain Python thread, and with ``torch.autograd.set_multithreading_enabled(False)``
+(the backward on the calling thread).
 """
 
 from __future__ import annotations
@@ -58,6 +63,33 @@ class _Empty(torch.autograd.Function):
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         return torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
+
+
+class _BwdLaunches(torch.autograd.Function):
+    """The floor plus one launch in the backward: ``launch`` (a Triton kernel or a torch one)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, launch):
+        ctx.save_for_backward(x, w)
+        ctx.launch = launch
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        ctx.launch()
+        return torch.empty_like(x), torch.empty_like(w), torch.empty_like(w), None
+
+
+def _in_thread(fn) -> float:
+    """per_call_us(fn) measured inside a fresh Python thread."""
+    import threading
+
+    result = []
+    thread = threading.Thread(target=lambda: result.append(per_call_us(fn)))
+    thread.start()
+    thread.join()
+    return result[0]
 
 
 def _fwd_launch_args(x, w, b, out):
@@ -133,17 +165,39 @@ def main() -> None:
         rows["compiled kernel relaunch"] = lambda: rerun(*all_args)
     except Exception as error:  # noqa: BLE001 - a probe of Triton internals; report and go on
         print(f"compiled-kernel relaunch not available: {error!r}"[:300])
-    width = max(len(k) for k in rows)
+    bare = rows["bare _fwd_rows[grid](...)"]
+    rows["floor + one Triton launch in backward"] = lambda: torch.autograd.grad(
+        _BwdLaunches.apply(xg, wg, bg, bare), (xg, wg, bg), dy)  # fmt: skip
+    rows["floor + one torch copy_ in backward"] = lambda: torch.autograd.grad(
+        _BwdLaunches.apply(xg, wg, bg, lambda: buf.copy_(x)), (xg, wg, bg), dy)  # fmt: skip
+
+    def single_threaded(fn):
+        def call():
+            with torch.autograd.set_multithreading_enabled(False):
+                return fn()
+
+        return call
+
+    rows["normfuse f+b, autograd single-threaded"] = single_threaded(normfuse_fb)
+    rows["floor, autograd single-threaded"] = single_threaded(rows["empty autograd.Function f+b (the floor)"])
+    rows["floor + Triton launch, single-threaded"] = single_threaded(rows["floor + one Triton launch in backward"])
+    rows["F.layer_norm f+b, single-threaded"] = single_threaded(torch_fb)
+    width = max(len(k) for k in rows) + 2
     for name, fn in rows.items():
         print(f"  {name:<{width}}  {per_call_us(fn):8.1f} us")
+    if dev == "cuda":
+        print(f"  {'bare Triton launch, in a Python thread':<{width}}  {_in_thread(bare):8.1f} us")
+        print(f"  {'normfuse f+b, in a Python thread':<{width}}  {_in_thread(normfuse_fb):8.1f} us")
     if args.profile:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(500):
-            normfuse_fb()
-        _sync()
-        profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        for label, fn in (("autograd's worker thread", normfuse_fb), ("single-threaded", single_threaded(normfuse_fb))):
+            print(f"normfuse f+b, backward on {label}:")
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(500):
+                fn()
+            _sync()
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@
 Backward (the fused kernel and the looped one for wide rows) over warps per program and
 programs per SM; the looped forward over chunk size and warps. ``--wide``: only rows wider than
 ``MAX_FUSED_N_BWD``, the looped backward (current settings) against the split one (row sums,
-then a grid of column blocks and row groups) over its block shape, warps and programs per SM.
+then a grid of column blocks and row groups) over its block shape, warps and programs per SM,
+and, at 16384 features, the one-pass kernel with the whole row in registers.
 ``--narrow``: rows of 256-2048 features, forward and backward over the tile (rows per program
-step, in elements) and warps: whether bf16, whose tile holds half the bytes, wants a bigger one. Prints GB/s (fewest bytes:
+step, in elements), warps and the backward's programs per SM: whether bf16, whose tile holds half the bytes, wants a bigger one. Prints GB/s (fewest bytes:
 backward reads x and dy and writes dx; forward reads x and writes y) and the fraction of a
 device-to-device copy measured in the same run. The winners go into ``TUNING`` in
 ``normfuse/backends/triton.py``.
@@ -33,9 +34,13 @@ def _tensors(n: int, dtype: torch.dtype):
     return x, w, torch.randn_like(x)
 
 
-def _set(**settings) -> None:
+def _set(max_fused_n_bwd: int | None = None, **settings) -> None:
     tb.TUNING.update(settings)
+    tb.MAX_FUSED_N_BWD = max_fused_n_bwd or _DEFAULT_MAX_FUSED_N_BWD
     tb.clear_config_caches()
+
+
+_DEFAULT_MAX_FUSED_N_BWD = tb.MAX_FUSED_N_BWD
 
 
 def wide_backward(default: dict) -> None:
@@ -47,16 +52,20 @@ def wide_backward(default: dict) -> None:
             buf = torch.empty_like(x)
             copy_gbs = 2 * x.numel() * es / do_bench(lambda: buf.copy_(x), return_mode="median") / 1e6
             _, _, mean, rstd, _ = tb.norm_fwd(x, w, w, 1e-5, False)
-            settings = [dict(bwd_wide="looped")] + [
+            # the whole row in registers, one pass over x and dy: 16384 features are 32 elements
+            # a thread over 16 warps, 16 over 32 warps (x, dy, weight and two accumulators each)
+            fused = [dict(max_fused_n_bwd=n, bwd_warps=wp, bwd_programs_per_sm=ps)
+                     for wp, ps in itertools.product((16, 32), (1, 2)) if n <= 16384]  # fmt: skip
+            settings = fused + [dict(bwd_wide="looped")] + [
                 dict(bwd_wide="split", split_block_n=bn, split_block_m=bm, split_warps=wp, split_programs_per_sm=ps)
                 for bn, bm, wp, ps in itertools.product((256, 512, 1024), (4, 8), (4, 8), (2, 4, 8))
                 if bn * bm <= 8192
             ]  # fmt: skip
             for setting in settings:
-                _set(**setting)
+                _set(**{**default, **setting})
                 ms = do_bench(lambda: tb.norm_bwd(dy, x, w, mean, rstd, False, True, True, True), return_mode="median")
                 gbs = 3 * x.numel() * es / ms / 1e6
-                label = " ".join(f"{k.removeprefix('split_')}={v}" for k, v in setting.items())
+                label = " ".join(f"{k.removeprefix('split_')}={v}" for k, v in setting.items()).replace("max_fused_n_bwd", "fused")
                 print(f"wide bwd {str(dtype)[6:]:>8} n={n:>6} {label:<60} | {gbs:6.0f} GB/s {gbs / copy_gbs:6.1%} of copy",
                       flush=True)  # fmt: skip
             _set(**default)
@@ -73,12 +82,12 @@ def narrow_rows(default: dict) -> None:
             buf = torch.empty_like(x)
             copy_gbs = 2 * x.numel() * es / do_bench(lambda: buf.copy_(x), return_mode="median") / 1e6
             _, _, mean, rstd, _ = tb.norm_fwd(x, w, w, 1e-5, False)
-            for tile, warps in itertools.product((2048, 4096, 8192), (4, 8)):
-                _set(fwd_tile=tile, bwd_tile=tile, fwd_warps=warps, bwd_warps=warps)
+            for tile, warps, per_sm in itertools.product((2048, 4096, 8192), (4, 8), (4, 8)):
+                _set(fwd_tile=tile, bwd_tile=tile, fwd_warps=warps, bwd_warps=warps, bwd_programs_per_sm=per_sm)
                 fwd_ms = do_bench(lambda: tb.norm_fwd_inference(x, x.shape[0], n, w, w, 1e-5, False), return_mode="median")
                 bwd_ms = do_bench(lambda: tb.norm_bwd(dy, x, w, mean, rstd, False, True, True, True), return_mode="median")
                 fwd, bwd = 2 * x.numel() * es / fwd_ms / 1e6, 3 * x.numel() * es / bwd_ms / 1e6
-                print(f"narrow {str(dtype)[6:]:>8} n={n:>5} tile={tile:>5} warps={warps} | fwd {fwd / copy_gbs:6.1%} "
+                print(f"narrow {str(dtype)[6:]:>8} n={n:>5} tile={tile:>5} warps={warps} programs/SM={per_sm} | fwd {fwd / copy_gbs:6.1%} "
                       f"bwd {bwd / copy_gbs:6.1%} of copy", flush=True)  # fmt: skip
             _set(**default)
             del x, w, dy, buf, mean, rstd

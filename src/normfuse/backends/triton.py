@@ -265,8 +265,11 @@ if triton is not None:
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)
         else:
             w = tl.where(col_ok, 1.0, 0.0).to(ACC)
-        dw = tl.zeros((BLOCK_N,), dtype=ACC)
-        db = tl.zeros((BLOCK_N,), dtype=ACC)
+        # partial sums per (row lane, column) of the tile, summed over the lanes once, after the
+        # loop: summing over the tile's rows at every step costs a round of cross-warp traffic
+        # and a barrier per tile, which held narrow bf16 rows to 15-26% of copy on an H200
+        dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        db = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         row_start = pid * rows_per_prog
         row_end = tl.minimum(row_start + rows_per_prog, n_rows)
         for tile in range(row_start, row_end, BLOCK_M):
@@ -300,13 +303,13 @@ if triton is not None:
                 _store_input_grads(dh, DH_OUT, DRES, DX, offs, mask, row_key, cols[None, :], threshold, scale,
                                    HAS_DH_OUT, NEED_DRES, NEED_DX, DROPOUT, ACC)  # fmt: skip
             if NEED_DW:
-                dw += tl.sum(dy * xhat, axis=0)
+                dw += dy * xhat
             if NEED_DB:
-                db += tl.sum(dy, axis=0)
+                db += dy
         if NEED_DW:
-            tl.store(PART + pid * width + cols, dw, mask=col_ok)
+            tl.store(PART + pid * width + cols, tl.sum(dw, axis=0), mask=col_ok)
         if NEED_DB:
-            tl.store(PART + pid * width + db_offset + cols, db, mask=col_ok)
+            tl.store(PART + pid * width + db_offset + cols, tl.sum(db, axis=0), mask=col_ok)
 
     @triton.jit
     def _dx_coefficients(DY, X, W, base, n, m, r, cols, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr,
