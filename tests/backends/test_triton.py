@@ -259,3 +259,77 @@ def test_add_rms_norm_through_the_front_end():
     assert torch.equal(mask.cpu(), cpu_mask) and torch.equal(h.detach().cpu(), cpu_h)
     assert max_rel_err(out.detach().cpu(), cpu_out) <= FWD_TOL[torch.bfloat16]
     assert dx.dtype == torch.bfloat16 and dr.dtype == torch.float32 and not dx.cpu()[~cpu_mask].any()
+
+
+class _FakeCompiled:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append(("relaunch", grid, args))
+
+
+class _FakeKernel:
+    """Stands in for a JITFunction: records launches, returns a 'compiled kernel'."""
+
+    arg_names = ["X", "n", "eps", "A", "B"]
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, **consts):
+            self.calls.append(("jit", grid, args, num_warps, consts))
+            return _FakeCompiled(self.calls)
+
+        return launch
+
+
+def test_launcher_relaunches_only_the_same_specialization():
+    kernel = _FakeKernel()
+    launch = triton_backend._Launcher(kernel, 4, B=2, A=1)  # declared order: A, B
+    storage = torch.zeros(64)
+    aligned, misaligned = storage[:8], storage[1:9]  # 4 bytes off a 16-byte boundary
+    launch((3,), aligned, 10, 1e-5)
+    launch((5,), aligned, 10, 1e-5)
+    launch((5,), misaligned, 10, 1e-5)  # Triton specializes pointers on 16-byte alignment
+    launch((5,), aligned, 11, 1e-5)  # and integers on their value
+    launch((5,), aligned, 10, 1e-5, cacheable=False)
+    kinds = [call[0] for call in kernel.calls]
+    assert kinds == ["jit", "relaunch", "jit", "jit", "jit"]
+    relaunch = kernel.calls[1]
+    assert relaunch[1] == (5, 1, 1) and relaunch[2] == (aligned, 10, 1e-5, 1, 2)  # constexprs last, in order
+    assert kernel.calls[0][3:] == (4, {"B": 2, "A": 1})
+
+
+def test_argument_keys_tell_apart_what_triton_specializes_on():
+    key = triton_backend._arg_key
+    t = torch.zeros(16)
+    assert key((1,)) != key((1.0,)) != key((True,))
+    assert key((t[:4],)) == key((t[4:8],))  # both 16-byte aligned
+    assert key((t[:4],)) != key((t[1:5],))
+    assert key((t,)) != key((t.to(torch.float64),))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: the interpreter returns no compiled kernel to relaunch")
+@pytest.mark.parametrize("n", [768, MID])
+def test_relaunched_kernels_match_triton_launches(n, monkeypatch):
+    dtype = torch.bfloat16
+    x, w, b, dy = _inputs(33, n, dtype)
+    storage = torch.empty(x.numel() + 1, dtype=dtype, device=DEVICE)
+    shifted = storage[1:].view(x.shape)  # 2 bytes off alignment: another specialization
+    shifted.copy_(x)
+
+    def fwd_bwd(inp):
+        out, _, mean, rstd, _ = triton_backend.norm_fwd(inp, w, b, 1e-5, False)
+        return (out,) + _without_dres(triton_backend.norm_bwd(dy, inp, w, mean, rstd, False, True, True, True))
+
+    monkeypatch.setattr(triton_backend, "FAST_LAUNCH", False)
+    expected = fwd_bwd(x)
+    monkeypatch.setattr(triton_backend, "FAST_LAUNCH", True)
+    triton_backend.clear_config_caches()
+    for inp in (x, x, shifted, shifted, x):  # misses, then hits, for each alignment
+        for got, want in zip(fwd_bwd(inp), expected):
+            assert torch.equal(got, want)
+    fwd_launch, _ = triton_backend._fwd_plan(n, True, True, False, True, False, False, False, False, None, dtype)
+    assert len(fwd_launch.compiled) == 2  # one compiled kernel per alignment, relaunched after

@@ -535,12 +535,59 @@ def _drop_args(dropout_p: float, seed: int) -> tuple[int, int, int, float]:
     return lo, hi, _dropout.threshold(dropout_p), _dropout.scale(dropout_p)
 
 
+# Triton's ``kernel[grid](...)`` binds and specializes every argument on every call: about 20 us
+# of host time a launch on an H200's host, and 2.5x that on the thread where autograd runs a
+# CUDA op's backward (benchmarks/host_overhead.py). On a GPU the host's time is what a
+# forward+backward waits for up to 256 MiB of activations (benchmarks/fb_timeline.py), so a
+# launch seen before relaunches the compiled kernel that Triton returned for it (about 10 us).
+# The key is finer than Triton's own specialization (exact integer values; each tensor's dtype,
+# device and 16-byte alignment, which is all Triton specializes a pointer on), so a hit is the
+# very kernel Triton would have picked. Dropout's per-call seeds would never hit: not cached.
+FAST_LAUNCH = os.environ.get("NORMFUSE_TRITON_FAST_LAUNCH", "1") != "0"
+_MAX_COMPILED_PER_KERNEL = 256
+
+
+def _arg_key(args: tuple) -> tuple:
+    return tuple([
+        (a.dtype, a.get_device(), a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+        else a if type(a) is int else (type(a), a)  # 1, 1.0 and True are equal keys otherwise
+        for a in args
+    ])  # fmt: skip
+
+
+class _Launcher:
+    """A Triton kernel with fixed constexpr arguments and warps, launched as ``launcher(grid, *args)``."""
+
+    __slots__ = ("kernel", "consts", "num_warps", "compiled")
+
+    def __init__(self, kernel, num_warps: int, **consts) -> None:
+        self.kernel, self.consts, self.num_warps = kernel, consts, num_warps
+        self.compiled: dict[tuple, tuple] = {}  # argument key -> (compiled kernel, constexpr values)
+
+    def __call__(self, grid: tuple[int, ...], *args, cacheable: bool = True) -> None:
+        if not (cacheable and FAST_LAUNCH):
+            self.kernel[grid](*args, num_warps=self.num_warps, **self.consts)
+            return
+        key = _arg_key(args)
+        hit = self.compiled.get(key)
+        if hit is not None:
+            compiled, const_values = hit
+            compiled[(*grid, 1, 1)[:3]](*args, *const_values)
+            return
+        compiled = self.kernel[grid](*args, num_warps=self.num_warps, **self.consts)
+        # None under the interpreter; arg_names orders the constexprs as the kernel declares them
+        if compiled is not None and len(self.compiled) < _MAX_COMPILED_PER_KERNEL:
+            names = getattr(self.kernel, "arg_names", None)
+            if names is not None and len(names) == len(args) + len(self.consts):
+                self.compiled[key] = (compiled, tuple(self.consts[name] for name in names[len(args):]))
+
+
 # Launch plans: everything about a launch that follows from the sizes and flags, worked out once
 # per distinct call. On a GPU the host's time per call is what small and mid-sized tensors wait
 # for (benchmarks/host_overhead.py), and rebuilding these dicts cost several microseconds a call.
 @functools.lru_cache(maxsize=1024)
 def _fwd_plan(n, has_w, has_b, rms, store_stats, add, has_res, dropout, store_mask, xhat_dtype, acc_dtype_):
-    """(kernel, rows per program, constexpr arguments, num_warps) of a forward over rows of n."""
+    """(launcher, rows per program) of a forward over rows of n: _fwd_rows below MAX_FUSED_N, else _fwd_looped."""
     consts = dict(
         HAS_W=has_w, HAS_B=has_b, RMS=rms, STORE_STATS=store_stats, ADD=add, HAS_RES=has_res, DROPOUT=dropout,
         STORE_MASK=store_mask, XHAT=_TL_DTYPES[xhat_dtype] if xhat_dtype is not None else None,
@@ -548,15 +595,15 @@ def _fwd_plan(n, has_w, has_b, rms, store_stats, add, has_res, dropout, store_ma
     )  # fmt: skip
     if n <= MAX_FUSED_N:
         block_m, block_n, num_warps = _fwd_config(n)
-        return _fwd_rows, block_m, dict(consts, BLOCK_M=block_m, BLOCK_N=block_n), num_warps
-    return _fwd_looped, 1, dict(consts, BLOCK_N=TUNING["loop_block_n"]), TUNING["loop_warps"]
+        return _Launcher(_fwd_rows, num_warps, BLOCK_M=block_m, BLOCK_N=block_n, **consts), block_m
+    return _Launcher(_fwd_looped, TUNING["loop_warps"], BLOCK_N=TUNING["loop_block_n"], **consts), 1
 
 
 def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None):
     """``add`` is None (plain norm of x) or (residual or None, h, mask or None, dropout_p, seed)."""
     store_stats = mean is not None
     if add is None:
-        kernel, block_m, consts, num_warps = _fwd_plan(
+        launch, block_m = _fwd_plan(
             n, weight is not None, bias is not None, bool(rms), store_stats, False, False, False, False, xhat_dtype,
             x.dtype,
         )  # fmt: skip
@@ -567,7 +614,7 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         residual, h, mask, dropout_p, seed = add
         dropout = dropout_p > 0.0
         store_mask = dropout and mask is not None
-        kernel, block_m, consts, num_warps = _fwd_plan(
+        launch, block_m = _fwd_plan(
             n, weight is not None, bias is not None, bool(rms), store_stats, True, residual is not None, dropout,
             store_mask, xhat_dtype, h.dtype,
         )  # fmt: skip
@@ -577,10 +624,11 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
             mean if store_stats else x, rstd if store_stats else x,
         )  # fmt: skip
         drop = _drop_args(dropout_p if dropout else 0.0, seed)
-    if kernel is _fwd_rows:
-        kernel[(triton.cdiv(n_rows, block_m),)](*ptrs, n_rows, n, eps, *drop, num_warps=num_warps, **consts)
+    cacheable = drop[0] == 0 and drop[1] == 0  # a dropout seed is new on every call
+    if launch.kernel is _fwd_rows:
+        launch((triton.cdiv(n_rows, block_m),), *ptrs, n_rows, n, eps, *drop, cacheable=cacheable)
     else:
-        kernel[(n_rows,)](*ptrs, n, eps, *drop, num_warps=num_warps, **consts)
+        launch((n_rows,), *ptrs, n, eps, *drop, cacheable=cacheable)
 
 
 def _params(weight, bias):
@@ -640,16 +688,15 @@ def norm_fwd_inference(
 
 
 class _BwdPlan(NamedTuple):
-    kernel: object  # _bwd_rows, _bwd_looped or _bwd_cols (after _bwd_row_sums)
+    launch: _Launcher  # _bwd_rows, _bwd_looped or _bwd_cols (after row_sums)
     grid: tuple[int, ...]
-    consts: dict  # the kernel's constexpr arguments
-    num_warps: int
+    row_sums: _Launcher | None  # _bwd_row_sums, before _bwd_cols
     n_parts: int  # partial [dw | db] rows for _sum_partials
     rows_per_prog: int
     width: int  # of a partial row
     db_offset: int
+    sums: _Launcher  # _sum_partials
     sum_grid: tuple[int]
-    sum_block: int
 
 
 @functools.lru_cache(maxsize=1024)
@@ -665,17 +712,17 @@ def _bwd_plan(n_rows, n, n_sm, has_w, rms, need_dx, need_dweight, need_dbias, ha
         block_n, num_warps = TUNING["split_block_n"], TUNING["split_warps"]
         col_blocks = triton.cdiv(n, block_n)
         n_parts = min(n_rows, max(1, triton.cdiv(TUNING["split_programs_per_sm"] * n_sm, col_blocks)))
-        consts = dict(flags, BLOCK_M=TUNING["split_block_m"], BLOCK_N=block_n)
-        kernel = _bwd_cols
+        launch = _Launcher(_bwd_cols, num_warps, BLOCK_M=TUNING["split_block_m"], BLOCK_N=block_n, **flags)
+        row_sums = _Launcher(_bwd_row_sums, TUNING["sums_warps"], BLOCK_N=TUNING["sums_block_n"], HAS_W=has_w,
+                             RMS=rms, ACC=flags["ACC"])  # fmt: skip
     else:
         if n <= MAX_FUSED_N_BWD:
             block_m, block_n, num_warps, per_sm = _bwd_config(n)
-            consts = dict(flags, RMS=rms, BLOCK_M=block_m, BLOCK_N=block_n)
-            kernel = _bwd_rows
+            launch = _Launcher(_bwd_rows, num_warps, BLOCK_M=block_m, BLOCK_N=block_n, RMS=rms, **flags)
         else:
             per_sm, num_warps = TUNING["bwd_programs_per_sm"] or 1, TUNING["bwd_loop_warps"]
-            consts = dict(flags, RMS=rms, BLOCK_N=TUNING["bwd_loop_block_n"])
-            kernel = _bwd_looped
+            launch = _Launcher(_bwd_looped, num_warps, BLOCK_N=TUNING["bwd_loop_block_n"], RMS=rms, **flags)
+        row_sums = None
         n_parts = min(n_rows, per_sm * n_sm)
     rows_per_prog = triton.cdiv(n_rows, n_parts)
     n_parts = triton.cdiv(n_rows, rows_per_prog)
@@ -683,8 +730,9 @@ def _bwd_plan(n_rows, n, n_sm, has_w, rms, need_dx, need_dweight, need_dbias, ha
     # narrow blocks give narrow rows enough programs; wide rows need fewer, wider ones
     sum_block = 64 if width <= 65536 else 1024
     return _BwdPlan(
-        kernel, (col_blocks, n_parts) if split else (n_parts,), consts, num_warps, n_parts, rows_per_prog, width,
-        n if need_dweight else 0, (triton.cdiv(width, sum_block),), sum_block,
+        launch, (col_blocks, n_parts) if split else (n_parts,), row_sums, n_parts, rows_per_prog, width,
+        n if need_dweight else 0, _Launcher(_sum_partials, 4, BLOCK_P=32, BLOCK_N=sum_block),
+        (triton.cdiv(width, sum_block),),
     )  # fmt: skip
 
 
@@ -728,24 +776,21 @@ def norm_bwd(
     part = torch.empty((plan.n_parts, max(plan.width, 1)), dtype=acc, device=h.device)
     w = weight if weight is not None else h
     extra = ()
-    if plan.kernel is _bwd_cols:
+    if plan.row_sums is not None:
         rowstat = torch.empty((n_rows, 3), dtype=acc, device=h.device)
-        _bwd_row_sums[(n_rows,)](
-            dy, h, w, mean, rstd, rowstat, n, BLOCK_N=TUNING["sums_block_n"], HAS_W=weight is not None,
-            RMS=bool(rms), ACC=_tl_acc(acc), num_warps=TUNING["sums_warps"],
-        )  # fmt: skip
+        plan.row_sums((n_rows,), dy, h, w, mean, rstd, rowstat, n)
         extra = (rowstat,)
-    plan.kernel[plan.grid](
-        dy, h, w, mean, rstd, *extra, dh_out if dh_out is not None else h, dres if dres is not None else h,
+    plan.launch(
+        plan.grid, dy, h, w, mean, rstd, *extra, dh_out if dh_out is not None else h, dres if dres is not None else h,
         dx if need_dx else h, part, n_rows, n, plan.rows_per_prog, plan.width, plan.db_offset,
-        *_drop_args(dropout_p if dropout else 0.0, seed), num_warps=plan.num_warps, **plan.consts,
+        *_drop_args(dropout_p if dropout else 0.0, seed), cacheable=not dropout,
     )  # fmt: skip
     # _sum_partials adds in the accumulation dtype and rounds once, on the store
     dweight = torch.empty(n, dtype=dweight_dtype or acc, device=h.device) if need_dweight else None
     dbias = torch.empty(n, dtype=dbias_dtype or acc, device=h.device) if need_dbias else None
     if plan.width:
-        _sum_partials[plan.sum_grid](
-            part, dweight if need_dweight else dbias, dbias if need_dbias else dweight,
-            plan.n_parts, plan.width, plan.db_offset, BLOCK_P=32, BLOCK_N=plan.sum_block, num_warps=4,
+        plan.sums(
+            plan.sum_grid, part, dweight if need_dweight else dbias, dbias if need_dbias else dweight,
+            plan.n_parts, plan.width, plan.db_offset,
         )  # fmt: skip
     return dx, dres, dweight, dbias
