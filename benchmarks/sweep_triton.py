@@ -83,7 +83,8 @@ def narrow_rows(default: dict) -> None:
             copy_gbs = 2 * x.numel() * es / do_bench(lambda: buf.copy_(x), return_mode="median") / 1e6
             _, _, mean, rstd, _ = tb.norm_fwd(x, w, w, 1e-5, False)
             for tile, warps, per_sm in itertools.product((2048, 4096, 8192), (4, 8), (4, 8)):
-                _set(fwd_tile=tile, bwd_tile=tile, fwd_warps=warps, bwd_warps=warps, bwd_programs_per_sm=per_sm)
+                _set(fwd_tile=tile, bwd_tile=tile, bwd_tile_fp32_256=tile, fwd_warps=warps, bwd_warps=warps,
+                     bwd_programs_per_sm=per_sm)  # fmt: skip
                 fwd_ms = do_bench(lambda: tb.norm_fwd_inference(x, x.shape[0], n, w, w, 1e-5, False), return_mode="median")
                 bwd_ms = do_bench(lambda: tb.norm_bwd(dy, x, w, mean, rstd, False, True, True, True), return_mode="median")
                 fwd, bwd = 2 * x.numel() * es / fwd_ms / 1e6, 3 * x.numel() * es / bwd_ms / 1e6

@@ -75,6 +75,10 @@ TUNING = {
     # half the bytes of an fp32 one, which may be too few in flight (sweep_triton.py --narrow)
     "fwd_tile": 2048,
     "bwd_tile": 2048,
+    # sweep_triton.py --narrow on an H200 (sixth session): fp32 rows of up to 256 features reach
+    # 84% of copy in the backward with 4096-element tiles against 61% with 2048; bf16 rows of 256
+    # fall from 82% to 59% with 4096, and every other width does best at 2048
+    "bwd_tile_fp32_256": 4096,
 }
 
 
@@ -491,8 +495,9 @@ def _fwd_config(n: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _bwd_config(n: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, programs per SM): tiles of about 2048 elements or one row.
+def _bwd_config(n: int, elem_bytes: int = 4) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, programs per SM): tiles of about 2048 elements (4096 for fp32
+    rows of up to 256 features) or one row; ``elem_bytes`` is the input's element size.
 
     From benchmarks/sweep_triton.py on an H200 (256 MiB, bf16 and fp32): 4 warps and 4
     programs per SM up to 2048 features, 8 warps and 2 per SM at 4096, 16 warps and 1 per SM
@@ -501,8 +506,9 @@ def _bwd_config(n: int) -> tuple[int, int, int, int]:
     block_n = triton.next_power_of_2(n)
     num_warps = 4 if block_n <= 2048 else 8 if block_n <= 4096 else 16
     per_sm = 4 if block_n <= 2048 else 2 if block_n <= 4096 else 1
+    tile = TUNING["bwd_tile_fp32_256"] if block_n <= 256 and elem_bytes == 4 else TUNING["bwd_tile"]
     return (
-        max(1, min(16, TUNING["bwd_tile"] // block_n)), block_n,
+        max(1, min(16, tile // block_n)), block_n,
         TUNING["bwd_warps"] or num_warps, TUNING["bwd_programs_per_sm"] or per_sm,
     )  # fmt: skip
 
@@ -700,7 +706,8 @@ class _BwdPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1024)
-def _bwd_plan(n_rows, n, n_sm, has_w, rms, need_dx, need_dweight, need_dbias, has_dh_out, need_dres, dropout, acc):
+def _bwd_plan(n_rows, n, n_sm, has_w, rms, need_dx, need_dweight, need_dbias, has_dh_out, need_dres, dropout, acc,
+              elem_bytes=4):  # fmt: skip
     """How a backward over n_rows rows of n runs: which kernel, its grid and settings."""
     flags = dict(
         HAS_W=has_w, NEED_DX=need_dx, NEED_DW=need_dweight, NEED_DB=need_dbias, HAS_DH_OUT=has_dh_out,
@@ -717,7 +724,7 @@ def _bwd_plan(n_rows, n, n_sm, has_w, rms, need_dx, need_dweight, need_dbias, ha
                              RMS=rms, ACC=flags["ACC"])  # fmt: skip
     else:
         if n <= MAX_FUSED_N_BWD:
-            block_m, block_n, num_warps, per_sm = _bwd_config(n)
+            block_m, block_n, num_warps, per_sm = _bwd_config(n, elem_bytes)
             launch = _Launcher(_bwd_rows, num_warps, BLOCK_M=block_m, BLOCK_N=block_n, RMS=rms, **flags)
         else:
             per_sm, num_warps = TUNING["bwd_programs_per_sm"] or 1, TUNING["bwd_loop_warps"]
@@ -771,7 +778,7 @@ def norm_bwd(
     dropout = add and dropout_p > 0.0
     plan = _bwd_plan(
         n_rows, n, _multiprocessors(h.get_device()), weight is not None, bool(rms), bool(need_dx),
-        bool(need_dweight), bool(need_dbias), dh_out is not None, dres is not None, dropout, acc,
+        bool(need_dweight), bool(need_dbias), dh_out is not None, dres is not None, dropout, acc, h.element_size(),
     )  # fmt: skip
     part = torch.empty((plan.n_parts, max(plan.width, 1)), dtype=acc, device=h.device)
     w = weight if weight is not None else h
