@@ -7,12 +7,13 @@
 # layer by layer, with a profile), tests (the Triton kernels' tests and every test parametrized by
 # device, on cuda), timeline (fb_timeline.py: host, GPU and do_bench time per call), ln (bench_gpu.py for LayerNorm, --quick unless FULL=1), ops (bench_gpu.py
 # --quick for each op in OPS), wide (sweep_triton.py --wide: the wide-row backward, looped vs
-# split), narrow (sweep_triton.py --narrow: tile size for narrow rows), sweep (sweep_triton.py). Each stage has its own timeout
+# split), narrow (sweep_triton.py --narrow: tile size for narrow rows), fwd (sweep_triton.py --fwd:
+# warps for wide forward rows), sweep (sweep_triton.py). Each stage has its own timeout
 # so that one slow stage leaves the others their time; MIB picks the activation sizes.
 # Liger-Kernel travels as a wheel in .whl/ (see /work/.library/device/README.md).
 set -u
 OUT=${OUT:-/tmp/normfuse-gpu}
-STAGES=${STAGES:-overhead tests timeline wide narrow ln ops sweep}
+STAGES=${STAGES:-overhead tests timeline wide narrow fwd ln ops sweep}
 MIB=${MIB:-32 256}
 OPS=${OPS:-rms_norm add_rms_norm add_layer_norm}
 mkdir -p "$OUT"
@@ -44,6 +45,9 @@ if has wide; then
 fi
 if has narrow; then
   timeout "${NARROW_TIMEOUT:-120}" python3 benchmarks/sweep_triton.py --narrow 2>&1 | tee "$OUT/narrow.log" | grep narrow
+fi
+if has fwd; then
+  timeout "${FWD_TIMEOUT:-120}" python3 benchmarks/sweep_triton.py --fwd 2>&1 | tee "$OUT/fwd.log" | grep "^fwd"
 fi
 if has ln; then
   timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_gpu.py $quick --mib $MIB 2>&1 | tee "$OUT/bench.log" | grep -v Warning

@@ -1,17 +1,18 @@
 """Launch-setting sweep for the Triton kernels, side by side on one GPU (256 MiB activations).
 
-    python benchmarks/sweep_triton.py [--wide]
+    python benchmarks/sweep_triton.py [--wide | --narrow | --fwd]
 
-Backward (the fused kernel and the looped one for wide rows) over warps per program and
-programs per SM; the looped forward over chunk size and warps. ``--wide``: only rows wider than
-``MAX_FUSED_N_BWD``, the looped backward (current settings) against the split one (row sums,
-then a grid of column blocks and row groups) over its block shape, warps and programs per SM,
-and, at 16384 features, the one-pass kernel with the whole row in registers.
-``--narrow``: rows of 256-2048 features, forward and backward over the tile (rows per program
-step, in elements), warps and the backward's programs per SM: whether bf16, whose tile holds half the bytes, wants a bigger one. Prints GB/s (fewest bytes:
-backward reads x and dy and writes dx; forward reads x and writes y) and the fraction of a
-device-to-device copy measured in the same run. The winners go into ``TUNING`` in
-``normfuse/backends/triton.py``.
+Without options: the backward (the fused kernel and the looped one for wide rows) over warps per
+program and programs per SM, and the looped forward over chunk size and warps. ``--wide``: only
+rows wider than ``MAX_FUSED_N_BWD``: the looped backward against the split one (row sums, then a
+grid of column blocks and row groups) over its block shape, warps and programs per SM, and at
+16384 features the one-pass kernel with the whole row in registers. ``--narrow``: rows of
+256-2048 features, forward and backward over the tile (rows per program step, in elements),
+warps and the backward's programs per SM. ``--fwd``: the forward of wide rows over warps, and at
+32768 features the whole row in registers against the looped forward (not yet run on a GPU).
+Prints GB/s (fewest bytes: backward reads x and dy and writes dx; forward reads x and writes y)
+and the fraction of a device-to-device copy measured in the same run. The winners go into
+``TUNING`` in ``normfuse/backends/triton.py``.
 """
 
 from __future__ import annotations
@@ -95,10 +96,38 @@ def narrow_rows(default: dict) -> None:
             torch.cuda.empty_cache()
 
 
+def wide_forward(default: dict) -> None:
+    """Forward of wide rows: warps for rows held whole in registers (4096-16384 features), and at
+    32768 the whole row in registers (MAX_FUSED_N raised) against the looped forward."""
+    for dtype in (torch.bfloat16, torch.float32):
+        es = torch.finfo(dtype).bits // 8
+        for n in (4096, 8192, 16384, 32768):
+            x, w, _ = _tensors(n, dtype)
+            buf = torch.empty_like(x)
+            copy_gbs = 2 * x.numel() * es / do_bench(lambda: buf.copy_(x), return_mode="median") / 1e6
+            for warps in (4, 8, 16, 32):
+                for max_fused in sorted({_DEFAULT_MAX_FUSED_N, max(n, _DEFAULT_MAX_FUSED_N)}):
+                    tb.MAX_FUSED_N = max_fused
+                    _set(fwd_warps=warps, loop_warps=warps)
+                    fused = n <= tb.MAX_FUSED_N
+                    ms = do_bench(lambda: tb.norm_fwd_inference(x, x.shape[0], n, w, w, 1e-5, False), return_mode="median")
+                    gbs = 2 * x.numel() * es / ms / 1e6
+                    print(f"fwd {str(dtype)[6:]:>8} n={n:>6} warps={warps:>2} {'fused' if fused else 'looped':>6} | "
+                          f"{gbs:6.0f} GB/s {gbs / copy_gbs:6.1%} of copy", flush=True)  # fmt: skip
+            tb.MAX_FUSED_N = _DEFAULT_MAX_FUSED_N
+            _set(**default)
+            del x, w, buf
+            torch.cuda.empty_cache()
+
+
+_DEFAULT_MAX_FUSED_N = tb.MAX_FUSED_N
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wide", action="store_true", help="only the wide-row backward: looped vs split")
     parser.add_argument("--narrow", action="store_true", help="only narrow rows: tile size and warps")
+    parser.add_argument("--fwd", action="store_true", help="only the forward of wide rows: warps, fused or looped")
     args = parser.parse_args()
     default = dict(tb.TUNING)
     print(f"device {torch.cuda.get_device_name()}, defaults {default}")
@@ -106,7 +135,9 @@ def main() -> None:
         wide_backward(default)
     if args.narrow:
         narrow_rows(default)
-    if args.wide or args.narrow:
+    if args.fwd:
+        wide_forward(default)
+    if args.wide or args.narrow or args.fwd:
         return
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.finfo(dtype).bits // 8
