@@ -167,3 +167,28 @@ def test_residual_add_flags_match_reference(x_dtype, res_dtype, with_residual, d
     if with_residual:
         assert norm_err(dres, rdres) <= tol[res_dtype]
     assert norm_err(dw, rdw) <= (1e-10 if x_dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.parametrize("n", [cpu._PILOT_FEATURES, 1000])
+def test_pilot_mean_keeps_statistics_exact_where_the_row_starts_unlike_its_rest(n):
+    """The forward's first mean is a pilot over a row's first elements: rows whose first elements
+    differ from the rest (an outlier, a step, a large offset there) must keep their accuracy."""
+    rows = torch.randn(6, n, dtype=torch.float64)
+    rows[0] += 1e4  # a large offset all along: the pilot is close
+    rows[1, :3] = 1e6  # outliers among the first elements
+    rows[2, : n // 2] += 300.0  # a step: the pilot sees only one side
+    rows[3] = rows[3] * 1e-3 + 7.0
+    rows[4, 0] = -5e4
+    rows[5, 1] = float("inf")
+    x = rows.float()
+    w = torch.randn(n).float()
+    b = torch.randn(n).float()
+    out, _, mean, rstd, _ = cpu.norm_fwd(x, w, b, 1e-5, False)
+    ref_out, _, ref_mean, ref_rstd, _ = reference.norm_fwd(x, w, b, 1e-5, False)
+    finite = slice(0, 5)
+    assert max_rel_err(out[finite], ref_out[finite]) <= FWD_TOL[torch.float32]
+    # the mean to fp32 rounding of the row's largest element (a sum over the row in fp32)
+    scale = x[finite].abs().amax(1).double()
+    assert ((mean[finite].double() - ref_mean[finite].double()).abs() <= 1e-7 * scale).all()
+    assert max_rel_err(rstd[finite], ref_rstd[finite]) < 1e-5
+    assert out[5].isnan().all()

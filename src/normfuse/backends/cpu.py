@@ -275,7 +275,7 @@ def _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats,
         s = acc_scalar(h, 0.0)
         for j in range(k):
             s += load(h, i, j)
-        m1 = s * inv_n if k == n else s / acc_scalar(h, k)
+        m1 = s / acc_scalar(h, k)
     sd, sdd = _centred_sums(h, i, m1)
     c = acc_scalar(h, 0.0) if rms else sd * inv_n
     var = sdd * inv_n - c * c
