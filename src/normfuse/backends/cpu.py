@@ -266,8 +266,9 @@ def _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats,
         # A pilot mean of the row's first elements, not a whole pass: the centred sums below
         # correct it (c), and while c * c <= var their cancellation costs var at most one more
         # ulp. A row where it would cost more (an outlier among its first elements; NaN, Inf)
-        # takes the exact mean first. This saves one of the forward's three passes over the row:
-        # 6-15% of the bf16 forward (benchmarks/ab_cpu.py --forward).
+        # takes the centred sums again around the corrected mean m1 + c, as accurate as the sum
+        # pass it replaces. This saves one of the forward's three passes over the row wherever
+        # the pilot holds: 1.11-1.21x on the bf16 forward (benchmarks/ab_cpu.py --forward).
         # The sums are not inside the add's loop: a sum in a loop that also stores lets LLVM
         # choose a scalar or a vector order by runtime pointer-overlap checks (rounding would
         # then depend on buffer addresses).
@@ -280,10 +281,7 @@ def _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats,
     c = acc_scalar(h, 0.0) if rms else sd * inv_n
     var = sdd * inv_n - c * c
     if not rms and not c * c <= var:
-        s = acc_scalar(h, 0.0)
-        for j in range(n):
-            s += load(h, i, j)
-        m1 = s * inv_n
+        m1 = m1 + c
         sd, sdd = _centred_sums(h, i, m1)
         c = sd * inv_n
         var = sdd * inv_n - c * c
