@@ -29,10 +29,13 @@ SIZE = 256 * 2**20
 
 
 def _tensors(n: int, dtype: torch.dtype):
+    """(x, w, dy, copy GB/s): 256 MiB rows of n, and a device-to-device copy of x timed now."""
     m = SIZE // (n * torch.finfo(dtype).bits // 8)
     x = torch.randn(m, n, device="cuda", dtype=dtype)
     w = torch.randn(n, device="cuda", dtype=dtype)
-    return x, w, torch.randn_like(x)
+    buf = torch.empty_like(x)
+    copy_gbs = 2 * x.numel() * x.element_size() / do_bench(lambda: buf.copy_(x), return_mode="median") / 1e6
+    return x, w, torch.randn_like(x), copy_gbs
 
 
 def _set(max_fused_n_bwd: int | None = None, **settings) -> None:
@@ -49,9 +52,7 @@ def wide_backward(default: dict) -> None:
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.finfo(dtype).bits // 8
         for n in (16384, 32768, 65536):
-            x, w, dy = _tensors(n, dtype)
-            buf = torch.empty_like(x)
-            copy_gbs = 2 * x.numel() * es / do_bench(lambda: buf.copy_(x), return_mode="median") / 1e6
+            x, w, dy, copy_gbs = _tensors(n, dtype)
             _, _, mean, rstd, _ = tb.norm_fwd(x, w, w, 1e-5, False)
             # the whole row in registers, one pass over x and dy: 16384 features are 32 elements
             # a thread over 16 warps, 16 over 32 warps (x, dy, weight and two accumulators each)
@@ -70,7 +71,7 @@ def wide_backward(default: dict) -> None:
                 print(f"wide bwd {str(dtype)[6:]:>8} n={n:>6} {label:<60} | {gbs:6.0f} GB/s {gbs / copy_gbs:6.1%} of copy",
                       flush=True)  # fmt: skip
             _set(**default)
-            del x, w, dy, buf, mean, rstd
+            del x, w, dy, mean, rstd
             torch.cuda.empty_cache()
 
 
@@ -79,9 +80,7 @@ def narrow_rows(default: dict) -> None:
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.finfo(dtype).bits // 8
         for n in (256, 512, 1024, 2048):
-            x, w, dy = _tensors(n, dtype)
-            buf = torch.empty_like(x)
-            copy_gbs = 2 * x.numel() * es / do_bench(lambda: buf.copy_(x), return_mode="median") / 1e6
+            x, w, dy, copy_gbs = _tensors(n, dtype)
             _, _, mean, rstd, _ = tb.norm_fwd(x, w, w, 1e-5, False)
             for tile, warps, per_sm in itertools.product((2048, 4096, 8192), (4, 8), (4, 8)):
                 _set(fwd_tile=tile, bwd_tile=tile, bwd_tile_fp32_256=tile, fwd_warps=warps, bwd_warps=warps,
@@ -92,7 +91,7 @@ def narrow_rows(default: dict) -> None:
                 print(f"narrow {str(dtype)[6:]:>8} n={n:>5} tile={tile:>5} warps={warps} programs/SM={per_sm} | fwd {fwd / copy_gbs:6.1%} "
                       f"bwd {bwd / copy_gbs:6.1%} of copy", flush=True)  # fmt: skip
             _set(**default)
-            del x, w, dy, buf, mean, rstd
+            del x, w, dy, mean, rstd
             torch.cuda.empty_cache()
 
 
@@ -102,9 +101,7 @@ def wide_forward(default: dict) -> None:
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.finfo(dtype).bits // 8
         for n in (4096, 8192, 16384, 32768):
-            x, w, _ = _tensors(n, dtype)
-            buf = torch.empty_like(x)
-            copy_gbs = 2 * x.numel() * es / do_bench(lambda: buf.copy_(x), return_mode="median") / 1e6
+            x, w, _, copy_gbs = _tensors(n, dtype)
             for warps in (4, 8, 16, 32):
                 for max_fused in sorted({_DEFAULT_MAX_FUSED_N, max(n, _DEFAULT_MAX_FUSED_N)}):
                     tb.MAX_FUSED_N = max_fused
@@ -116,7 +113,7 @@ def wide_forward(default: dict) -> None:
                           f"{gbs:6.0f} GB/s {gbs / copy_gbs:6.1%} of copy", flush=True)  # fmt: skip
             tb.MAX_FUSED_N = _DEFAULT_MAX_FUSED_N
             _set(**default)
-            del x, w, buf
+            del x, w
             torch.cuda.empty_cache()
 
 
@@ -142,9 +139,7 @@ def main() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.finfo(dtype).bits // 8
         for n in (1024, 4096, 8192, 16384, 65536):
-            x, w, dy = _tensors(n, dtype)
-            buf = torch.empty_like(x)
-            copy_gbs = 2 * x.numel() * es / do_bench(lambda: buf.copy_(x), return_mode="median") / 1e6
+            x, w, dy, copy_gbs = _tensors(n, dtype)
             _, _, mean, rstd, _ = tb.norm_fwd(x, w, w, 1e-5, False)
             bwd_bytes = 3 * x.numel() * es
             fused = n <= tb.MAX_FUSED_N_BWD
@@ -171,7 +166,7 @@ def main() -> None:
                         flush=True,
                     )
                 _set(**default)
-            del x, w, dy, buf, mean, rstd
+            del x, w, dy, mean, rstd
             torch.cuda.empty_cache()
 
 
