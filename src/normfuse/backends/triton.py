@@ -495,7 +495,7 @@ def _fwd_config(n: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _bwd_config(n: int, elem_bytes: int = 4) -> tuple[int, int, int, int]:
+def _bwd_config(n: int, elem_bytes: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, programs per SM): tiles of about 2048 elements (4096 for fp32
     rows of up to 256 features) or one row; ``elem_bytes`` is the input's element size.
 
@@ -707,7 +707,7 @@ class _BwdPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=1024)
 def _bwd_plan(n_rows, n, n_sm, has_w, rms, need_dx, need_dweight, need_dbias, has_dh_out, need_dres, dropout, acc,
-              elem_bytes=4):  # fmt: skip
+              elem_bytes):  # fmt: skip
     """How a backward over n_rows rows of n runs: which kernel, its grid and settings."""
     flags = dict(
         HAS_W=has_w, NEED_DX=need_dx, NEED_DW=need_dweight, NEED_DB=need_dbias, HAS_DH_OUT=has_dh_out,
