@@ -8,8 +8,9 @@ rows wider than ``MAX_FUSED_N_BWD``: the looped backward against the split one (
 grid of column blocks and row groups) over its block shape, warps and programs per SM, and at
 16384 features the one-pass kernel with the whole row in registers. ``--narrow``: rows of
 256-2048 features, forward and backward over the tile (rows per program step, in elements),
-warps and the backward's programs per SM. ``--fwd``: the forward of wide rows over warps, and at
-32768 features the whole row in registers against the looped forward (not yet run on a GPU).
+warps and the backward's programs per SM. ``--fwd``: the forward of wide rows: warps and the
+paired sums for rows in registers (up to 32768 features), and the looped forward's warps, chunk,
+programs per SM and output-sweep direction.
 Prints GB/s (fewest bytes: backward reads x and dy and writes dx; forward reads x and writes y)
 and the fraction of a device-to-device copy measured in the same run. The winners go into
 ``TUNING`` in ``normfuse/backends/triton.py``.
@@ -96,21 +97,30 @@ def narrow_rows(default: dict) -> None:
 
 
 def wide_forward(default: dict) -> None:
-    """Forward of wide rows: warps for rows held whole in registers (4096-16384 features), and at
-    32768 the whole row in registers (MAX_FUSED_N raised) against the looped forward."""
+    """Forward of wide rows. Held whole in registers (8192-16384 features, and 32768 with
+    MAX_FUSED_N raised): warps, and the centred sums in one reduction or two. Looped (32768 and
+    65536): warps, chunk, programs per SM (each program taking every grid-th row, so that fewer
+    rows are in flight and the output sweep may find its row in L2) and the output sweep's
+    direction."""
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.finfo(dtype).bits // 8
-        for n in (4096, 8192, 16384, 32768):
+        for n in (8192, 16384, 32768, 65536):
             x, w, _, copy_gbs = _tensors(n, dtype)
-            for warps in (4, 8, 16, 32):
-                for max_fused in sorted({_DEFAULT_MAX_FUSED_N, max(n, _DEFAULT_MAX_FUSED_N)}):
-                    tb.MAX_FUSED_N = max_fused
-                    _set(fwd_warps=warps, loop_warps=warps)
-                    fused = n <= tb.MAX_FUSED_N
-                    ms = do_bench(lambda: tb.norm_fwd_inference(x, x.shape[0], n, w, w, 1e-5, False), return_mode="median")
-                    gbs = 2 * x.numel() * es / ms / 1e6
-                    print(f"fwd {str(dtype)[6:]:>8} n={n:>6} warps={warps:>2} {'fused' if fused else 'looped':>6} | "
-                          f"{gbs:6.0f} GB/s {gbs / copy_gbs:6.1%} of copy", flush=True)  # fmt: skip
+            fused = [dict(max_fused_n=n, fwd_warps=wp, fwd_paired_sums=paired)
+                     for wp, paired in itertools.product((8, 16, 32), (True, False)) if n <= 32768]  # fmt: skip
+            looped = [dict(loop_warps=wp, loop_block_n=bn, loop_programs_per_sm=ps, loop_reverse=rev)
+                      for wp, bn, rev, ps in itertools.product((8, 16, 32), (4096, 8192), (False, True), (None, 1, 2))
+                      if n > 16384]  # fmt: skip
+            for setting in fused + looped:
+                tb.MAX_FUSED_N = setting.get("max_fused_n", _DEFAULT_MAX_FUSED_N)
+                _set(**{**default, **{k: v for k, v in setting.items() if k != "max_fused_n"}})
+                ms = do_bench(lambda: tb.norm_fwd_inference(x, x.shape[0], n, w, w, 1e-5, False), return_mode="median")
+                gbs = 2 * x.numel() * es / ms / 1e6
+                kind = "fused" if n <= tb.MAX_FUSED_N else "looped"
+                label = " ".join(f"{k.removeprefix('loop_').removeprefix('fwd_')}={v}" for k, v in setting.items()
+                                 if k != "max_fused_n")  # fmt: skip
+                print(f"fwd {str(dtype)[6:]:>8} n={n:>6} {kind:>6} {label:<55} | {gbs:6.0f} GB/s {gbs / copy_gbs:6.1%} of copy",
+                      flush=True)  # fmt: skip
             tb.MAX_FUSED_N = _DEFAULT_MAX_FUSED_N
             _set(**default)
             del x, w

@@ -55,6 +55,12 @@ MAX_FUSED_N_BWD = 8192
 TUNING = {
     "loop_block_n": 4096,  # forward: chunk of a wide row per loop step
     "loop_warps": 8,
+    # programs per SM for the looped forward, each taking every grid-th row (None: one program
+    # a row), and whether its output sweep walks the row backwards (sweep_triton.py --fwd)
+    "loop_programs_per_sm": None,
+    "loop_reverse": False,
+    # _fwd_rows: the centred sum and sum of squares in one reduction (sweep_triton.py --fwd)
+    "fwd_paired_sums": True,
     # backward, rows wider than MAX_FUSED_N_BWD: "split" (_bwd_row_sums, then _bwd_cols over a
     # 2-D grid of column blocks and row groups) or "looped" (_bwd_looped, one program per row range)
     "bwd_wide": "split",
@@ -134,12 +140,16 @@ if triton is not None:
         return h.to(ACC)
 
     @triton.jit
+    def _add2(a0, a1, b0, b1):
+        return a0 + b0, a1 + b1
+
+    @triton.jit
     def _fwd_rows(
         X, RES, H, MASK, W, B, Y, MEAN, RSTD, n_rows, n, eps, seed_lo, seed_hi, threshold, scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, STORE_STATS: tl.constexpr,
         ADD: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_MASK: tl.constexpr,
-        XHAT: tl.constexpr, ACC: tl.constexpr,
+        XHAT: tl.constexpr, ACC: tl.constexpr, PAIRED_SUMS: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
@@ -161,9 +171,15 @@ if triton is not None:
         d = tl.where(mask, x - m1[:, None], 0.0)
         if RMS:
             c = tl.zeros((BLOCK_M,), dtype=ACC)
+            sq = tl.sum(d * d, axis=1)
+        elif PAIRED_SUMS:
+            # both sums in one reduction: one cross-warp exchange and barrier instead of two
+            sd, sq = tl.reduce((d, d * d), 1, _add2)
+            c = sd / n
         else:
             c = tl.sum(d, axis=1) / n
-        var = tl.maximum(tl.sum(d * d, axis=1) / n - c * c, 0.0)
+            sq = tl.sum(d * d, axis=1)
+        var = tl.maximum(sq / n - c * c, 0.0)
         rstd = 1.0 / tl.sqrt(var + eps)
         if STORE_STATS:
             tl.store(MEAN + rows, m1 + c, mask=row_ok)
@@ -179,58 +195,62 @@ if triton is not None:
 
     @triton.jit
     def _fwd_looped(
-        X, RES, H, MASK, W, B, Y, MEAN, RSTD, n, eps, seed_lo, seed_hi, threshold, scale,
+        X, RES, H, MASK, W, B, Y, MEAN, RSTD, n_rows, n, eps, seed_lo, seed_hi, threshold, scale,
         BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
         STORE_STATS: tl.constexpr, ADD: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr,
-        STORE_MASK: tl.constexpr, XHAT: tl.constexpr, ACC: tl.constexpr,
+        STORE_MASK: tl.constexpr, XHAT: tl.constexpr, ACC: tl.constexpr, REVERSE: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0)
-        base = tl.cast(row, tl.int64) * n
+        # A grid of fewer programs than rows takes rows pid, pid + grid, ...: fewer rows in flight
+        # at once, so that the second sweep of a row may still find it in L2.
         cols = tl.arange(0, BLOCK_N)
-        row_key = _row_keys(row, seed_lo, seed_hi) if DROPOUT else 0
-        # One sweep for the statistics: each chunk's exact mean and centred sum of squares
-        # (two passes over registers), merged into the running ones with Chan et al.'s
-        # pairwise formula, as robust as two passes over the whole row; the row is then read
-        # once more for the output (two sweeps instead of three). With a residual add the
-        # first sweep also writes h, which the second reads.
-        mean = tl.zeros((), dtype=ACC)
-        m2 = tl.zeros((), dtype=ACC)
-        for start in range(0, n, BLOCK_N):
-            ok = start + cols < n
-            if ADD:
-                x = _residual_sum(X, RES, H, MASK, base + start + cols, ok, row_key, start + cols, threshold, scale,
-                                  HAS_RES, DROPOUT, STORE_MASK, ACC)  # fmt: skip
-            else:
-                x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
-            if RMS:
-                m2 += tl.sum(x * x, axis=0)
-            else:
-                seen = tl.cast(start, ACC)
-                count = tl.cast(tl.minimum(n - start, BLOCK_N), ACC)
-                chunk_mean = tl.sum(x, axis=0) / count
-                d = tl.where(ok, x - chunk_mean, 0.0)
-                total = seen + count
-                delta = chunk_mean - mean
-                mean += delta * (count / total)
-                m2 += tl.sum(d * d, axis=0) + delta * delta * (seen * count / total)
-        m1 = mean
-        c = 0.0
-        rstd = 1.0 / tl.sqrt(tl.maximum(m2 / n, 0.0) + eps)
-        if STORE_STATS:
-            tl.store(MEAN + row, m1)
-            tl.store(RSTD + row, rstd)
-        SRC = H if ADD else X
-        for start in range(0, n, BLOCK_N):
-            ok = start + cols < n
-            x = tl.load(SRC + base + start + cols, mask=ok, other=0.0).to(ACC)
-            y = ((x - m1) - c) * rstd
-            if XHAT is not None:
-                y = y.to(XHAT).to(ACC)
-            if HAS_W:
-                y = y * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC)
-            if HAS_B:
-                y = y + tl.load(B + start + cols, mask=ok, other=0.0).to(ACC)
-            tl.store(Y + base + start + cols, y.to(Y.dtype.element_ty), mask=ok)
+        n_chunks = tl.cdiv(n, BLOCK_N)
+        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            base = tl.cast(row, tl.int64) * n
+            row_key = _row_keys(row, seed_lo, seed_hi) if DROPOUT else 0
+            # One sweep for the statistics: each chunk's exact mean and centred sum of squares
+            # (two passes over registers), merged into the running ones with Chan et al.'s
+            # pairwise formula, as robust as two passes over the whole row; the row is then read
+            # once more for the output (two sweeps instead of three). With a residual add the
+            # first sweep also writes h, which the second reads.
+            mean = tl.zeros((), dtype=ACC)
+            m2 = tl.zeros((), dtype=ACC)
+            for start in range(0, n, BLOCK_N):
+                ok = start + cols < n
+                if ADD:
+                    x = _residual_sum(X, RES, H, MASK, base + start + cols, ok, row_key, start + cols, threshold,
+                                      scale, HAS_RES, DROPOUT, STORE_MASK, ACC)  # fmt: skip
+                else:
+                    x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
+                if RMS:
+                    m2 += tl.sum(x * x, axis=0)
+                else:
+                    seen = tl.cast(start, ACC)
+                    count = tl.cast(tl.minimum(n - start, BLOCK_N), ACC)
+                    chunk_mean = tl.sum(x, axis=0) / count
+                    d = tl.where(ok, x - chunk_mean, 0.0)
+                    total = seen + count
+                    delta = chunk_mean - mean
+                    mean += delta * (count / total)
+                    m2 += tl.sum(d * d, axis=0) + delta * delta * (seen * count / total)
+            rstd = 1.0 / tl.sqrt(tl.maximum(m2 / n, 0.0) + eps)
+            if STORE_STATS:
+                tl.store(MEAN + row, mean)
+                tl.store(RSTD + row, rstd)
+            SRC = H if ADD else X
+            # REVERSE: the output sweep starts from the row's end, the bytes read last and the
+            # likeliest to be in L2 still
+            for i in range(0, n_chunks):
+                start = ((n_chunks - 1 - i) if REVERSE else i) * BLOCK_N
+                ok = start + cols < n
+                x = tl.load(SRC + base + start + cols, mask=ok, other=0.0).to(ACC)
+                y = (x - mean) * rstd
+                if XHAT is not None:
+                    y = y.to(XHAT).to(ACC)
+                if HAS_W:
+                    y = y * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC)
+                if HAS_B:
+                    y = y + tl.load(B + start + cols, mask=ok, other=0.0).to(ACC)
+                tl.store(Y + base + start + cols, y.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _add3(a0, a1, a2, b0, b1, b2):
@@ -601,8 +621,11 @@ def _fwd_plan(n, has_w, has_b, rms, store_stats, add, has_res, dropout, store_ma
     )  # fmt: skip
     if n <= MAX_FUSED_N:
         block_m, block_n, num_warps = _fwd_config(n)
-        return _Launcher(_fwd_rows, num_warps, BLOCK_M=block_m, BLOCK_N=block_n, **consts), block_m
-    return _Launcher(_fwd_looped, TUNING["loop_warps"], BLOCK_N=TUNING["loop_block_n"], **consts), 1
+        return _Launcher(_fwd_rows, num_warps, BLOCK_M=block_m, BLOCK_N=block_n, PAIRED_SUMS=TUNING["fwd_paired_sums"],
+                         **consts), block_m  # fmt: skip
+    launch = _Launcher(_fwd_looped, TUNING["loop_warps"], BLOCK_N=TUNING["loop_block_n"],
+                       REVERSE=TUNING["loop_reverse"], **consts)  # fmt: skip
+    return launch, 1
 
 
 def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None):
@@ -632,9 +655,11 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         drop = _drop_args(dropout_p if dropout else 0.0, seed)
     cacheable = drop[0] == 0 and drop[1] == 0  # a dropout seed is new on every call
     if launch.kernel is _fwd_rows:
-        launch((triton.cdiv(n_rows, block_m),), *ptrs, n_rows, n, eps, *drop, cacheable=cacheable)
+        grid = triton.cdiv(n_rows, block_m)
     else:
-        launch((n_rows,), *ptrs, n, eps, *drop, cacheable=cacheable)
+        per_sm = TUNING["loop_programs_per_sm"]
+        grid = min(n_rows, per_sm * _multiprocessors(x.get_device())) if per_sm else n_rows
+    launch((grid,), *ptrs, n_rows, n, eps, *drop, cacheable=cacheable)
 
 
 def _params(weight, bias):
