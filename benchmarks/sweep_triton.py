@@ -8,9 +8,8 @@ rows wider than ``MAX_FUSED_N_BWD``: the looped backward against the split one (
 grid of column blocks and row groups) over its block shape, warps and programs per SM, and at
 16384 features the one-pass kernel with the whole row in registers. ``--narrow``: rows of
 256-2048 features, forward and backward over the tile (rows per program step, in elements),
-warps and the backward's programs per SM. ``--fwd``: the forward of wide rows: warps and the
-paired sums for rows in registers (up to 32768 features), and the looped forward's warps, chunk,
-programs per SM and output-sweep direction.
+warps and the backward's programs per SM. ``--fwd``: the forward of wide rows: warps for rows held
+in registers, warps and chunk for the looped forward (the first line of each shape: the defaults).
 Prints GB/s (fewest bytes: backward reads x and dy and writes dx; forward reads x and writes y)
 and the fraction of a device-to-device copy measured in the same run. The winners go into
 ``TUNING`` in ``normfuse/backends/triton.py``.
@@ -97,37 +96,28 @@ def narrow_rows(default: dict) -> None:
 
 
 def wide_forward(default: dict) -> None:
-    """Forward of wide rows. Held whole in registers (8192-16384 features, and 32768 with
-    MAX_FUSED_N raised): warps, and the centred sums in one reduction or two. Looped (32768 and
-    65536): warps, chunk, programs per SM (each program taking every grid-th row, so that fewer
-    rows are in flight and the output sweep may find its row in L2) and the output sweep's
-    direction."""
+    """Forward of wide rows: warps for rows held whole in registers (4096-16384 features, and
+    32768 with 4-byte elements), the looped forward's warps and chunk (32768 bf16, 65536)."""
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.finfo(dtype).bits // 8
-        for n in (8192, 16384, 32768, 65536):
+        for n in (4096, 8192, 16384, 32768, 65536):
             x, w, _, copy_gbs = _tensors(n, dtype)
-            fused = [dict(max_fused_n=n, fwd_warps=wp, fwd_paired_sums=paired)
-                     for wp, paired in itertools.product((8, 16, 32), (True, False)) if n <= 32768]  # fmt: skip
-            looped = [dict(loop_warps=wp, loop_block_n=bn, loop_programs_per_sm=ps, loop_reverse=rev)
-                      for wp, bn, rev, ps in itertools.product((8, 16, 32), (4096, 8192), (False, True), (None, 1, 2))
-                      if n > 16384]  # fmt: skip
-            for setting in fused + looped:
-                tb.MAX_FUSED_N = setting.get("max_fused_n", _DEFAULT_MAX_FUSED_N)
-                _set(**{**default, **{k: v for k, v in setting.items() if k != "max_fused_n"}})
+            if n <= tb.max_fused_n(es):
+                warps = (16, 32) if n > 16384 else (4, 8, 16)
+                settings = [dict(fwd_warps=wp) for wp in warps]
+            else:
+                settings = [dict(loop_warps=wp, loop_block_n=bn) for wp, bn in itertools.product((8, 16, 32), (4096, 8192, 16384))]
+            for setting in [{}] + settings:
+                _set(**{**default, **setting})
                 ms = do_bench(lambda: tb.norm_fwd_inference(x, x.shape[0], n, w, w, 1e-5, False), return_mode="median")
                 gbs = 2 * x.numel() * es / ms / 1e6
-                kind = "fused" if n <= tb.MAX_FUSED_N else "looped"
-                label = " ".join(f"{k.removeprefix('loop_').removeprefix('fwd_')}={v}" for k, v in setting.items()
-                                 if k != "max_fused_n")  # fmt: skip
-                print(f"fwd {str(dtype)[6:]:>8} n={n:>6} {kind:>6} {label:<55} | {gbs:6.0f} GB/s {gbs / copy_gbs:6.1%} of copy",
+                kind = "held" if n <= tb.max_fused_n(es) else "looped"
+                label = " ".join(f"{k}={v}" for k, v in setting.items()) or "default"
+                print(f"fwd {str(dtype)[6:]:>8} n={n:>6} {kind:>6} {label:<30} | {gbs:6.0f} GB/s {gbs / copy_gbs:6.1%} of copy",
                       flush=True)  # fmt: skip
-            tb.MAX_FUSED_N = _DEFAULT_MAX_FUSED_N
             _set(**default)
             del x, w
             torch.cuda.empty_cache()
-
-
-_DEFAULT_MAX_FUSED_N = tb.MAX_FUSED_N
 
 
 def main() -> None:
@@ -165,7 +155,7 @@ def main() -> None:
                     flush=True,
                 )
             _set(**default)
-            if n > tb.MAX_FUSED_N:
+            if n > tb.max_fused_n(es):
                 for num_warps, block in itertools.product((4, 8, 16), (2048, 4096, 8192)):
                     _set(loop_warps=num_warps, loop_block_n=block)
                     ms = do_bench(lambda: tb.norm_fwd_inference(x, x.shape[0], n, w, w, 1e-5, False), return_mode="median")

@@ -10,9 +10,9 @@ Kernels, one per pass (after Triton's layer-norm tutorial):
   row in registers: mean, then the centred sum of squares (two passes over registers, with the
   corrected two-pass term), then the output. Masked lanes are zeroed *after* centring, so they
   never leak into the variance at widths that are not a power of 2.
-- ``_fwd_looped``: rows wider than ``MAX_FUSED_N``: one program per row walks the row in
+- ``_fwd_looped``: rows wider than ``max_fused_n()``: one program per row walks the row in
   ``BLOCK_N`` chunks twice: statistics (per-chunk exact moments merged with Chan's formula),
-  then the output.
+  then the output, from the row's end backwards.
 - ``_bwd_rows``: rows of up to ``MAX_FUSED_N_BWD`` features: each program takes a contiguous
   range of rows, writes dx and accumulates its own partial dweight/dbias row in fp32 registers.
 - Wider rows, split (the default): ``_bwd_row_sums`` walks each row once for its three
@@ -44,23 +44,28 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 # Widest row kept whole in registers; wider rows take the looped kernels. The backward holds
-# x, dy, the weight and two accumulators per element, so its limit is lower.
+# x, dy, the weight and two accumulators per element, so its limit is lower. A forward row of
+# 4-byte elements is held up to 32768 features (32 warps: 90% of copy bandwidth on an H200 against
+# 74% looped); bf16 rows of 32768 ran at 71% held against 74% looped (sweep_triton.py --fwd).
 MAX_FUSED_N = 16384
+MAX_FUSED_N_FP32 = 32768
 MAX_FUSED_N_BWD = 8192
+
+
+def max_fused_n(elem_bytes: int) -> int:
+    """Widest forward row held whole in registers for elements of ``elem_bytes`` bytes."""
+    return MAX_FUSED_N_FP32 if elem_bytes == 4 else MAX_FUSED_N
 
 # Launch settings, chosen by measurement (benchmarks/sweep_triton.py prints the candidates
 # side by side on a GPU; benchmarks/RESULTS.md records which won). Plain numbers, not
 # autotuning: the same settings on every run keep the results bitwise reproducible across
 # processes. ``bwd_warps``/``fwd_warps`` of None mean the size-based rule in the config functions.
 TUNING = {
-    "loop_block_n": 4096,  # forward: chunk of a wide row per loop step
-    "loop_warps": 8,
-    # programs per SM for the looped forward, each taking every grid-th row (None: one program
-    # a row), and whether its output sweep walks the row backwards (sweep_triton.py --fwd)
-    "loop_programs_per_sm": None,
-    "loop_reverse": False,
-    # _fwd_rows: the centred sum and sum of squares in one reduction (sweep_triton.py --fwd)
-    "fwd_paired_sums": True,
+    # forward, rows wider than max_fused_n(): chunk of a row per loop step, and warps
+    # (sweep_triton.py --fwd on an H200, seventh session: 66% of copy at 65536 features in bf16
+    # and fp32 against 54-58% with 4096 and 8 warps)
+    "loop_block_n": 8192,
+    "loop_warps": 16,
     # backward, rows wider than MAX_FUSED_N_BWD: "split" (_bwd_row_sums, then _bwd_cols over a
     # 2-D grid of column blocks and row groups) or "looped" (_bwd_looped, one program per row range)
     "bwd_wide": "split",
@@ -149,7 +154,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, STORE_STATS: tl.constexpr,
         ADD: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_MASK: tl.constexpr,
-        XHAT: tl.constexpr, ACC: tl.constexpr, PAIRED_SUMS: tl.constexpr,
+        XHAT: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
@@ -172,13 +177,10 @@ if triton is not None:
         if RMS:
             c = tl.zeros((BLOCK_M,), dtype=ACC)
             sq = tl.sum(d * d, axis=1)
-        elif PAIRED_SUMS:
+        else:
             # both sums in one reduction: one cross-warp exchange and barrier instead of two
             sd, sq = tl.reduce((d, d * d), 1, _add2)
             c = sd / n
-        else:
-            c = tl.sum(d, axis=1) / n
-            sq = tl.sum(d * d, axis=1)
         var = tl.maximum(sq / n - c * c, 0.0)
         rstd = 1.0 / tl.sqrt(var + eps)
         if STORE_STATS:
@@ -195,62 +197,62 @@ if triton is not None:
 
     @triton.jit
     def _fwd_looped(
-        X, RES, H, MASK, W, B, Y, MEAN, RSTD, n_rows, n, eps, seed_lo, seed_hi, threshold, scale,
+        X, RES, H, MASK, W, B, Y, MEAN, RSTD, n, eps, seed_lo, seed_hi, threshold, scale,
         BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
         STORE_STATS: tl.constexpr, ADD: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr,
-        STORE_MASK: tl.constexpr, XHAT: tl.constexpr, ACC: tl.constexpr, REVERSE: tl.constexpr,
+        STORE_MASK: tl.constexpr, XHAT: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
-        # A grid of fewer programs than rows takes rows pid, pid + grid, ...: fewer rows in flight
-        # at once, so that the second sweep of a row may still find it in L2.
         cols = tl.arange(0, BLOCK_N)
         n_chunks = tl.cdiv(n, BLOCK_N)
-        for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-            base = tl.cast(row, tl.int64) * n
-            row_key = _row_keys(row, seed_lo, seed_hi) if DROPOUT else 0
-            # One sweep for the statistics: each chunk's exact mean and centred sum of squares
-            # (two passes over registers), merged into the running ones with Chan et al.'s
-            # pairwise formula, as robust as two passes over the whole row; the row is then read
-            # once more for the output (two sweeps instead of three). With a residual add the
-            # first sweep also writes h, which the second reads.
-            mean = tl.zeros((), dtype=ACC)
-            m2 = tl.zeros((), dtype=ACC)
-            for start in range(0, n, BLOCK_N):
-                ok = start + cols < n
-                if ADD:
-                    x = _residual_sum(X, RES, H, MASK, base + start + cols, ok, row_key, start + cols, threshold,
-                                      scale, HAS_RES, DROPOUT, STORE_MASK, ACC)  # fmt: skip
-                else:
-                    x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
-                if RMS:
-                    m2 += tl.sum(x * x, axis=0)
-                else:
-                    seen = tl.cast(start, ACC)
-                    count = tl.cast(tl.minimum(n - start, BLOCK_N), ACC)
-                    chunk_mean = tl.sum(x, axis=0) / count
-                    d = tl.where(ok, x - chunk_mean, 0.0)
-                    total = seen + count
-                    delta = chunk_mean - mean
-                    mean += delta * (count / total)
-                    m2 += tl.sum(d * d, axis=0) + delta * delta * (seen * count / total)
-            rstd = 1.0 / tl.sqrt(tl.maximum(m2 / n, 0.0) + eps)
-            if STORE_STATS:
-                tl.store(MEAN + row, mean)
-                tl.store(RSTD + row, rstd)
-            SRC = H if ADD else X
-            # REVERSE: the output sweep starts from the row's end, the bytes read last and the
-            # likeliest to be in L2 still
-            for i in range(0, n_chunks):
-                start = ((n_chunks - 1 - i) if REVERSE else i) * BLOCK_N
-                ok = start + cols < n
-                x = tl.load(SRC + base + start + cols, mask=ok, other=0.0).to(ACC)
-                y = (x - mean) * rstd
-                if XHAT is not None:
-                    y = y.to(XHAT).to(ACC)
-                if HAS_W:
-                    y = y * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC)
-                if HAS_B:
-                    y = y + tl.load(B + start + cols, mask=ok, other=0.0).to(ACC)
-                tl.store(Y + base + start + cols, y.to(Y.dtype.element_ty), mask=ok)
+        row = tl.program_id(0)
+        base = tl.cast(row, tl.int64) * n
+        row_key = _row_keys(row, seed_lo, seed_hi) if DROPOUT else 0
+        # One sweep for the statistics: each chunk's exact mean and centred sum of squares
+        # (two passes over registers), merged into the running ones with Chan et al.'s
+        # pairwise formula, as robust as two passes over the whole row; the row is then read
+        # once more for the output (two sweeps instead of three). With a residual add the
+        # first sweep also writes h, which the second reads.
+        mean = tl.zeros((), dtype=ACC)
+        m2 = tl.zeros((), dtype=ACC)
+        for start in range(0, n, BLOCK_N):
+            ok = start + cols < n
+            if ADD:
+                x = _residual_sum(X, RES, H, MASK, base + start + cols, ok, row_key, start + cols, threshold,
+                                  scale, HAS_RES, DROPOUT, STORE_MASK, ACC)  # fmt: skip
+            else:
+                x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
+            if RMS:
+                m2 += tl.sum(x * x, axis=0)
+            else:
+                seen = tl.cast(start, ACC)
+                count = tl.cast(tl.minimum(n - start, BLOCK_N), ACC)
+                chunk_mean = tl.sum(x, axis=0) / count
+                d = tl.where(ok, x - chunk_mean, 0.0)
+                total = seen + count
+                delta = chunk_mean - mean
+                mean += delta * (count / total)
+                m2 += tl.sum(d * d, axis=0) + delta * delta * (seen * count / total)
+        rstd = 1.0 / tl.sqrt(tl.maximum(m2 / n, 0.0) + eps)
+        if STORE_STATS:
+            tl.store(MEAN + row, mean)
+            tl.store(RSTD + row, rstd)
+        SRC = H if ADD else X
+        # The output sweep starts from the row's end, the bytes read last and the likeliest
+        # to be in L2 still: 5-9 points of copy bandwidth at 32768-65536 features on an H200
+        # (sweep_triton.py --fwd; a grid of fewer programs than rows, each taking every
+        # grid-th row to keep fewer rows in flight, was slower there)
+        for i in range(0, n_chunks):
+            start = (n_chunks - 1 - i) * BLOCK_N
+            ok = start + cols < n
+            x = tl.load(SRC + base + start + cols, mask=ok, other=0.0).to(ACC)
+            y = (x - mean) * rstd
+            if XHAT is not None:
+                y = y.to(XHAT).to(ACC)
+            if HAS_W:
+                y = y * tl.load(W + start + cols, mask=ok, other=0.0).to(ACC)
+            if HAS_B:
+                y = y + tl.load(B + start + cols, mask=ok, other=0.0).to(ACC)
+            tl.store(Y + base + start + cols, y.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _add3(a0, a1, a2, b0, b1, b2):
@@ -508,8 +510,9 @@ def _tl_acc(dtype: torch.dtype):
 def _fwd_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of n features held whole in registers."""
     block_n = triton.next_power_of_2(n)
-    # about 4 to 16 elements per thread; several rows per program for narrow rows
-    num_warps = TUNING["fwd_warps"] or max(1, min(16, block_n // 512))
+    # several rows per program for narrow rows; 8 warps from 4096 features up to 16384 (up to 5
+    # points of copy bandwidth better than 16 at 8192-16384 on an H200), 32 for 32768
+    num_warps = TUNING["fwd_warps"] or (32 if block_n >= 32768 else max(1, min(8, block_n // 512)))
     block_m = max(1, min(16, TUNING["fwd_tile"] // block_n))
     return block_m, block_n, num_warps
 
@@ -613,19 +616,16 @@ class _Launcher:
 # for (benchmarks/host_overhead.py), and rebuilding these dicts cost several microseconds a call.
 @functools.lru_cache(maxsize=1024)
 def _fwd_plan(n, has_w, has_b, rms, store_stats, add, has_res, dropout, store_mask, xhat_dtype, acc_dtype_):
-    """(launcher, rows per program) of a forward over rows of n: _fwd_rows below MAX_FUSED_N, else _fwd_looped."""
+    """(launcher, rows per program) of a forward over rows of n: _fwd_rows up to max_fused_n(), else _fwd_looped."""
     consts = dict(
         HAS_W=has_w, HAS_B=has_b, RMS=rms, STORE_STATS=store_stats, ADD=add, HAS_RES=has_res, DROPOUT=dropout,
         STORE_MASK=store_mask, XHAT=_TL_DTYPES[xhat_dtype] if xhat_dtype is not None else None,
         ACC=_tl_acc(acc_dtype_),
     )  # fmt: skip
-    if n <= MAX_FUSED_N:
+    if n <= max_fused_n(torch.finfo(acc_dtype_).bits // 8):
         block_m, block_n, num_warps = _fwd_config(n)
-        return _Launcher(_fwd_rows, num_warps, BLOCK_M=block_m, BLOCK_N=block_n, PAIRED_SUMS=TUNING["fwd_paired_sums"],
-                         **consts), block_m  # fmt: skip
-    launch = _Launcher(_fwd_looped, TUNING["loop_warps"], BLOCK_N=TUNING["loop_block_n"],
-                       REVERSE=TUNING["loop_reverse"], **consts)  # fmt: skip
-    return launch, 1
+        return _Launcher(_fwd_rows, num_warps, BLOCK_M=block_m, BLOCK_N=block_n, **consts), block_m
+    return _Launcher(_fwd_looped, TUNING["loop_warps"], BLOCK_N=TUNING["loop_block_n"], **consts), 1
 
 
 def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None):
@@ -655,11 +655,9 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         drop = _drop_args(dropout_p if dropout else 0.0, seed)
     cacheable = drop[0] == 0 and drop[1] == 0  # a dropout seed is new on every call
     if launch.kernel is _fwd_rows:
-        grid = triton.cdiv(n_rows, block_m)
+        launch((triton.cdiv(n_rows, block_m),), *ptrs, n_rows, n, eps, *drop, cacheable=cacheable)
     else:
-        per_sm = TUNING["loop_programs_per_sm"]
-        grid = min(n_rows, per_sm * _multiprocessors(x.get_device())) if per_sm else n_rows
-    launch((grid,), *ptrs, n_rows, n, eps, *drop, cacheable=cacheable)
+        launch((n_rows,), *ptrs, n, eps, *drop, cacheable=cacheable)
 
 
 def _params(weight, bias):
