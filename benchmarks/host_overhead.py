@@ -95,7 +95,7 @@ def _in_thread(fn) -> float:
 def _fwd_launch_args(x, w, b, out):
     """_fwd_rows' arguments for a plain LayerNorm forward without saved statistics, as _launch_fwd builds them."""
     rows, n = x.shape
-    block_m, block_n, warps = tb._fwd_config(n)
+    block_m, block_n, warps = tb._fwd_config(n, x.element_size())
     ptrs = (x, x, x, x, w, b, out, x, x)
     scalars = (rows, n, 1e-5, 0, 0, 0, 0.0)
     consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_W=True, HAS_B=True, RMS=False, STORE_STATS=False,

@@ -62,9 +62,9 @@ def max_fused_n(elem_bytes: int) -> int:
 # processes. ``bwd_warps``/``fwd_warps`` of None mean the size-based rule in the config functions.
 TUNING = {
     # forward, rows wider than max_fused_n(): chunk of a row per loop step, and warps
-    # (sweep_triton.py --fwd on an H200, seventh session: 66% of copy at 65536 features in bf16
-    # and fp32 against 54-58% with 4096 and 8 warps)
-    "loop_block_n": 8192,
+    # (sweep_triton.py --fwd on an H200, seventh session, with the output sweep backwards: 80% of
+    # copy for bf16 at 32768 features, 67-71% at 65536, against 69% and 63-65% with 4096 over 8)
+    "loop_block_n": 16384,
     "loop_warps": 16,
     # backward, rows wider than MAX_FUSED_N_BWD: "split" (_bwd_row_sums, then _bwd_cols over a
     # 2-D grid of column blocks and row groups) or "looped" (_bwd_looped, one program per row range)
@@ -507,14 +507,21 @@ def _tl_acc(dtype: torch.dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def _fwd_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of n features held whole in registers."""
+def _fwd_config(n: int, elem_bytes: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of n features held whole in registers; ``elem_bytes``
+    is the input's element size."""
     block_n = triton.next_power_of_2(n)
-    # several rows per program for narrow rows; 8 warps from 4096 features up to 16384 (up to 5
-    # points of copy bandwidth better than 16 at 8192-16384 on an H200), 32 for 32768
-    num_warps = TUNING["fwd_warps"] or (32 if block_n >= 32768 else max(1, min(8, block_n // 512)))
+    num_warps = TUNING["fwd_warps"] or _FWD_WARPS.get((block_n, elem_bytes)) or max(1, min(16, block_n // 512))
     block_m = max(1, min(16, TUNING["fwd_tile"] // block_n))
     return block_m, block_n, num_warps
+
+
+# Warps for rows held in registers, by (block, element size), from sweep_triton.py --fwd on an
+# H200 (seventh session, fraction of copy bandwidth): fewer warps, more elements a thread, won at
+# 4096-16384 (bf16 8192: 93.5% with 4 warps, 84.5% with 8, 80.6% with 16; fp32 16384: 86.6%
+# with 4, 83.1% with 8, 81.3% with 16); fp32 32768 needs 32 (90.8% against 72.1% with 16).
+# Other sizes (fp64 included): block / 512 warps, 1 to 16.
+_FWD_WARPS = {(4096, 2): 4, (8192, 2): 4, (16384, 2): 8, (8192, 4): 8, (16384, 4): 4, (32768, 4): 32}
 
 
 @functools.lru_cache(maxsize=None)
@@ -615,15 +622,16 @@ class _Launcher:
 # per distinct call. On a GPU the host's time per call is what small and mid-sized tensors wait
 # for (benchmarks/host_overhead.py), and rebuilding these dicts cost several microseconds a call.
 @functools.lru_cache(maxsize=1024)
-def _fwd_plan(n, has_w, has_b, rms, store_stats, add, has_res, dropout, store_mask, xhat_dtype, acc_dtype_):
+def _fwd_plan(n, has_w, has_b, rms, store_stats, add, has_res, dropout, store_mask, xhat_dtype, in_dtype):
     """(launcher, rows per program) of a forward over rows of n: _fwd_rows up to max_fused_n(), else _fwd_looped."""
     consts = dict(
         HAS_W=has_w, HAS_B=has_b, RMS=rms, STORE_STATS=store_stats, ADD=add, HAS_RES=has_res, DROPOUT=dropout,
         STORE_MASK=store_mask, XHAT=_TL_DTYPES[xhat_dtype] if xhat_dtype is not None else None,
-        ACC=_tl_acc(acc_dtype_),
+        ACC=_tl_acc(in_dtype),
     )  # fmt: skip
-    if n <= max_fused_n(torch.finfo(acc_dtype_).bits // 8):
-        block_m, block_n, num_warps = _fwd_config(n)
+    elem_bytes = torch.finfo(in_dtype).bits // 8
+    if n <= max_fused_n(elem_bytes):
+        block_m, block_n, num_warps = _fwd_config(n, elem_bytes)
         return _Launcher(_fwd_rows, num_warps, BLOCK_M=block_m, BLOCK_N=block_n, **consts), block_m
     return _Launcher(_fwd_looped, TUNING["loop_warps"], BLOCK_N=TUNING["loop_block_n"], **consts), 1
 
