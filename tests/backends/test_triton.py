@@ -17,8 +17,9 @@ if not triton_backend.available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-WIDE = triton_backend.MAX_FUSED_N_FP32 + 1000  # takes the looped (multi-block) kernels
-HELD_FP32 = triton_backend.MAX_FUSED_N + 1000  # forward held in registers for 4-byte elements only
+# the split backward, and the looped forward for 2- and 8-byte elements (4-byte ones stay in
+# registers up to MAX_FUSED_N_FP32; test_million_features takes fp32 through the looped forward)
+WIDE = triton_backend.MAX_FUSED_N + 1000
 MID = triton_backend.MAX_FUSED_N_BWD + 500  # fused forward, looped backward
 
 
@@ -33,7 +34,7 @@ def _inputs(rows, n, dtype, param_dtype=None, offset=0.5):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rms", [False, True])
-@pytest.mark.parametrize("rows,n", [(1, 1), (5, 7), (19, 100), (64, 768), (2, MID), (2, HELD_FP32), (3, WIDE)])
+@pytest.mark.parametrize("rows,n", [(1, 1), (5, 7), (19, 100), (64, 768), (2, MID), (3, WIDE)])
 def test_kernels_match_reference(dtype, rms, rows, n):
     x, w, b, dy = _inputs(rows, n, dtype)
     out, _, mean, rstd, _ = triton_backend.norm_fwd(x, w, b, 1e-5, rms)
@@ -113,8 +114,8 @@ def test_through_the_front_end_with_autograd():
 
 @pytest.mark.parametrize(
     "dtype,n,kernel",
-    [(torch.float32, HELD_FP32, "_fwd_rows"), (torch.bfloat16, HELD_FP32, "_fwd_looped"),
-     (torch.float64, HELD_FP32, "_fwd_looped"), (torch.float32, WIDE, "_fwd_looped"),
+    [(torch.float32, WIDE, "_fwd_rows"), (torch.bfloat16, WIDE, "_fwd_looped"), (torch.float64, WIDE, "_fwd_looped"),
+     (torch.float32, triton_backend.MAX_FUSED_N_FP32 + 1, "_fwd_looped"),
      (torch.bfloat16, triton_backend.MAX_FUSED_N, "_fwd_rows")],
 )  # fmt: skip
 def test_forward_holds_rows_of_4_byte_elements_up_to_32768_features(dtype, n, kernel):
