@@ -5,7 +5,8 @@
 #
 # Stages (default: all, in this order): overhead (benchmarks/host_overhead.py, host time per call
 # layer by layer, with a profile), tests (the Triton kernels' tests and every test parametrized by
-# device, on cuda), timeline (fb_timeline.py: host, GPU and do_bench time per call), ln (bench_gpu.py for LayerNorm, --quick unless FULL=1), ops (bench_gpu.py
+# device, on cuda), timeline (fb_timeline.py: host, GPU and do_bench time per call; SHAPES picks
+# the shapes, its GPU column is the kernels' time with the host out of the way), ln (bench_gpu.py for LayerNorm, --quick unless FULL=1), ops (bench_gpu.py
 # --quick for each op in OPS), wide (sweep_triton.py --wide: the wide-row backward, looped vs
 # split), narrow (sweep_triton.py --narrow: tile size for narrow rows), fwd (sweep_triton.py --fwd:
 # warps for wide forward rows), sweep (sweep_triton.py). Each stage has its own timeout
@@ -37,7 +38,9 @@ if has tests; then
     | tee "$OUT/pytest.log" | tail -15
 fi
 if has timeline; then
-  timeout "${TIMELINE_TIMEOUT:-150}" python3 benchmarks/fb_timeline.py --kernels 2>&1 | tee "$OUT/timeline.log" | grep -v Warning
+  # SHAPES="256:bfloat16:16384 256:float32:16384 ..." picks the shapes (MiB:dtype:features)
+  timeout "${TIMELINE_TIMEOUT:-150}" python3 benchmarks/fb_timeline.py --kernels ${SHAPES:+--shapes $SHAPES} 2>&1 \
+    | tee "$OUT/timeline.log" | grep -v Warning
 fi
 if has wide; then
   timeout "${WIDE_TIMEOUT:-120}" python3 benchmarks/sweep_triton.py --wide > "$OUT/wide.log" 2>&1
