@@ -145,10 +145,6 @@ if triton is not None:
         return h.to(ACC)
 
     @triton.jit
-    def _add2(a0, a1, b0, b1):
-        return a0 + b0, a1 + b1
-
-    @triton.jit
     def _fwd_rows(
         X, RES, H, MASK, W, B, Y, MEAN, RSTD, n_rows, n, eps, seed_lo, seed_hi, threshold, scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -176,12 +172,9 @@ if triton is not None:
         d = tl.where(mask, x - m1[:, None], 0.0)
         if RMS:
             c = tl.zeros((BLOCK_M,), dtype=ACC)
-            sq = tl.sum(d * d, axis=1)
         else:
-            # both sums in one reduction: one cross-warp exchange and barrier instead of two
-            sd, sq = tl.reduce((d, d * d), 1, _add2)
-            c = sd / n
-        var = tl.maximum(sq / n - c * c, 0.0)
+            c = tl.sum(d, axis=1) / n
+        var = tl.maximum(tl.sum(d * d, axis=1) / n - c * c, 0.0)
         rstd = 1.0 / tl.sqrt(var + eps)
         if STORE_STATS:
             tl.store(MEAN + rows, m1 + c, mask=row_ok)
