@@ -231,9 +231,9 @@ if triton is not None:
             tl.store(RSTD + row, rstd)
         SRC = H if ADD else X
         # The output sweep starts from the row's end, the bytes read last and the likeliest
-        # to be in L2 still: 5-9 points of copy bandwidth at 32768-65536 features on an H200
-        # (sweep_triton.py --fwd; a grid of fewer programs than rows, each taking every
-        # grid-th row to keep fewer rows in flight, was slower there)
+        # to be in L2 still: up to 15 points of copy bandwidth (9 at the median) at 32768-65536
+        # features on an H200 (sweep_triton.py --fwd; a grid of fewer programs than rows, each
+        # taking every grid-th row to keep fewer rows in flight, was slower there)
         for i in range(0, n_chunks):
             start = (n_chunks - 1 - i) * BLOCK_N
             ok = start + cols < n
