@@ -195,10 +195,10 @@ if triton is not None:
         STORE_STATS: tl.constexpr, ADD: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr,
         STORE_MASK: tl.constexpr, XHAT: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
-        cols = tl.arange(0, BLOCK_N)
-        n_chunks = tl.cdiv(n, BLOCK_N)
         row = tl.program_id(0)
         base = tl.cast(row, tl.int64) * n
+        cols = tl.arange(0, BLOCK_N)
+        n_chunks = tl.cdiv(n, BLOCK_N)
         row_key = _row_keys(row, seed_lo, seed_hi) if DROPOUT else 0
         # One sweep for the statistics: each chunk's exact mean and centred sum of squares
         # (two passes over registers), merged into the running ones with Chan et al.'s
@@ -210,8 +210,8 @@ if triton is not None:
         for start in range(0, n, BLOCK_N):
             ok = start + cols < n
             if ADD:
-                x = _residual_sum(X, RES, H, MASK, base + start + cols, ok, row_key, start + cols, threshold,
-                                  scale, HAS_RES, DROPOUT, STORE_MASK, ACC)  # fmt: skip
+                x = _residual_sum(X, RES, H, MASK, base + start + cols, ok, row_key, start + cols, threshold, scale,
+                                  HAS_RES, DROPOUT, STORE_MASK, ACC)  # fmt: skip
             else:
                 x = tl.load(X + base + start + cols, mask=ok, other=0.0).to(ACC)
             if RMS:
@@ -499,6 +499,14 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
+# Warps for rows held in registers, by (block, element size), from sweep_triton.py --fwd on an
+# H200 (seventh session, fraction of copy bandwidth): fewer warps, more elements a thread, won at
+# 4096-16384 (bf16 8192: 93.5% with 4 warps, 84.5% with 8, 80.6% with 16; fp32 16384: 86.6%
+# with 4, 83.1% with 8, 81.3% with 16); fp32 32768 needs 32 (90.8% against 72.1% with 16).
+# Other sizes (fp64 included): block / 512 warps, 1 to 16.
+_FWD_WARPS = {(4096, 2): 4, (8192, 2): 4, (16384, 2): 8, (8192, 4): 8, (16384, 4): 4, (32768, 4): 32}
+
+
 @functools.lru_cache(maxsize=None)
 def _fwd_config(n: int, elem_bytes: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of n features held whole in registers; ``elem_bytes``
@@ -507,14 +515,6 @@ def _fwd_config(n: int, elem_bytes: int) -> tuple[int, int, int]:
     num_warps = TUNING["fwd_warps"] or _FWD_WARPS.get((block_n, elem_bytes)) or max(1, min(16, block_n // 512))
     block_m = max(1, min(16, TUNING["fwd_tile"] // block_n))
     return block_m, block_n, num_warps
-
-
-# Warps for rows held in registers, by (block, element size), from sweep_triton.py --fwd on an
-# H200 (seventh session, fraction of copy bandwidth): fewer warps, more elements a thread, won at
-# 4096-16384 (bf16 8192: 93.5% with 4 warps, 84.5% with 8, 80.6% with 16; fp32 16384: 86.6%
-# with 4, 83.1% with 8, 81.3% with 16); fp32 32768 needs 32 (90.8% against 72.1% with 16).
-# Other sizes (fp64 included): block / 512 warps, 1 to 16.
-_FWD_WARPS = {(4096, 2): 4, (8192, 2): 4, (16384, 2): 8, (8192, 4): 8, (16384, 4): 4, (32768, 4): 32}
 
 
 @functools.lru_cache(maxsize=None)
