@@ -45,12 +45,19 @@ def _rstd(s, n, eps):
     return np.float32(1) / np.sqrt(s / n + eps)
 
 
+@njit(inline="always")
+def _thread_rows(t, rows):
+    """(first, end) of thread t's contiguous block of rows."""
+    per = (rows + THREADS - 1) // THREADS
+    return t * per, min(rows, (t + 1) * per)
+
+
 @njit(fastmath=FASTMATH, parallel=True)
 def two_pass(x, w, out, eps):
     rows, n = x.shape
-    per = (rows + THREADS - 1) // THREADS
     for t in prange(THREADS):
-        for i in range(t * per, min(rows, (t + 1) * per)):
+        r0, r1 = _thread_rows(t, rows)
+        for i in range(r0, r1):
             r = _rstd(_sum_squares(x, i), n, eps)
             for j in range(n):
                 out[i, j] = x[i, j] * r * w[j]
@@ -59,9 +66,8 @@ def two_pass(x, w, out, eps):
 @njit(fastmath=FASTMATH, parallel=True)
 def pairs(x, w, out, eps):
     rows, n = x.shape
-    per = (rows + THREADS - 1) // THREADS
     for t in prange(THREADS):
-        i, r1 = t * per, min(rows, (t + 1) * per)
+        i, r1 = _thread_rows(t, rows)
         while i < r1:
             ra = _rstd(_sum_squares(x, i), n, eps)
             if i + 1 < r1:
@@ -79,9 +85,8 @@ def pairs(x, w, out, eps):
 @njit(fastmath=FASTMATH, parallel=True)
 def interleaved(x, w, out, eps):
     rows, n = x.shape
-    per = (rows + THREADS - 1) // THREADS
     for t in prange(THREADS):
-        r0, r1 = t * per, min(rows, (t + 1) * per)
+        r0, r1 = _thread_rows(t, rows)
         if r0 >= r1:
             continue
         s = _sum_squares(x, r0)
