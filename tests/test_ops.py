@@ -119,3 +119,223 @@ def test_double_backward_goes_through_differentiable_formulas():
     (rgx,) = torch.autograd.grad(ref_out.pow(2).sum(), xr, create_graph=True)
     (rggw,) = torch.autograd.grad(rgx.sum(), wr)
     assert torch.allclose(ggw, rggw, atol=1e-10)
+
+
+# --- torch.func transforms and forward-mode AD -------------------------------------------------
+# Each normfuse function under a transform is held to the float64 reference under the same
+# transform: the reference is plain torch ops, so torch differentiates and vmaps it itself.
+
+N_FEAT = 6
+
+
+def _norm(kind: str, lib: str):
+    """(x, residual, weight, bias) -> output(s) of one of the four functions, normfuse's or the reference's."""
+    rms = kind.endswith("rms")
+    eps = 1e-5
+
+    def call(x, r, w, b):
+        if lib == "normfuse":
+            if kind == "layer":
+                return normfuse.layer_norm(x, (N_FEAT,), w, b, eps)
+            if kind == "rms":
+                return normfuse.rms_norm(x, (N_FEAT,), w, eps)
+            if kind == "add_layer":
+                return normfuse.add_layer_norm(x, r, (N_FEAT,), w, b, eps)
+            return normfuse.add_rms_norm(x, r, (N_FEAT,), w, eps)
+        h = x if not kind.startswith("add") else reference.add_residual(x, r)
+        out = reference.layer_norm(h, (N_FEAT,), w, None if rms else b, eps, rms=rms)
+        return (out, h) if kind.startswith("add") else out
+
+    return call
+
+
+KINDS_4 = ["layer", "rms", "add_layer", "add_rms"]
+
+
+def _inputs(device, batch: tuple[int, ...] = (5, 3)):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(*batch, N_FEAT, dtype=torch.float64, generator=g).to(device)
+    r = torch.randn(*batch, N_FEAT, dtype=torch.float64, generator=g).to(device)
+    w = torch.randn(N_FEAT, dtype=torch.float64, generator=g).to(device)
+    b = torch.randn(N_FEAT, dtype=torch.float64, generator=g).to(device)
+    return x, r, w, b
+
+
+def _assert_close(got, want, tol=1e-10):
+    if isinstance(want, (tuple, list)):
+        assert len(got) == len(want)
+        for g_, w_ in zip(got, want):
+            _assert_close(g_, w_, tol)
+        return
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert max_rel_err(got, want) < tol
+
+
+def _scalar(f):
+    """A scalar loss of f's output(s), with a nonlinearity so that second derivatives are not trivial."""
+    def loss(*args):
+        outs = f(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return sum((o.pow(3) * (i + 1)).sum() for i, o in enumerate(outs))
+
+    return loss
+
+
+TRANSFORMS = {
+    "vmap": lambda f, x, r, w, b: torch.func.vmap(f, in_dims=(0, 0, None, None))(x, r, w, b),
+    "vmap_dim1": lambda f, x, r, w, b: torch.func.vmap(f, in_dims=(1, 1, None, None))(x, r, w, b),
+    "vmap_residual_only": lambda f, x, r, w, b: torch.func.vmap(f, in_dims=(None, 0, None, None))(x[0], r, w, b),
+    "grad": lambda f, x, r, w, b: torch.func.grad(_scalar(f), argnums=(0, 1, 2, 3))(x, r, w, b),
+    "jvp": lambda f, x, r, w, b: torch.func.jvp(f, (x, r, w, b), (x.cos(), r.sin(), w.cos(), b.sin())),
+    "jacrev": lambda f, x, r, w, b: torch.func.jacrev(f, argnums=(0, 2))(x[0], r[0], w, b),
+    "jacfwd": lambda f, x, r, w, b: torch.func.jacfwd(f, argnums=(0, 2))(x[0], r[0], w, b),
+    "hessian": lambda f, x, r, w, b: torch.func.hessian(_scalar(f))(x[0, 0], r[0, 0], w, b),
+    "per_sample_grads": lambda f, x, r, w, b: torch.func.vmap(
+        torch.func.grad(_scalar(f), argnums=(0, 2, 3)), in_dims=(0, 0, None, None))(x, r, w, b),
+    "ensemble": lambda f, x, r, w, b: torch.func.vmap(f, in_dims=(None, None, 0, 0))(
+        x, r, torch.stack([w, w.flip(0), 2 * w]), torch.stack([b, -b, b.flip(0)])),
+    "ensemble_grads": lambda f, x, r, w, b: torch.func.vmap(
+        torch.func.grad(_scalar(f), argnums=(2, 3)), in_dims=(None, None, 0, 0))(
+        x, r, torch.stack([w, w.flip(0)]), torch.stack([b, -b])),
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("kind", KINDS_4)
+def test_torch_func_transforms_match_the_reference(kind, transform, device):
+    x, r, w, b = _inputs(device)
+    apply = TRANSFORMS[transform]
+    got = apply(_norm(kind, "normfuse"), x, r, w, b)
+    want = apply(_norm(kind, "reference"), x, r, w, b)
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS_4)
+def test_gradcheck_forward_mode_and_batched_gradients(kind, device):
+    # check_batched_grad vmaps the backward of a graph built without any transform (autograd's
+    # is_grads_batched); check_forward_ad checks jvp against finite differences
+    x, r, w, b = (t.clone().requires_grad_() for t in _inputs(device, (4,)))
+    f = _norm(kind, "normfuse")
+    inputs = (x, r, w, b) if kind.startswith("add") else (x, w, b)
+
+    def fn(*args):
+        return f(*args) if kind.startswith("add") else f(args[0], None, args[1], args[2])
+
+    assert torch.autograd.gradcheck(
+        fn, inputs, check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True
+    )
+    assert torch.autograd.gradgradcheck(fn, inputs, check_fwd_over_rev=True, check_batched_grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_forward_mode_ad_gives_the_tangent(kind, dtype, device):
+    # Regression: the inference fast path and the custom op returned no tangent (None, or
+    # zeros under torch.func.jvp) under forward-mode AD: a silently wrong derivative.
+    import torch.autograd.forward_ad as fwAD
+
+    x, _, w, b = (t.to(dtype) for t in _inputs(device))
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        out = _norm(kind, "normfuse")(fwAD.make_dual(x, tangent), None, w, b)
+        got = fwAD.unpack_dual(out).tangent
+    assert got is not None and got.dtype == dtype and out.dtype == dtype
+    want = torch.func.jvp(lambda t: _norm(kind, "reference")(t, None, w, b), (x.double(),), (tangent.double(),))[1]
+    assert max_rel_err(got, want) < FWD_TOL[dtype]  # computed in fp32, rounded once to dtype
+
+
+def test_vmap_folds_into_one_kernel_call(monkeypatch):
+    backend = ops.backend_for(torch.empty(1))
+    calls = []
+    real = backend.norm_fwd
+    monkeypatch.setattr(backend, "norm_fwd", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
+    x, _, w, b = _inputs("cpu", (8, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "performance drop" warning of its per-sample fallback
+        got = torch.func.vmap(lambda t: normfuse.layer_norm(t, (N_FEAT,), w, b))(x)
+    assert calls == [torch.Size([32, N_FEAT])]
+    # the same kernel on the same rows: bitwise what the calls one sample at a time give
+    assert torch.equal(got, torch.stack([normfuse.layer_norm(t, (N_FEAT,), w, b) for t in x]))
+    calls.clear()
+    torch.func.vmap(lambda ww: normfuse.layer_norm(x, (N_FEAT,), ww, b))(torch.stack([w, 2 * w, 3 * w]))
+    assert len(calls) == 3  # per-sample weights: a call per sample
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_vmap_low_precision_with_fp32_weight_is_bitwise_the_unbatched_call(dtype):
+    x = torch.randn(4, 3, 64).to(dtype)
+    r = torch.randn(4, 3, 64).to(dtype)
+    w = torch.randn(64)
+    def fn(a, c):
+        return normfuse.add_rms_norm(a, c, (64,), w, residual_dtype=torch.float32)
+
+    got_out, got_h = torch.func.vmap(fn)(x, r)
+    pairs = [fn(a, c) for a, c in zip(x, r)]
+    assert got_out.dtype == dtype and got_h.dtype == torch.float32
+    assert torch.equal(got_out, torch.stack([p[0] for p in pairs]))
+    assert torch.equal(got_h, torch.stack([p[1] for p in pairs]))
+
+
+def test_vmap_dropout_follows_torch_randomness_modes():
+    x = torch.randn(4, 6, 32)
+
+    def fn(t):
+        return normfuse.add_layer_norm(t, None, (32,), dropout_p=0.5)[1]
+
+    # like torch.nn.functional.dropout: random operations refuse vmap's default mode
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(fn)(x)
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(lambda t: torch.nn.functional.dropout(t, 0.5))(x)
+    same = torch.func.vmap(fn, randomness="same")(x) == 0
+    assert all(torch.equal(same[0], s) for s in same[1:])
+    different = torch.func.vmap(fn, randomness="different")(x) == 0
+    assert not all(torch.equal(different[0], d) for d in different[1:])
+    kept = 1 - different.double().mean().item()  # 768 elements at p = 0.5: within 5 sigma
+    assert abs(kept - 0.5) < 5 * (0.25 / different.numel()) ** 0.5
+
+
+def test_modules_under_functional_call_and_stacked_parameters():
+    models = [normfuse.LayerNorm(N_FEAT, dtype=torch.float64) for _ in range(3)]
+    twins = [torch.nn.LayerNorm(N_FEAT, dtype=torch.float64) for _ in range(3)]
+    for i, (m, t) in enumerate(zip(models, twins)):
+        with torch.no_grad():
+            m.weight.copy_(torch.randn(N_FEAT) + i)
+            m.bias.copy_(torch.randn(N_FEAT))
+        t.load_state_dict(m.state_dict())
+    x = torch.randn(5, N_FEAT, dtype=torch.float64)
+
+    def ensemble(members):
+        params, buffers = torch.func.stack_module_state(members)
+        base = members[0]
+        return torch.func.vmap(lambda p, bf: torch.func.functional_call(base, (p, bf), (x,)))(params, buffers)
+
+    _assert_close(ensemble(models), ensemble(twins))
+
+
+def test_transforms_in_compiled_code():
+    x, r, w, b = (t.float() for t in _inputs("cpu", (4, 3)))
+    ln = _norm("layer", "normfuse")
+    want = torch.func.vmap(lambda t: reference.layer_norm(t, (N_FEAT,), w, b))(x)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no per-sample fallback: the custom op's vmap rule
+        got = torch.compile(lambda t: torch.func.vmap(lambda u: ln(u, None, w, b))(t), fullgraph=True)(x)
+    assert max_rel_err(got, want) < FWD_TOL[torch.float32]
+    # vmap of a compiled function: Dynamo meets the kernel launchers eagerly, and leaves them be
+    torch._dynamo.reset()
+    got = torch.func.vmap(torch.compile(lambda u: ln(u, None, w, b)))(x)
+    assert max_rel_err(got, want) < FWD_TOL[torch.float32]
+    # forward-mode AD inside torch.compile: the custom op has no formula, so no silent zero
+    # tangent: an error with fullgraph, else Dynamo falls back to eager, which has the formula
+    _, want = torch.func.jvp(lambda t: reference.layer_norm(t, (N_FEAT,), w, b), (x,), (x.cos(),))
+
+    def jvp(t):
+        return torch.func.jvp(lambda u: ln(u, None, w, b), (t,), (t.cos(),))[1]
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as error:
+        torch.compile(jvp, fullgraph=True)(x)
+    assert "forward-mode AD" in "".join(str(e) for e in (error.value, error.value.__cause__, error.value.__context__))
+    torch._dynamo.reset()
+    assert max_rel_err(torch.compile(jvp)(x), want) < FWD_TOL[torch.float32]

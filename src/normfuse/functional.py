@@ -224,6 +224,10 @@ def _normalize(
     w = _flat(weight, n)
     b = _flat(bias, n)
     if type(x) is Tensor and not torch.compiler.is_compiling():
+        if ops.transforms_active():
+            return ops.NormFunctionForTransforms.apply(
+                x, None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, (rows, n)
+            )[0]
         # Eager, plain tensors: skip the dispatcher, whose round trip costs more than the whole
         # op on a few rows (token-at-a-time decoding). Inference calls the kernel directly.
         if not _needs_autograd(x, weight, bias):
@@ -231,6 +235,7 @@ def _normalize(
         return ops.NormFunction.apply(
             x, None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, (rows, n)
         )[0]
+    ops.refuse_forward_ad()
     out = torch.ops.normfuse.norm_fwd(
         x.view(rows, n), None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype
     )[0]
@@ -260,8 +265,10 @@ def _add_normalize(
     params = (_flat(weight, n), _flat(bias, n), float(eps), rms, h_dtype, dropout_p, seed, return_mask, xhat_dtype,
               out_dtype)  # fmt: skip
     if type(x) is Tensor and (residual is None or type(residual) is Tensor) and not torch.compiler.is_compiling():
-        out, h, mask = ops.NormFunction.apply(xc, rc, *params, (rows, n))
+        function = ops.NormFunctionForTransforms if ops.transforms_active() else ops.NormFunction
+        out, h, mask = function.apply(xc, rc, *params, (rows, n))[:3]
     else:
+        ops.refuse_forward_ad()
         r2 = rc.view(rows, n) if rc is not None else None
         out, h, _, _, mask = torch.ops.normfuse.norm_fwd(xc.view(rows, n), r2, *params)
         out, h, mask = out.view(x.shape), h.view(x.shape), mask.view(x.shape) if return_mask else mask

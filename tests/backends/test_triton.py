@@ -112,6 +112,23 @@ def test_through_the_front_end_with_autograd():
     assert norm_err(x.grad.cpu(), rdx) < 2e-5 and norm_err(w.grad.cpu(), rdw) < 2e-5
 
 
+
+def test_torch_func_transforms_through_the_front_end():
+    # vmap folds into one kernel call; jvp and per-sample gradients (vmap of grad) as on the CPU
+    x, w, b, _ = _inputs(12, 130, torch.float32)
+    x = x.view(4, 3, 130)
+    with normfuse.use_backend("triton"):
+        got = torch.func.vmap(lambda t: normfuse.layer_norm(t, (130,), w, b))(x)
+        _, tangent = torch.func.jvp(lambda t: normfuse.rms_norm(t, (130,), w), (x,), (x.cos(),))
+        per_sample = torch.func.vmap(torch.func.grad(lambda t: normfuse.layer_norm(t, (130,), w, b).pow(2).sum()))(x)
+    x64, w64, b64 = (t.cpu().double() for t in (x, w, b))
+    assert max_rel_err(got.cpu(), reference.layer_norm(x64, (130,), w64, b64)) <= FWD_TOL[torch.float32]
+    eps = torch.finfo(torch.float32).eps
+    _, want = torch.func.jvp(lambda t: reference.layer_norm(t, (130,), w64, None, eps, rms=True), (x64,), (x64.cos(),))
+    assert norm_err(tangent.cpu(), want) < 2e-5
+    want = torch.func.vmap(torch.func.grad(lambda t: reference.layer_norm(t, (130,), w64, b64).pow(2).sum()))(x64)
+    assert norm_err(per_sample.cpu(), want) < 2e-5
+
 @pytest.mark.parametrize(
     "dtype,n,kernel",
     [(torch.float32, WIDE, "_fwd_rows"), (torch.bfloat16, WIDE, "_fwd_looped"), (torch.float64, WIDE, "_fwd_looped"),
