@@ -348,3 +348,66 @@ def test_repeated_calls_are_bitwise_identical(dtype):
             for a, b in zip(first, again):
                 if a is not None:
                     assert torch.equal(a, b)
+
+
+# --- autocast ------------------------------------------------------------------------------------
+
+
+def _under_autocast(device, dtype, fn):
+    with torch.autocast(device_type=device, dtype=dtype):
+        return fn()
+
+
+@pytest.mark.parametrize("dtype", sorted(LOW_PRECISION, key=str))
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_gives_torchs_dtypes(x_dtype, dtype, device):
+    # CUDA autocast runs torch's norms in float32 (inputs cast, float32 out); CPU autocast leaves
+    # them alone: normfuse gives the dtype torch gives on each
+    x = torch.randn(4, 3, 16, device=device).to(x_dtype)
+    r = torch.randn(4, 3, 16, device=device).to(x_dtype)
+    w, b = torch.randn(16, device=device), torch.randn(16, device=device)
+    pairs = [
+        (lambda: F.layer_norm(x, (16,), w, b), lambda: normfuse.layer_norm(x, (16,), w, b)),
+        (lambda: F.rms_norm(x, (16,), w), lambda: normfuse.rms_norm(x, (16,), w)),
+        (lambda: F.layer_norm(x + r, (16,), w, b), lambda: normfuse.add_layer_norm(x, r, (16,), w, b)[0]),
+        (lambda: F.rms_norm(x + r, (16,), w), lambda: normfuse.add_rms_norm(x, r, (16,), w)[0]),
+        (lambda: torch.nn.LayerNorm(16, device=device)(x), lambda: normfuse.LayerNorm(16, device=device)(x)),
+    ]
+    for torch_fn, our_fn in pairs:
+        want, got = _under_autocast(device, dtype, torch_fn), _under_autocast(device, dtype, our_fn)
+        assert got.dtype == want.dtype
+        assert max_rel_err(got, want) <= 2 * FWD_TOL[got.dtype]
+
+
+def test_autocast_float32_policy(monkeypatch):
+    # The float32 policy on the CPU (whose autocast has none for norms), to test it without a GPU:
+    # what CUDA autocast does, spelled out as explicit casts of the same inputs.
+    from normfuse import functional
+
+    monkeypatch.setitem(functional._AUTOCAST_FP32, "layer_norm", frozenset({"cpu"}))
+    monkeypatch.setitem(functional._AUTOCAST_FP32, "rms_norm", frozenset({"cpu"}))
+    x = torch.randn(6, 16).to(torch.bfloat16).requires_grad_()
+    r = torch.randn(6, 16).to(torch.bfloat16)
+    w = torch.randn(16).to(torch.float16).requires_grad_()  # mixed with bf16 x: fine once both are fp32
+    b = torch.randn(16).to(torch.bfloat16)
+    cases = [
+        (lambda: normfuse.layer_norm(x, (16,), w, b), lambda: F.layer_norm(x.float(), (16,), w.float(), b.float())),
+        (lambda: normfuse.rms_norm(x, (16,), w), lambda: F.rms_norm(x.float(), (16,), w.float())),
+        (lambda: normfuse.add_layer_norm(x, r, (16,), w.float(), b)[0],
+         lambda: F.layer_norm((x + r).float(), (16,), w.float(), b.float())),
+        (lambda: normfuse.add_rms_norm(x, r, (16,), w, residual_dtype=torch.float32)[0],
+         lambda: F.rms_norm(x.float() + r.float(), (16,), w.float())),
+        # the model-family formulas keep their own casts
+        (lambda: normfuse.rms_norm(x, (16,), w.float(), xhat_dtype=torch.bfloat16),
+         lambda: w.float() * F.rms_norm(x.float(), (16,)).to(torch.bfloat16)),
+    ]  # fmt: skip
+    for ours, want_fn in cases:
+        got = _under_autocast("cpu", torch.bfloat16, ours)
+        want = want_fn()
+        assert got.dtype == want.dtype
+        assert max_rel_err(got, want) <= FWD_TOL[torch.float32]
+        (gx, gw), (wx, ww) = (torch.autograd.grad(o.sum(), (x, w)) for o in (got, want))
+        assert gx.dtype == wx.dtype == torch.bfloat16 and gw.dtype == ww.dtype == torch.float16
+        assert norm_err(gx, wx) < 1e-2 and norm_err(gw, ww) < 1e-2  # gradients rounded to bf16/fp16
+    # without autocast nothing changes
+    assert normfuse.layer_norm(x, (16,), w.float(), b.float()).dtype == torch.bfloat16

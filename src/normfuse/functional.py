@@ -38,6 +38,38 @@ _SCALAR_TYPE_NAMES = {
 _LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
 
 
+def _autocast_fp32_devices(op: str) -> frozenset[str]:
+    """Device types whose autocast runs torch's ``op`` in float32 (read from torch's dispatcher)."""
+    devices = set()
+    for device_type in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla"):
+        try:
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", "Autocast" + device_type.upper()):
+                devices.add(device_type)
+        except RuntimeError:  # a dispatch key this torch does not have
+            pass
+    return frozenset(devices)
+
+
+# Under autocast on CUDA, XPU and MPS, torch runs its norms with the "fp32" cast policy: fp16 and
+# bf16 tensor arguments are cast to float32, and the output is float32. CPU autocast leaves them
+# alone. normfuse does the same, so that swapping a norm changes no dtype in a mixed-precision
+# model; the table comes from torch's dispatcher, not from a list copied here.
+_AUTOCAST_FP32 = {op: _autocast_fp32_devices(op) for op in ("layer_norm", "rms_norm")}
+
+
+def _autocasts_to_fp32(op: str, x: object) -> bool:
+    """Whether torch's ``op`` would run in float32 on x under the autocast active now."""
+    if not isinstance(x, Tensor):
+        return False
+    device_type = x.device.type
+    return device_type in _AUTOCAST_FP32[op] and torch.is_autocast_enabled(device_type)
+
+
+def _fp32(t: Tensor | None) -> Tensor | None:
+    """autocast's cast: fp16/bf16 to float32, anything else as it is."""
+    return t.float() if t is not None and t.dtype in _LOW_PRECISION else t
+
+
 def _scalar_type_name(dtype: torch.dtype) -> str:
     return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
@@ -300,6 +332,8 @@ def layer_norm(
     _check_optional_tensor("layer_norm", "weight", weight, 3)
     _check_optional_tensor("layer_norm", "bias", bias, 4)
     _check_eps("layer_norm", eps, 5)
+    if _autocasts_to_fp32("layer_norm", input):
+        input, weight, bias = _fp32(input), _fp32(weight), _fp32(bias)
     _check_layer_norm_inputs(input, shape, weight, bias)
     return _normalize(input, shape, weight, bias, eps, rms=False)
 
@@ -393,6 +427,9 @@ def rms_norm(
     _check_optional_tensor("rms_norm", "weight", weight, 3)
     _check_rms_eps("rms_norm", eps, 4)
     _check_family_options("rms_norm", weight_offset, xhat_dtype)
+    if weight_offset == 0.0 and xhat_dtype is None and _autocasts_to_fp32("rms_norm", input):
+        # torch's formula only: the family formulas are written with casts of their own
+        input, weight = _fp32(input), _fp32(weight)
     _check_rms_norm_inputs(input, shape, weight)
     if input.is_complex():
         if weight_offset != 0.0 or xhat_dtype is not None:
@@ -439,11 +476,23 @@ def add_layer_norm(
     _check_optional_tensor("add_layer_norm", "bias", bias, 5)
     _check_eps("add_layer_norm", eps, 6)
     p = _check_dropout_p(dropout_p)
+    out_dtype = None
+    if _autocasts_to_fp32("layer_norm", x):
+        # as ``x + residual`` (no autocast) and then torch's layer_norm under autocast
+        weight, bias, out_dtype = _fp32(weight), _fp32(bias), _autocast_out_dtype(x, residual, residual_dtype)
     _check_layer_norm_inputs(x, shape, weight, bias)
     _check_residual("add_layer_norm", x, residual, residual_dtype)
     return _add_normalize(
-        x, residual, shape, weight, bias, float(eps), False, p if training else 0.0, residual_dtype, return_dropout_mask
-    )
+        x, residual, shape, weight, bias, float(eps), False, p if training else 0.0, residual_dtype, return_dropout_mask,
+        None, out_dtype,
+    )  # fmt: skip
+
+
+def _autocast_out_dtype(x: Tensor, residual: object, residual_dtype: object) -> torch.dtype | None:
+    """The output dtype of torch's norm under fp32 autocast of the residual sum: float32 (the sum
+    cast to it), or None where the sum is float64 (autocast leaves float64 alone)."""
+    h_dtype = residual_dtype or (residual.dtype if isinstance(residual, Tensor) else x.dtype)
+    return None if h_dtype == torch.float64 else torch.float32
 
 
 def add_rms_norm(
@@ -471,11 +520,14 @@ def add_rms_norm(
     _check_rms_eps("add_rms_norm", eps, 5)
     _check_family_options("add_rms_norm", weight_offset, xhat_dtype)
     p = _check_dropout_p(dropout_p)
+    autocast_out_dtype = None
+    if weight_offset == 0.0 and xhat_dtype is None and _autocasts_to_fp32("rms_norm", x):
+        weight, autocast_out_dtype = _fp32(weight), _autocast_out_dtype(x, residual, residual_dtype)
     _check_rms_norm_inputs(x, shape, weight)
     if x.is_complex():
         raise NotImplementedError('"add_rms_norm" not implemented for complex inputs')
     _check_residual("add_rms_norm", x, residual, residual_dtype)
-    out_dtype = _family_out_dtype(x, weight, xhat_dtype)
+    out_dtype = autocast_out_dtype or _family_out_dtype(x, weight, xhat_dtype)
     w = _rms_weight(x, weight, float(weight_offset))
     return _add_normalize(
         x, residual, shape, w, None, _rms_eps(x, eps), True, p if training else 0.0, residual_dtype,

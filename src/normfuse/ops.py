@@ -18,6 +18,10 @@ hash of ``seed`` (a 0-d int64 tensor drawn from torch's generator) and the eleme
 recomputed by the backward instead of stored (``normfuse._dropout``). Registered with ``torch.library`` so autograd,
 ``torch.compile(fullgraph=True)`` and the dispatcher treat them as native ops. The backward of
 the backward (double backward) goes through the differentiable reference formulas.
+
+Eager calls on plain tensors skip the dispatcher (``NormFunction``); under torch.func transforms
+and forward-mode AD ``NormFunctionForTransforms`` adds what those need (``setup_context``, a
+forward-mode derivative, a vmap rule folding the vmapped dim into rows).
 """
 
 from __future__ import annotations
