@@ -96,15 +96,27 @@ def test_forced_reference_backend_runs_and_agrees():
     assert max_rel_err(x.grad, rdx) < 1e-5 and max_rel_err(w.grad, rdw) < 1e-5
 
 
-def test_unsupported_device_falls_back_to_reference_and_warns_once():
+def test_no_kernel_falls_back_to_reference_and_warns_once():
     ops._warned_fallbacks.clear()
-    x = torch.empty(2, 3, device="meta")
+    x = torch.empty(2, 3, dtype=torch.float8_e4m3fn)  # a dtype without a kernel
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert ops.backend_name(x) == "reference"
         assert ops.backend_name(x) == "reference"
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "reference" in messages[0]
+
+
+def test_meta_tensors_take_the_reference_without_a_warning():
+    # shapes only (init_empty_weights, FLOP counters): nothing is slower on the reference
+    ops._warned_fallbacks.clear()
+    x = torch.randn(4, 16, device="meta", requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.backend_name(x) == "reference"
+        out = normfuse.LayerNorm(16, device="meta")(x)
+        out.sum().backward()
+    assert out.shape == x.shape and out.is_meta and x.grad.is_meta
 
 
 def test_double_backward_goes_through_differentiable_formulas():

@@ -106,7 +106,8 @@ def backend_name(x: Tensor) -> str:
     if x.is_cuda and _triton_available():
         return "triton"
     key = (x.device.type, x.dtype)
-    if key not in _warned_fallbacks:
+    # meta tensors (shapes only: init_empty_weights, FLOP counters) lose no speed on the reference
+    if key not in _warned_fallbacks and not x.is_meta:
         _warned_fallbacks.add(key)
         warnings.warn(
             f"normfuse has no kernel for {x.dtype} tensors on {x.device.type}; "
