@@ -59,10 +59,13 @@ _AUTOCAST_FP32 = {op: _autocast_fp32_devices(op) for op in ("layer_norm", "rms_n
 
 def _autocasts_to_fp32(op: str, x: object) -> bool:
     """Whether torch's ``op`` would run in float32 on x under the autocast active now."""
-    if not isinstance(x, Tensor):
-        return False
+    if not (_any_autocast() and isinstance(x, Tensor)):
+        return False  # the usual answer, in 0.05 us (x.device alone takes 0.3)
     device_type = x.device.type
     return device_type in _AUTOCAST_FP32[op] and torch.is_autocast_enabled(device_type)
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _fp32(t: Tensor | None) -> Tensor | None:

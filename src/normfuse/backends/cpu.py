@@ -792,14 +792,6 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         _compile_watch.reload()
 
 
-
-# The entry points run eagerly even when Dynamo meets them outside a custom op (a frame it
-# resumes after a graph break): tracing into numba's dispatcher fails. Inside compiled graphs they
-# run as the custom ops' implementations, which Dynamo never traces; the wrapper costs 0.4 us.
-_not_traced = torch.compiler.disable
-
-
-@_not_traced
 def norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -843,7 +835,6 @@ def norm_fwd(
     return out, h, mean, rstd, mask
 
 
-@_not_traced
 def norm_fwd_inference(
     x: torch.Tensor,
     n_rows: int,
@@ -862,7 +853,6 @@ def norm_fwd_inference(
     return out
 
 
-@_not_traced
 def norm_bwd(
     dy: torch.Tensor,
     h: torch.Tensor,

@@ -668,13 +668,6 @@ def _params(weight, bias):
     )
 
 
-# The entry points run eagerly even when Dynamo meets them outside a custom op (a frame it
-# resumes after a graph break): tracing into Triton's launcher fails. Inside compiled graphs they
-# run as the custom ops' implementations, which Dynamo never traces; the wrapper costs 0.4 us.
-_not_traced = torch.compiler.disable
-
-
-@_not_traced
 def norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -705,7 +698,6 @@ def norm_fwd(
     return out, h, mean, rstd, mask
 
 
-@_not_traced
 def norm_fwd_inference(
     x: torch.Tensor,
     n_rows: int,
@@ -775,7 +767,6 @@ def _bwd_plan(n_rows, n, n_sm, has_w, rms, need_dx, need_dweight, need_dbias, ha
     )  # fmt: skip
 
 
-@_not_traced
 def norm_bwd(
     dy: torch.Tensor,
     h: torch.Tensor,
