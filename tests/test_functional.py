@@ -411,3 +411,68 @@ def test_autocast_float32_policy(monkeypatch):
         assert norm_err(gx, wx) < 1e-2 and norm_err(gw, ww) < 1e-2  # gradients rounded to bf16/fp16
     # without autocast nothing changes
     assert normfuse.layer_norm(x, (16,), w.float(), b.float()).dtype == torch.bfloat16
+
+
+# --- nested tensors ------------------------------------------------------------------------------
+
+
+def _jagged(*lengths, rest=(4, 16), dtype=torch.float32, requires_grad=False):
+    g = torch.Generator().manual_seed(sum(lengths))
+    parts = [torch.randn(n, *rest, generator=g).to(dtype) for n in lengths]
+    return torch.nested.nested_tensor(parts, layout=torch.jagged, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalized_shape", [(16,), (4, 16)])
+def test_jagged_nested_tensors_match_the_reference(normalized_shape, dtype):
+    x = _jagged(3, 5, 1, dtype=dtype, requires_grad=True)
+    w = torch.randn(normalized_shape).to(dtype).requires_grad_()
+    b = torch.randn(normalized_shape).to(dtype)
+    out = normfuse.layer_norm(x, normalized_shape, w, b)
+    assert out.is_nested and out.shape == x.shape and out.dtype == dtype
+    assert torch.equal(out.offsets(), x.offsets())
+    ref = reference.layer_norm(x.values().detach(), normalized_shape, w.detach(), b)
+    assert max_rel_err(out.values(), ref) <= FWD_TOL[dtype]
+    dy = torch.randn(x.values().shape).to(dtype)
+    dx, dw = torch.autograd.grad(out.values(), (x, w), dy)
+    rdx, rdw, _ = reference.layer_norm_backward(dy, x.values().detach(), normalized_shape, w.detach())
+    assert dx.is_nested and norm_err(dx.values(), rdx) <= 1e-2 and norm_err(dw, rdw) <= 1e-2
+    rms = normfuse.rms_norm(x, normalized_shape, w)
+    assert rms.is_nested and rms.dtype == dtype
+    eps = torch.finfo(torch.float32).eps
+    rref = reference.layer_norm(x.values().detach(), normalized_shape, w.detach(), None, eps, rms=True)
+    assert max_rel_err(rms.values(), rref) <= FWD_TOL[dtype]
+    # the module, and torch's nested result itself
+    module = normfuse.LayerNorm(normalized_shape, dtype=dtype)
+    twin = torch.nn.LayerNorm(normalized_shape, dtype=dtype)
+    assert max_rel_err(module(x).values(), twin(x).values()) <= 2 * FWD_TOL[dtype]
+
+
+def test_jagged_add_norm_keeps_the_ragged_structure():
+    x = _jagged(2, 6, requires_grad=True)
+    r = torch.nested.nested_tensor_from_jagged(torch.randn(x.values().shape), x.offsets(), jagged_dim=1)
+    w = torch.randn(16)
+    out, h = normfuse.add_rms_norm(x, r, (16,), w)
+    assert out.is_nested and h.is_nested and out.shape == h.shape == x.shape
+    assert torch.equal(h.values(), (x + r).values())
+    assert max_rel_err(out.values(), F.rms_norm(h, (16,), w).values()) <= 2 * FWD_TOL[torch.float32]
+    out, h, mask = normfuse.add_layer_norm(x, r, (16,), dropout_p=0.5, return_dropout_mask=True)
+    assert mask.is_nested and mask.dtype == torch.bool and mask.shape == x.shape
+    (dx,) = torch.autograd.grad((out.values() + h.values()).sum(), x)
+    assert dx.is_nested and torch.equal(dx.values() == 0, ~mask.values())  # dropped elements get no gradient
+    with pytest.raises(RuntimeError, match="does not match x of shape"):
+        normfuse.add_layer_norm(x, _jagged(3, 6), (16,))  # another ragged structure
+
+
+def test_nested_tensor_errors_and_what_torch_computes():
+    x = _jagged(3, 5)
+    for shape in [(8,), (3, 4, 16)]:
+        assert_same_error(lambda f, s=shape: f(x, s), F.layer_norm, normfuse.layer_norm)
+        assert_same_error(lambda f, s=shape: f(x, s), F.rms_norm, normfuse.rms_norm)
+    flat = torch.nested.nested_tensor([torch.randn(3), torch.randn(5)], layout=torch.jagged)
+    assert_same_error(lambda f: f(flat, (1,)), F.layer_norm, normfuse.layer_norm)
+    # a norm over the ragged dim has no kernel here: torch computes it, and normfuse says so once
+    normfuse.functional._warned_nested.clear()
+    with pytest.warns(RuntimeWarning, match="torch's own function computes it"):
+        got = normfuse.layer_norm(x, x.shape[1:])
+    assert torch.equal(got.values(), F.layer_norm(x, x.shape[1:]).values())

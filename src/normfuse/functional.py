@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -73,12 +74,73 @@ def _fp32(t: Tensor | None) -> Tensor | None:
     return t.float() if t is not None and t.dtype in _LOW_PRECISION else t
 
 
+# --- nested tensors ------------------------------------------------------------------------------
+# A jagged nested tensor (B, j, *rest) keeps its rows in one dense (sum of lengths, *rest) tensor,
+# ``values()``; a norm over trailing dims of rest is a norm of those rows, as torch computes it
+# too. normfuse runs its kernels on the values and gives them the input's ragged structure back
+# (differentiably: values() and nested_tensor_from_jagged are views for autograd). A norm over the
+# ragged dim, and the older strided layout, have no kernel here: torch's own function computes
+# them (with a warning, once).
+
+
+def _jagged_rows_normalizable(x: Tensor, normalized_shape: tuple[int, ...]) -> bool:
+    """A jagged nested tensor whose normalized dims all lie after its ragged dim."""
+    return x.layout == torch.jagged and len(normalized_shape) <= x.dim() - x._ragged_idx - 1
+
+
+def _like_nested(values: Tensor | None, like: Tensor) -> Tensor | None:
+    """values, rows of like's values(), as a nested tensor with like's ragged structure."""
+    if values is None or values.dim() == 0:
+        return values
+    return torch.nested.nested_tensor_from_jagged(
+        values, like.offsets(), lengths=like.lengths(), jagged_dim=like._ragged_idx,
+        min_seqlen=like._maybe_min_seqlen, max_seqlen=like._maybe_max_seqlen,
+    )  # fmt: skip
+
+
+def _values(t: Tensor | None) -> Tensor | None:
+    return t.values() if t is not None else None
+
+
+def _check_nested_add(fn: str, x: Tensor, residual: object, shape: tuple[int, ...], residual_dtype: object) -> None:
+    """A nested x of the add+norm ops: jagged, normalized after its ragged dim, a residual like it."""
+    if not (x.layout == torch.jagged and x.dim() > 2 and _jagged_rows_normalizable(x, shape)):
+        raise NotImplementedError(
+            f"{fn}(): a nested x must have the jagged layout and more than 2 dims, and be normalized over dims "
+            "after its ragged one"
+        )
+    _check_residual(fn, x, residual, residual_dtype)  # the same shape: the same ragged structure too
+    if residual is not None and not residual.is_nested:
+        raise RuntimeError(f"{fn}(): residual must be a nested tensor like x")
+
+
+_warned_nested: set[str] = set()
+
+
+def _torch_computes(fn: str) -> None:
+    if fn not in _warned_nested:
+        _warned_nested.add(fn)
+        warnings.warn(
+            f"normfuse.{fn}: no kernel for this nested tensor (the strided layout, or a norm over the ragged "
+            "dim); torch's own function computes it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _scalar_type_name(dtype: torch.dtype) -> str:
     return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def _shape_list(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+    return "[" + ", ".join(_dim_text(s) for s in shape) + "]"
+
+
+def _dim_text(size: object) -> str:
+    """A size as torch prints it: a nested tensor's ragged size is a symbol (j1) with no int value."""
+    if isinstance(size, torch.SymInt) and size.node.is_nested_int():
+        return str(size)
+    return str(int(size))
 
 
 def _check_int_tuple(fn: str, value: object, position: int) -> tuple[int, ...]:
@@ -331,10 +393,19 @@ def layer_norm(
         A new contiguous tensor of input's shape and dtype. Statistics and the reductions of
         the backward are computed in float32 (float64 for float64 input).
     """
+    if isinstance(input, Tensor) and input.is_nested and not all(isinstance(d, int) for d in normalized_shape):
+        _torch_computes("layer_norm")  # a norm over the ragged dim (its size is a symbol, j1)
+        return torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _check_int_tuple("layer_norm", normalized_shape, 2)
     _check_optional_tensor("layer_norm", "weight", weight, 3)
     _check_optional_tensor("layer_norm", "bias", bias, 4)
     _check_eps("layer_norm", eps, 5)
+    if isinstance(input, Tensor) and input.is_nested:
+        # torch's checks on nested tensors first (its dims, the batch dim), then the values'
+        if input.layout == torch.jagged and input.dim() > 2 and _jagged_rows_normalizable(input, shape):
+            return _like_nested(layer_norm(input.values(), shape, weight, bias, eps), input)
+        _torch_computes("layer_norm")
+        return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
     if _autocasts_to_fp32("layer_norm", input):
         input, weight, bias = _fp32(input), _fp32(weight), _fp32(bias)
     _check_layer_norm_inputs(input, shape, weight, bias)
@@ -430,6 +501,17 @@ def rms_norm(
     _check_optional_tensor("rms_norm", "weight", weight, 3)
     _check_rms_eps("rms_norm", eps, 4)
     _check_family_options("rms_norm", weight_offset, xhat_dtype)
+    if isinstance(input, Tensor) and input.is_nested:
+        if input.layout == torch.jagged:
+            if not _jagged_rows_normalizable(input, shape):
+                raise ValueError("rms_norm(): Normalization over the ragged dim not supported for nested tensors")
+            _check_rms_norm_inputs(input, shape, weight)  # torch's messages show the nested shape
+            out = rms_norm(input.values(), shape, weight, eps, weight_offset=weight_offset, xhat_dtype=xhat_dtype)
+            return _like_nested(out, input)
+        if weight_offset != 0.0 or xhat_dtype is not None:
+            raise NotImplementedError("normfuse.rms_norm: weight_offset and xhat_dtype need a jagged nested tensor")
+        _torch_computes("rms_norm")
+        return torch.rms_norm(input, list(shape), weight, eps)
     if weight_offset == 0.0 and xhat_dtype is None and _autocasts_to_fp32("rms_norm", input):
         # torch's formula only: the family formulas are written with casts of their own
         input, weight = _fp32(input), _fp32(weight)
@@ -479,6 +561,13 @@ def add_layer_norm(
     _check_optional_tensor("add_layer_norm", "bias", bias, 5)
     _check_eps("add_layer_norm", eps, 6)
     p = _check_dropout_p(dropout_p)
+    if isinstance(x, Tensor) and x.is_nested:
+        _check_nested_add("add_layer_norm", x, residual, shape, residual_dtype)
+        outs = add_layer_norm(
+            x.values(), _values(residual), shape, weight, bias, eps, dropout_p=p, training=training,
+            residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask,
+        )  # fmt: skip
+        return tuple(_like_nested(o, x) for o in outs)
     out_dtype = None
     if _autocasts_to_fp32("layer_norm", x):
         # as ``x + residual`` (no autocast) and then torch's layer_norm under autocast
@@ -486,8 +575,8 @@ def add_layer_norm(
     _check_layer_norm_inputs(x, shape, weight, bias)
     _check_residual("add_layer_norm", x, residual, residual_dtype)
     return _add_normalize(
-        x, residual, shape, weight, bias, float(eps), False, p if training else 0.0, residual_dtype, return_dropout_mask,
-        None, out_dtype,
+        x, residual, shape, weight, bias, float(eps), False, p if training else 0.0, residual_dtype,
+        return_dropout_mask, None, out_dtype,
     )  # fmt: skip
 
 
@@ -523,6 +612,14 @@ def add_rms_norm(
     _check_rms_eps("add_rms_norm", eps, 5)
     _check_family_options("add_rms_norm", weight_offset, xhat_dtype)
     p = _check_dropout_p(dropout_p)
+    if isinstance(x, Tensor) and x.is_nested:
+        _check_nested_add("add_rms_norm", x, residual, shape, residual_dtype)
+        outs = add_rms_norm(
+            x.values(), _values(residual), shape, weight, eps, dropout_p=p, training=training,
+            residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask, weight_offset=weight_offset,
+            xhat_dtype=xhat_dtype,
+        )  # fmt: skip
+        return tuple(_like_nested(o, x) for o in outs)
     autocast_out_dtype = None
     if weight_offset == 0.0 and xhat_dtype is None and _autocasts_to_fp32("rms_norm", x):
         weight, autocast_out_dtype = _fp32(weight), _autocast_out_dtype(x, residual, residual_dtype)
