@@ -311,9 +311,9 @@ def _gradients(ctx, dout: Tensor, dresidual_out: Tensor | None, fused_bwd, diffe
     """The backward shared by the custom op and the autograd.Functions: (dx, dresidual, dweight,
     dbias), None where not asked for; the caller appends its non-differentiable inputs.
 
-    ``differentiable`` (or grad mode, or a torch.func transform) takes the differentiable torch
-    formulas instead of the fused kernel: under a transform the tensors may be functorch
-    wrappers, which have no storage for a kernel to read."""
+    ``differentiable`` (or grad mode, or gradients batched by a vmap) takes the differentiable
+    torch formulas instead of the fused kernel: vmap's batched tensors have no storage for a
+    kernel to read."""
     h, weight, mean, rstd, seed = ctx.saved_tensors
     if ctx.rows_n is not None:
         h = h.view(ctx.rows_n)
@@ -321,7 +321,7 @@ def _gradients(ctx, dout: Tensor, dresidual_out: Tensor | None, fused_bwd, diffe
     need_dresidual = need_dresidual and ctx.add
     if dresidual_out is not None and dresidual_out.numel() == 0:
         dresidual_out = None
-    batched = not torch._C._has_storage(dout) or not (dresidual_out is None or torch._C._has_storage(dresidual_out))
+    batched = _vmapped(dout) or (dresidual_out is not None and _vmapped(dresidual_out))
     if differentiable or torch.is_grad_enabled() or batched:
         # create_graph=True, or a vmap over the backward (batched gradients: torch.func, or
         # autograd.grad's is_grads_batched): gradients that are themselves differentiable, in
@@ -339,6 +339,12 @@ def _gradients(ctx, dout: Tensor, dresidual_out: Tensor | None, fused_bwd, diffe
         dweight.to(weight.dtype) if need_dweight else None,
         dbias.to(ctx.bias_dtype) if need_dbias else None,
     )
+
+
+def _vmapped(t: Tensor) -> bool:
+    """A batched tensor of vmap (torch.func's, or the one autograd.grad's is_grads_batched uses):
+    a plain Tensor by type, with no storage (tensor subclasses such as DTensor are not)."""
+    return type(t) is Tensor and not torch._C._has_storage(t)
 
 
 def _differentiable_gradients(ctx, dout, dresidual_out, h, weight, seed):
