@@ -323,3 +323,31 @@ def test_gradients_bitwise_identical_across_thread_counts_and_calls(dtype):
         numba.set_num_threads(previous)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_dropout(use_reentrant):
+    # torch.utils.checkpoint replays the forward in backward with the RNG state restored: the
+    # replayed step must draw the same dropout mask, so the gradients are bitwise the plain ones
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(8, 32, requires_grad=True)
+    r = torch.randn(8, 32, requires_grad=True)
+    norm = normfuse.LayerNorm(32, dropout_p=0.3)
+    lin = torch.nn.Linear(32, 32)
+
+    def block(a, res):
+        out, h = norm(lin(a), residual=res)
+        return out.pow(2).sum() + h.sum()
+
+    def grads(loss):
+        for t in (x, r, norm.weight):
+            t.grad = None
+        loss.backward()
+        return [t.grad.clone() for t in (x, r, norm.weight)]
+
+    torch.manual_seed(1)
+    plain = grads(block(x, r))
+    torch.manual_seed(1)
+    replayed = grads(checkpoint(block, x, r, use_reentrant=use_reentrant))
+    assert all(torch.equal(a, b) for a, b in zip(plain, replayed))
