@@ -193,6 +193,10 @@ def _scalar(f):
     return loss
 
 
+def _ones_like(outs):
+    return tuple(torch.ones_like(o) for o in outs) if isinstance(outs, tuple) else torch.ones_like(outs)
+
+
 TRANSFORMS = {
     "vmap": lambda f, x, r, w, b: torch.func.vmap(f, in_dims=(0, 0, None, None))(x, r, w, b),
     "vmap_dim1": lambda f, x, r, w, b: torch.func.vmap(f, in_dims=(1, 1, None, None))(x, r, w, b),
@@ -202,6 +206,9 @@ TRANSFORMS = {
     "jacrev": lambda f, x, r, w, b: torch.func.jacrev(f, argnums=(0, 2))(x[0], r[0], w, b),
     "jacfwd": lambda f, x, r, w, b: torch.func.jacfwd(f, argnums=(0, 2))(x[0], r[0], w, b),
     "hessian": lambda f, x, r, w, b: torch.func.hessian(_scalar(f))(x[0, 0], r[0, 0], w, b),
+    # a vjp's backward runs after its level has exited, under the outer grad that differentiates it
+    "grad_of_vjp": lambda f, x, r, w, b: torch.func.grad(
+        lambda u: _scalar(lambda *o: torch.func.vjp(lambda v: f(v, r, w, b), u)[1](_ones_like(f(u, r, w, b))))(u))(x),
     "per_sample_grads": lambda f, x, r, w, b: torch.func.vmap(
         torch.func.grad(_scalar(f), argnums=(0, 2, 3)), in_dims=(0, 0, None, None))(x, r, w, b),
     "ensemble": lambda f, x, r, w, b: torch.func.vmap(f, in_dims=(None, None, 0, 0))(
