@@ -320,11 +320,14 @@ def _normalize(
         x = x.contiguous()
     w = _flat(weight, n)
     b = _flat(bias, n)
-    if type(x) is Tensor and not torch.compiler.is_compiling():
-        if ops.transforms_active():
-            return ops.NormFunctionForTransforms.apply(
-                x, None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, (rows, n)
-            )[0]
+    compiling = torch.compiler.is_compiling()
+    transforms = not compiling and ops.transforms_active()  # (compiled code: the custom op's rules)
+    if transforms and (_needs_autograd(x, weight, bias) or ops.forward_ad_active()):
+        return ops.NormFunctionForTransforms.apply(
+            x, None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, (rows, n)
+        )[0]
+    # (a vmap with nothing to differentiate takes the custom op and its vmap rule, below: lighter)
+    if type(x) is Tensor and not transforms and not compiling:
         # Eager, plain tensors: skip the dispatcher, whose round trip costs more than the whole
         # op on a few rows (token-at-a-time decoding). Inference calls the kernel directly.
         if not _needs_autograd(x, weight, bias):
@@ -361,9 +364,12 @@ def _add_normalize(
     seed = _dropout.draw_seed() if dropout_p > 0.0 else None
     params = (_flat(weight, n), _flat(bias, n), float(eps), rms, h_dtype, dropout_p, seed, return_mask, xhat_dtype,
               out_dtype)  # fmt: skip
-    if type(x) is Tensor and (residual is None or type(residual) is Tensor) and not torch.compiler.is_compiling():
-        function = ops.NormFunctionForTransforms if ops.transforms_active() else ops.NormFunction
-        out, h, mask = function.apply(xc, rc, *params, (rows, n))[:3]
+    compiling = torch.compiler.is_compiling()
+    transforms = not compiling and ops.transforms_active()
+    if transforms and (_needs_autograd(x, residual, weight, bias) or ops.forward_ad_active()):
+        out, h, mask = ops.NormFunctionForTransforms.apply(xc, rc, *params, (rows, n))[:3]
+    elif type(x) is Tensor and (residual is None or type(residual) is Tensor) and not transforms and not compiling:
+        out, h, mask = ops.NormFunction.apply(xc, rc, *params, (rows, n))
     else:
         ops.refuse_forward_ad()
         r2 = rc.view(rows, n) if rc is not None else None

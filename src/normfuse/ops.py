@@ -448,7 +448,12 @@ def transforms_active() -> bool:
     has no ``setup_context`` that functorch asks for, pytorch#170834, and no forward-mode
     formula, so a tangent would silently come out as zero) serve them.
     """
-    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+    return torch._C._are_functorch_transforms_active() or forward_ad_active()
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is active (torch.func.jvp and jacfwd open one too)."""
+    return _forward_ad._current_level >= 0
 
 
 def refuse_forward_ad() -> None:
@@ -458,7 +463,7 @@ def refuse_forward_ad() -> None:
     Dynamo reads the level at trace time, so compiled code without forward AD traces through
     this with no graph break.
     """
-    if _forward_ad._current_level >= 0:
+    if forward_ad_active():
         raise NotImplementedError(
             "normfuse: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
             "supported inside torch.compile or on tensor subclasses; apply the transform outside torch.compile"
