@@ -477,7 +477,9 @@ class NormFunctionForTransforms(torch.autograd.Function):
     gradients with ``create_graph``); a ``jvp`` (forward-mode derivative) and a ``vmap`` rule
     that folds the vmapped dimension into the rows, so that ``vmap`` runs one kernel call.
     Calling it costs about 35 us more than ``NormFunction`` (``apply`` binds the arguments to
-    ``forward``'s signature), hence only when ``transforms_active()``.
+    ``forward``'s signature), hence only under a transform and with something to differentiate
+    (inputs that require grad, or forward-mode AD); a vmap alone takes the custom op, whose vmap
+    rule (``_norm_fwd_vmap``) folds the same way.
 
     Arguments are ``NormFunction``'s; outputs (out, residual_out, mask, mean, rstd), the first
     three in x's shape (None where absent), mean and rstd (rows,).
