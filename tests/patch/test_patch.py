@@ -351,3 +351,29 @@ def test_cohere_follows_the_layer_norm_switch():
     model = torch.nn.Sequential(CohereLayerNorm(16))
     assert normfuse.patch(model, layer_norm=False).skipped[0].reason == "not asked for"
     assert [e.formula for e in normfuse.patch(model, rms_norm=False).patched] == ["cohere"]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_per_sample_gradients_of_a_patched_model(name):
+    # torch.func over a whole model: functional_call, vmap over the samples, grad of each
+    model = _build(name).eval()
+    patched = copy.deepcopy(model)
+    normfuse.patch(patched)
+    ids = _inputs(name)["input_ids"]
+
+    def per_sample(m):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+
+        def loss(p, sample):
+            return _logits_of(m, p, sample[None]).logsumexp(-1).sum()
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, ids)
+
+    want, got = per_sample(model), per_sample(patched)
+    assert want.keys() == got.keys()
+    assert all(norm_err(got[k], want[k]) < 1e-5 for k in want)
+
+
+def _logits_of(model, params, ids):
+    out = torch.func.functional_call(model, params, (ids,))
+    return out if isinstance(out, torch.Tensor) else out.logits
