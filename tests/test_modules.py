@@ -145,3 +145,51 @@ def test_torch_compile_inductor():
     out.sum().backward()
     assert max_rel_err(out.detach(), reference.layer_norm(x.detach(), (64,), m.weight, m.bias)) <= 2e-6
     assert x.grad is not None and m.weight.grad is not None
+
+
+# --- data parallel (DDP) and fully sharded (FSDP2) training, two CPU processes over gloo ---------
+
+
+def _block():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 32), normfuse.LayerNorm(32), torch.nn.GELU(), torch.nn.Linear(32, 16),
+        normfuse.RMSNorm(16),
+    )  # fmt: skip
+
+
+def _parallel_worker(rank: int, world: int, init_file: str, wrapper: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        data = torch.randn(world * 6, 16, generator=torch.Generator().manual_seed(5))
+        # the reference: one process, the whole batch (the mean loss over all samples)
+        single = _block()
+        single(data).square().mean().backward()
+        model = _block()
+        if wrapper == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer)
+            fully_shard(model)
+        model(data[rank * 6 : (rank + 1) * 6]).square().mean().backward()  # each rank its share
+        named = dict(model.named_parameters())
+        for name, want in single.named_parameters():
+            got = named[name if wrapper != "ddp" else f"module.{name}"].grad
+            got = got.full_tensor() if hasattr(got, "full_tensor") else got  # FSDP2: a sharded DTensor
+            torch.testing.assert_close(got, want.grad, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_data_parallel_and_fully_sharded_training(wrapper, tmp_path):
+    # gradients averaged across two ranks equal one process's over the whole batch: the norms'
+    # parameters are ordinary Parameters (DDP's buckets, FSDP2's sharded DTensors unsharded for
+    # the forward) and the ops are ordinary autograd nodes
+    torch.multiprocessing.spawn(_parallel_worker, args=(2, str(tmp_path / "init"), wrapper), nprocs=2, join=True)
