@@ -158,10 +158,19 @@ def _block():
     )  # fmt: skip
 
 
+def _init_gloo(rank: int, world: int, init_file: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # the loopback device: no name lookup of this host
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+
 def _parallel_worker(rank: int, world: int, init_file: str, wrapper: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    _init_gloo(rank, world, init_file)
     try:
         data = torch.randn(world * 6, 16, generator=torch.Generator().manual_seed(5))
         # the reference: one process, the whole batch (the mean loss over all samples)
@@ -183,6 +192,7 @@ def _parallel_worker(rank: int, world: int, init_file: str, wrapper: str) -> Non
             got = named[name if wrapper != "ddp" else f"module.{name}"].grad
             got = got.full_tensor() if hasattr(got, "full_tensor") else got  # FSDP2: a sharded DTensor
             torch.testing.assert_close(got, want.grad, rtol=1e-5, atol=1e-6)
+        dist.barrier()  # no rank tears the group down while another still has collectives in flight
     finally:
         dist.destroy_process_group()
 
@@ -193,3 +203,60 @@ def test_data_parallel_and_fully_sharded_training(wrapper, tmp_path):
     # parameters are ordinary Parameters (DDP's buckets, FSDP2's sharded DTensors unsharded for
     # the forward) and the ops are ordinary autograd nodes
     torch.multiprocessing.spawn(_parallel_worker, args=(2, str(tmp_path / "init"), wrapper), nprocs=2, join=True)
+
+
+def _dtensor_worker(rank: int, world: int, init_file: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+    _init_gloo(rank, world, init_file)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        g = torch.Generator().manual_seed(0)
+        x, r = torch.randn(4, 6, 16, generator=g), torch.randn(4, 6, 16, generator=g)
+        w, b = torch.randn(16, generator=g), torch.randn(16, generator=g)
+        fns = {
+            "layer": lambda x, r, w, b: normfuse.layer_norm(x, (16,), w, b),
+            "rms": lambda x, r, w, b: normfuse.rms_norm(x, (16,), w),
+            "add_layer": lambda x, r, w, b: normfuse.add_layer_norm(x, r, (16,), w, b)[0],
+        }
+        # rows sharded (sequence parallel: dim 1; batch: dim 0) run normfuse's kernels shard by
+        # shard; a sharded normalized dim is left to torch's DTensor rules (layer_norm's gathers it)
+        cases = [(p, name) for p in (Shard(1), Shard(0), Replicate()) for name in fns] + [(Shard(2), "layer")]
+        for placement, name in cases:
+            fn = fns[name]
+            plain = [t.clone().requires_grad_() for t in (x, r, w, b)]
+            fn(*plain).square().sum().backward()
+            dist_args = [distribute_tensor(t, mesh, [placement if t.dim() == 3 else Replicate()]).requires_grad_()
+                         for t in (x, r, w, b)]  # fmt: skip
+            out = fn(*dist_args)
+            assert out.placements == (placement if placement != Shard(2) else Replicate(),)
+            out.full_tensor().square().sum().backward()
+            for got, want in zip(dist_args, plain):
+                if want.grad is not None:
+                    torch.testing.assert_close(got.grad.full_tensor(), want.grad, rtol=1e-5, atol=1e-4)
+        sharded_features = [distribute_tensor(t, mesh, [Shard(2)]) for t in (x, r)]
+        try:
+            normfuse.add_layer_norm(*sharded_features, (16,))
+        except NotImplementedError as error:
+            assert "sharded over dims before the normalized ones" in str(error)
+        else:
+            raise AssertionError("add_layer_norm took a DTensor sharded over its normalized dim")
+        # torch's sequence-parallel style on the module itself (a plain input is this rank's part
+        # of the sequence)
+        norm = normfuse.LayerNorm(16)
+        twin = torch.nn.LayerNorm(16)
+        twin.load_state_dict(norm.state_dict())
+        parallelize_module(norm, mesh, SequenceParallel())
+        got = norm(x)
+        assert got.placements == (Shard(1),) and got.shape == (4, 6 * world, 16)
+        torch.testing.assert_close(got.to_local(), twin(x), rtol=1e-5, atol=1e-5)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_sharded_over_rows_runs_the_kernels_shard_by_shard(tmp_path):
+    torch.multiprocessing.spawn(_dtensor_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)

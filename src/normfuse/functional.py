@@ -128,6 +128,74 @@ def _torch_computes(fn: str) -> None:
         )
 
 
+# --- DTensor (tensor and sequence parallelism) ----------------------------------------------------
+# A DTensor sharded only over rows (batch or sequence dims, the usual sequence-parallel layout of
+# a norm's input) with replicated parameters is normalized shard by shard: each rank runs the
+# kernels on its local rows. The parameters' gradients are then partial sums over the ranks that
+# hold different rows (``grad_placements``), which DTensor reduces where they are needed. Any
+# other layout (a sharded normalized dim, sharded parameters) is left to torch's own function
+# and its DTensor sharding rules.
+
+
+def _dtensor_class():
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+_DTENSOR = _dtensor_class()
+
+
+def _is_dtensor(t: object) -> bool:
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
+
+
+def _shards_rows_only(x: Tensor, normalized_shape: tuple[int, ...], params: tuple) -> bool:
+    """x sharded (or replicated) over dims before the normalized ones; parameters replicated."""
+    first_normalized = x.dim() - len(normalized_shape)
+    if not all(p.is_replicate() or (p.is_shard() and p.dim % x.dim() < first_normalized) for p in x.placements):
+        return False
+    return all(
+        p is None or (_is_dtensor(p) and p.device_mesh == x.device_mesh and all(q.is_replicate() for q in p.placements))
+        for p in params
+    )
+
+
+def _local_params(x: Tensor, params: tuple) -> tuple:
+    """The parameters' local tensors; their gradients are partial sums wherever x is sharded."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    grads = [Partial() if p.is_shard() else Replicate() for p in x.placements]
+    return tuple(None if p is None else p.to_local(grad_placements=grads) for p in params)
+
+
+def _like_dtensor(local: Tensor | None, x: Tensor) -> Tensor | None:
+    """A local result with x's rows, as a DTensor laid out like x (contiguous)."""
+    if local is None or local.dim() == 0:
+        return local
+    strides = torch.empty(x.shape, device="meta").stride()
+    return _DTENSOR.from_local(local, x.device_mesh, x.placements, shape=x.shape, stride=strides)
+
+
+def _local(t: Tensor | None) -> Tensor | None:
+    return t.to_local() if t is not None else None
+
+
+def _check_dtensor_add(fn: str, x: Tensor, residual: object, shape: tuple[int, ...], params: tuple) -> None:
+    """A DTensor x of the add+norm ops: sharded over rows only, a residual laid out the same."""
+    same_layout = residual is None or (
+        _is_dtensor(residual) and residual.device_mesh == x.device_mesh and residual.placements == x.placements
+        and residual.shape == x.shape
+    )  # fmt: skip
+    if not (same_layout and _shards_rows_only(x, shape, params)):
+        raise NotImplementedError(
+            f"{fn}(): a DTensor x must be sharded over dims before the normalized ones, with replicated "
+            "parameters and a residual DTensor of the same shape and placements"
+        )
+
+
 def _scalar_type_name(dtype: torch.dtype) -> str:
     return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
@@ -412,6 +480,11 @@ def layer_norm(
             return _like_nested(layer_norm(input.values(), shape, weight, bias, eps), input)
         _torch_computes("layer_norm")
         return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
+    if _is_dtensor(input):
+        if _shards_rows_only(input, shape, (weight, bias)):
+            local = layer_norm(input.to_local(), shape, *_local_params(input, (weight, bias)), eps)
+            return _like_dtensor(local, input)
+        return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)  # DTensor's own rules
     if _autocasts_to_fp32("layer_norm", input):
         input, weight, bias = _fp32(input), _fp32(weight), _fp32(bias)
     _check_layer_norm_inputs(input, shape, weight, bias)
@@ -518,6 +591,14 @@ def rms_norm(
             raise NotImplementedError("normfuse.rms_norm: weight_offset and xhat_dtype need a jagged nested tensor")
         _torch_computes("rms_norm")
         return torch.rms_norm(input, list(shape), weight, eps)
+    if _is_dtensor(input):
+        if _shards_rows_only(input, shape, (weight,)):
+            (local_weight,) = _local_params(input, (weight,))
+            local = rms_norm(input.to_local(), shape, local_weight, eps, weight_offset=weight_offset, xhat_dtype=xhat_dtype)
+            return _like_dtensor(local, input)
+        if weight_offset != 0.0 or xhat_dtype is not None:
+            raise NotImplementedError("normfuse.rms_norm: weight_offset and xhat_dtype need a DTensor sharded over rows")
+        return torch.rms_norm(input, list(shape), weight, eps)  # DTensor's own rules
     if weight_offset == 0.0 and xhat_dtype is None and _autocasts_to_fp32("rms_norm", input):
         # torch's formula only: the family formulas are written with casts of their own
         input, weight = _fp32(input), _fp32(weight)
@@ -574,6 +655,13 @@ def add_layer_norm(
             residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask,
         )  # fmt: skip
         return tuple(_like_nested(o, x) for o in outs)
+    if _is_dtensor(x):
+        _check_dtensor_add("add_layer_norm", x, residual, shape, (weight, bias))
+        outs = add_layer_norm(
+            x.to_local(), _local(residual), shape, *_local_params(x, (weight, bias)), eps, dropout_p=p,
+            training=training, residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask,
+        )  # fmt: skip
+        return tuple(_like_dtensor(o, x) for o in outs)
     out_dtype = None
     if _autocasts_to_fp32("layer_norm", x):
         # as ``x + residual`` (no autocast) and then torch's layer_norm under autocast
@@ -626,6 +714,14 @@ def add_rms_norm(
             xhat_dtype=xhat_dtype,
         )  # fmt: skip
         return tuple(_like_nested(o, x) for o in outs)
+    if _is_dtensor(x):
+        _check_dtensor_add("add_rms_norm", x, residual, shape, (weight,))
+        outs = add_rms_norm(
+            x.to_local(), _local(residual), shape, *_local_params(x, (weight,)), eps, dropout_p=p, training=training,
+            residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask, weight_offset=weight_offset,
+            xhat_dtype=xhat_dtype,
+        )  # fmt: skip
+        return tuple(_like_dtensor(o, x) for o in outs)
     autocast_out_dtype = None
     if weight_offset == 0.0 and xhat_dtype is None and _autocasts_to_fp32("rms_norm", x):
         weight, autocast_out_dtype = _fp32(weight), _autocast_out_dtype(x, residual, residual_dtype)
