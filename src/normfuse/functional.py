@@ -594,10 +594,14 @@ def rms_norm(
     if _is_dtensor(input):
         if _shards_rows_only(input, shape, (weight,)):
             (local_weight,) = _local_params(input, (weight,))
-            local = rms_norm(input.to_local(), shape, local_weight, eps, weight_offset=weight_offset, xhat_dtype=xhat_dtype)
+            local = rms_norm(
+                input.to_local(), shape, local_weight, eps, weight_offset=weight_offset, xhat_dtype=xhat_dtype
+            )
             return _like_dtensor(local, input)
         if weight_offset != 0.0 or xhat_dtype is not None:
-            raise NotImplementedError("normfuse.rms_norm: weight_offset and xhat_dtype need a DTensor sharded over rows")
+            raise NotImplementedError(
+                "normfuse.rms_norm: weight_offset and xhat_dtype need a DTensor sharded over rows"
+            )
         return torch.rms_norm(input, list(shape), weight, eps)  # DTensor's own rules
     if weight_offset == 0.0 and xhat_dtype is None and _autocasts_to_fp32("rms_norm", input):
         # torch's formula only: the family formulas are written with casts of their own
