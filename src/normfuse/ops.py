@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import warnings
 from collections.abc import Iterator
@@ -163,12 +164,27 @@ def norm_fwd(
     return out, h if h is not None else x.new_empty(0), mean, rstd, mask if mask is not None else _no_mask(x)
 
 
-# The kernel launchers run outside Dynamo's sight even where a frame it compiles calls them
-# eagerly (vmap of a compiled function; forward-mode AD falling back from torch.compile to eager):
-# traced, numba's and Triton's Python would fail. Inside compiled graphs they run as the custom
-# ops' implementations, which Dynamo never traces. The guard costs about 0.5 us a call (the eager
-# training path; eager inference calls the backend directly).
-@torch.compiler.disable
+def _not_traced(fn):
+    """fn run outside Dynamo's sight, even where a frame Dynamo compiles calls it eagerly (vmap of
+    a compiled function; forward-mode AD falling back from torch.compile to eager): traced,
+    numba's and Triton's Python would fail. Inside compiled graphs the launchers run as the custom
+    ops' implementations, which Dynamo never traces. The guard costs about 0.5 us a call (the eager
+    training path; eager inference calls the backend directly). ``torch.compiler.disable`` is
+    applied at the first call: it imports Dynamo, which would add about 1.2 s to ``import normfuse``.
+    """
+    guarded = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal guarded
+        if guarded is None:
+            guarded = torch.compiler.disable(fn)
+        return guarded(*args, **kwargs)
+
+    return call
+
+
+@_not_traced
 def _run_fwd(x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype,
              out_dtype):  # fmt: skip
     """The chosen backend's forward, taking norm_fwd's arguments; absent outputs are None."""
@@ -370,7 +386,7 @@ def _backward(ctx, dout, dresidual_out, _dmean, _drstd, _dmask):
 norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.compiler.disable
+@_not_traced
 def _run_bwd(dy, dresidual_out, h, weight, mean, rstd, rms, add, dropout_p, seed, x_dtype, residual_dtype,
              need_dx, need_dresidual, need_dweight, need_dbias, dweight_dtype=None, dbias_dtype=None):  # fmt: skip
     """The chosen backend's backward, taking norm_bwd's arguments; gradients not asked for are None.
