@@ -459,10 +459,11 @@ class NormFunction(torch.autograd.Function):
 def transforms_active() -> bool:
     """Whether a torch.func transform (vmap, grad, jvp, ...) or a forward-mode AD level is active.
 
-    Both need ``NormFunctionForTransforms``: neither the kernels (which read storage that
-    functorch's wrapper tensors do not have) nor the custom op (whose generated autograd wrapper
-    has no ``setup_context`` that functorch asks for, pytorch#170834, and no forward-mode
-    formula, so a tangent would silently come out as zero) serve them.
+    The kernels cannot be called directly then (functorch's wrapper tensors have no storage to
+    read), and the custom op's autograd serves neither (its generated wrapper has no
+    ``setup_context``, which functorch asks for, pytorch#170834, and no forward-mode formula, so a
+    tangent would silently come out as zero): calls go through ``NormFunctionForTransforms``, or,
+    with nothing to differentiate (a vmap alone), through the custom op and its vmap rule.
     """
     return torch._C._are_functorch_transforms_active() or forward_ad_active()
 
