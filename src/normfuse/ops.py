@@ -435,22 +435,28 @@ class NormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dresidual_out, _dmask):
-        rows_n = ctx.rows_n
-        dout = dout.reshape(rows_n)
-        if dresidual_out is not None:
-            dresidual_out = dresidual_out.reshape(rows_n)
-
         def fused_bwd(*args):
             return _run_bwd(*args, dweight_dtype=ctx.weight_dtype, dbias_dtype=ctx.bias_dtype)
 
-        dx, dres, dweight, dbias = _gradients(ctx, dout, dresidual_out, fused_bwd)
-        shape = ctx.shape
-        return (
-            dx.reshape(shape) if dx is not None else None,
-            dres.reshape(shape) if dres is not None else None,
-            dweight,
-            dbias,
-        ) + (None,) * (_N_NONDIFF_ARGS + 1)  # and rows_n
+        return _shaped_gradients(ctx, dout, dresidual_out, fused_bwd)
+
+
+def _shaped_gradients(ctx, dout, dresidual_out, fused_bwd, differentiable: bool | None = None) -> tuple:
+    """``_gradients`` for the autograd.Functions, whose tensors have x's shape: the incoming
+    gradients viewed as (rows, n), dx and dresidual given x's shape back, then a None for each
+    non-differentiable input and for rows_n."""
+    rows_n = ctx.rows_n
+    dout = dout.reshape(rows_n)
+    if dresidual_out is not None:
+        dresidual_out = dresidual_out.reshape(rows_n)
+    dx, dres, dweight, dbias = _gradients(ctx, dout, dresidual_out, fused_bwd, differentiable)
+    shape = ctx.shape
+    return (
+        dx.reshape(shape) if dx is not None else None,
+        dres.reshape(shape) if dres is not None else None,
+        dweight,
+        dbias,
+    ) + (None,) * (_N_NONDIFF_ARGS + 1)
 
 
 # --- torch.func transforms and forward-mode AD ------------------------------------------------
@@ -528,18 +534,7 @@ class NormFunctionForTransforms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dresidual_out, _dmask, _dmean, _drstd):
-        rows_n = ctx.rows_n
-        dout = dout.reshape(rows_n)
-        if dresidual_out is not None:
-            dresidual_out = dresidual_out.reshape(rows_n)
-        dx, dres, dweight, dbias = _gradients(ctx, dout, dresidual_out, None, differentiable=True)
-        shape = ctx.shape
-        return (
-            dx.reshape(shape) if dx is not None else None,
-            dres.reshape(shape) if dres is not None else None,
-            dweight,
-            dbias,
-        ) + (None,) * (_N_NONDIFF_ARGS + 1)
+        return _shaped_gradients(ctx, dout, dresidual_out, None, differentiable=True)
 
     @staticmethod
     def jvp(ctx, tx, tresidual, tweight, tbias, *_):
