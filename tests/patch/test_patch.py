@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +217,56 @@ def test_save_pretrained_loads_into_the_unpatched_class(tmp_path):
     assert type(loaded.model.norm) is transformers.models.gemma.modeling_gemma.GemmaRMSNorm
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def _patched_classes(model):
+    return [(path, type(m).__name__, getattr(type(m), "_normfuse_original_class", None)) for path, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("name", ["llama", "torch"])
+def test_pickle_and_deepcopy_of_a_patched_model_keep_it_patched(name):
+    model = _build(name).eval()
+    normfuse.patch(model, fuse_residual=name == "llama")
+    classes = _patched_classes(model)
+    inputs = _inputs(name)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert _patched_classes(clone) == classes
+        assert all(type(a) is type(b) for a, b in zip(clone.modules(), model.modules()))
+        assert torch.equal(_logits(clone, inputs), _logits(model, inputs))
+        assert normfuse.unpatch(clone) == (7 if name == "llama" else 5)
+    assert _patched_classes(model) == classes  # unpatching a clone leaves the model patched
+
+
+_LOAD_IN_A_NEW_PROCESS = """
+import sys, torch, normfuse
+saved = torch.load(sys.argv[1], weights_only=False)
+model, inputs = saved["model"], saved["inputs"]
+classes = [(path, type(m).__name__, getattr(type(m), "_normfuse_original_class", None)) for path, m in model.named_modules()]
+assert classes == saved["classes"], (classes, saved["classes"])
+with torch.no_grad():
+    out = model(**inputs)
+logits = out if isinstance(out, torch.Tensor) else out.logits
+assert torch.equal(logits, saved["logits"]), (logits - saved["logits"]).abs().max()
+print("patched modules:", sum(original is not None for _, _, original in classes))
+"""
+
+
+@pytest.mark.parametrize("name", ["llama", "torch"])
+def test_torch_save_of_a_whole_patched_model_loads_patched_in_a_new_process(name, tmp_path):
+    # generated classes are in no module's namespace: pickle's lookup by name failed before
+    model = _build(name).eval()
+    normfuse.patch(model, fuse_residual=name == "llama")
+    inputs = _inputs(name)
+    with torch.no_grad():
+        logits = _logits(model, inputs)
+    path = tmp_path / "model.pt"
+    torch.save({"model": model, "inputs": inputs, "logits": logits, "classes": _patched_classes(model)}, path)
+    root = Path(__file__).resolve().parents[2]  # the fresh process imports tests.patch for _Encoder
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_IN_A_NEW_PROCESS, str(path)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == f"patched modules: {7 if name == 'llama' else 5}"
 
 
 class _ChannelsFirstLayerNorm(torch.nn.LayerNorm):

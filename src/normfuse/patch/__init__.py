@@ -72,12 +72,35 @@ _TORCH_FORMULAS = {
 _generated: dict[tuple[type, str], type] = {}
 
 
+def _reduce_ex(self: torch.nn.Module, protocol: int) -> tuple:
+    """Pickling (``torch.save`` of a whole model, ``copy.deepcopy``) of a patched module.
+
+    A generated class lives in no module's namespace, so pickle's lookup by name would fail;
+    the default reduction is kept, with the class replaced by how to make it again: the
+    original class (pickled by name, as before patching) and the formula's name.
+    """
+    _, _, *rest = object.__reduce_ex__(self, protocol)
+    cls = type(self)
+    return (_rebuild, (cls._normfuse_original_class, cls._normfuse_key), *rest)
+
+
+def _rebuild(original: type, key: str) -> torch.nn.Module:
+    """An empty instance of the patched class of ``original`` (made again if this process has
+    not made it yet); unpickling then restores the module's state into it."""
+    cls = _fused_class(original) if key == _FUSED else _patched_class(original, _FORMULAS_BY_NAME[key])
+    return cls.__new__(cls)
+
+
+def _generated_namespace(cls: type, key: str) -> dict:
+    return {"_normfuse_original_class": cls, "_normfuse_key": key, "__reduce_ex__": _reduce_ex, "__module__": __name__}
+
+
 def _patched_class(cls: type, formula: Formula) -> type:
     key = (cls, formula.name)
     made = _generated.get(key)
     if made is not None:
         return made
-    namespace = {"_normfuse_original_class": cls, "_normfuse_formula": formula, "__module__": __name__}
+    namespace = {**_generated_namespace(cls, formula.name), "_normfuse_formula": formula}
     if formula.forward is not None:
         namespace["forward"] = lambda self, x: formula.forward(self, x)
         made = type(f"Normfuse{cls.__name__}", (cls,), namespace)
@@ -173,18 +196,27 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport) -> None:
         if formula is None or formula.add_forward is None:
             report.skipped.append(SkippedNorm(path, cls.__qualname__, "residual add not fused: its norm is not patched with a fusable formula"))
             continue
-        key = (cls, "fused")
-        fused = _generated.get(key)
-        if fused is None:
-            signature = inspect.signature(cls.forward)
-            var_keyword = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-            fused = type(f"NormfuseFused{cls.__name__}", (cls,), {
-                "_normfuse_original_class": cls, "_normfuse_signature": signature, "_normfuse_var_keyword": var_keyword,
-                "forward": _fused_layer_forward, "__module__": __name__,
-            })  # fmt: skip
-            _generated[key] = fused
+        fused = _fused_class(cls)
         module.__class__ = fused
         report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", f"fused residual add + {formula.name}"))
+
+
+_FUSED = "fused"  # the key of a decoder layer's fused class (formula names are the others')
+
+
+def _fused_class(cls: type) -> type:
+    """The generated subclass of a Llama-family decoder layer whose forward fuses its residual add."""
+    key = (cls, _FUSED)
+    fused = _generated.get(key)
+    if fused is None:
+        signature = inspect.signature(cls.forward)
+        var_keyword = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        fused = type(f"NormfuseFused{cls.__name__}", (cls,), {
+            **_generated_namespace(cls, _FUSED), "_normfuse_signature": signature,
+            "_normfuse_var_keyword": var_keyword, "forward": _fused_layer_forward,
+        })  # fmt: skip
+        _generated[key] = fused
+    return fused
 
 
 def _swap(module: torch.nn.Module, patched: type) -> None:
@@ -211,3 +243,4 @@ def unpatch(model: torch.nn.Module) -> int:
 
 
 FORMULAS = tuple(_TORCH_FORMULAS.values()) + HF_FORMULAS
+_FORMULAS_BY_NAME = {formula.name: formula for formula in FORMULAS}
