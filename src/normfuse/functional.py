@@ -395,14 +395,18 @@ def _normalize(
             x, None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, (rows, n)
         )[0]
     # (a vmap with nothing to differentiate takes the custom op and its vmap rule, below: lighter)
-    if type(x) is Tensor and not transforms and not compiling:
+    if type(x) is Tensor and not transforms and not compiling and not torch._C._is_tracing():
         # Eager, plain tensors: skip the dispatcher, whose round trip costs more than the whole
         # op on a few rows (token-at-a-time decoding). Inference calls the kernel directly.
+        # (torch.jit.trace records dispatcher ops only: it takes the custom op below.)
         if not _needs_autograd(x, weight, bias):
             return ops.backend_for(x).norm_fwd_inference(x, rows, n, w, b, float(eps), rms, xhat_dtype, out_dtype)
         return ops.NormFunction.apply(
             x, None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, (rows, n)
         )[0]
+    if ops.onnx_exporting():
+        args = (float(eps), rms, None, 0.0, False, xhat_dtype, out_dtype)
+        return ops.norm_fwd_torch_ops(x, None, normalized_shape, w, b, *args)[0]
     ops.refuse_forward_ad()
     out = torch.ops.normfuse.norm_fwd(
         x.view(rows, n), None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype
@@ -436,9 +440,18 @@ def _add_normalize(
     transforms = not compiling and ops.transforms_active()
     if transforms and (_needs_autograd(x, residual, weight, bias) or ops.forward_ad_active()):
         out, h, mask = ops.NormFunctionForTransforms.apply(xc, rc, *params, (rows, n))[:3]
-    elif type(x) is Tensor and (residual is None or type(residual) is Tensor) and not transforms and not compiling:
+    elif (
+        type(x) is Tensor and (residual is None or type(residual) is Tensor) and not transforms and not compiling
+        and not torch._C._is_tracing()
+    ):  # fmt: skip
         out, h, mask = ops.NormFunction.apply(xc, rc, *params, (rows, n))
     else:
+        if ops.onnx_exporting():
+            w, b, eps, rms, h_dtype, dropout_p, _, return_mask, xhat_dtype, out_dtype = params
+            out, h, mask = ops.norm_fwd_torch_ops(
+                xc, rc, normalized_shape, w, b, eps, rms, h_dtype, dropout_p, return_mask, xhat_dtype, out_dtype
+            )  # fmt: skip
+            return (out, h, mask) if return_mask else (out, h)
         ops.refuse_forward_ad()
         r2 = rc.view(rows, n) if rc is not None else None
         out, h, _, _, mask = torch.ops.normfuse.norm_fwd(xc.view(rows, n), r2, *params)

@@ -31,6 +31,22 @@ def _prenorm_repr(module: torch.nn.Module) -> str:
     return extras
 
 
+def not_scriptable(module: torch.nn.Module) -> torch.nn.Module:
+    """``__prepare_scriptable__`` of normfuse's modules (and of the classes ``patch`` generates).
+
+    ``torch.jit.script`` (deprecated in torch) compiles a module's Python source, and normfuse's
+    front end is not TorchScript; without this the error would point at a type annotation deep
+    in ``functional``. (Returning torch's own module instead is no way out: torch.jit.script puts
+    what this returns into the parent module's children, so the eager model would lose normfuse.)
+    """
+    raise RuntimeError(
+        f"{type(module).__name__} (normfuse) cannot be compiled by torch.jit.script, which is deprecated in torch: "
+        "use torch.compile or torch.export (both keep normfuse's kernels), or torch.jit.trace, which records "
+        "normfuse's custom op; for a model patched with normfuse.patch, normfuse.unpatch(model) restores its "
+        "original modules"
+    )
+
+
 class LayerNorm(torch.nn.LayerNorm):
     r"""``torch.nn.LayerNorm`` computed by normfuse's fused kernels.
 
@@ -72,6 +88,8 @@ class LayerNorm(torch.nn.LayerNorm):
             input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
             dropout_p=self.dropout_p, training=self.training, residual_dtype=self.residual_dtype,
         )  # fmt: skip
+
+    __prepare_scriptable__ = not_scriptable
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _prenorm_repr(self)
@@ -131,6 +149,8 @@ class RMSNorm(torch.nn.RMSNorm):
             x, residual, self.normalized_shape, self.weight, self.eps,
             dropout_p=self.dropout_p, training=self.training, residual_dtype=self.residual_dtype,
         )  # fmt: skip
+
+    __prepare_scriptable__ = not_scriptable
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _prenorm_repr(self)

@@ -30,6 +30,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from types import ModuleType
@@ -457,6 +458,61 @@ def _shaped_gradients(ctx, dout, dresidual_out, fused_bwd, differentiable: bool 
         dweight,
         dbias,
     ) + (None,) * (_N_NONDIFF_ARGS + 1)
+
+
+# --- exporters that translate torch's own ops (ONNX) -------------------------------------------
+
+
+def onnx_exporting() -> bool:
+    """Whether ``torch.onnx.export`` is running (the TorchScript-based exporter or the one built on
+    torch.export). ONNX has no normfuse op: the front end then writes the forward in torch's own ops
+    (``norm_fwd_torch_ops``), which the exporter translates to ONNX's. ``torch.onnx`` is imported by
+    an export, not by ``import torch``: until then this is one dictionary lookup."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+def norm_fwd_torch_ops(x, residual, normalized_shape, weight, bias, eps, rms, residual_out_dtype, dropout_p,
+                       return_mask, xhat_dtype, out_dtype):  # fmt: skip
+    """``norm_fwd``'s (out, residual_out, mask) in torch's standard ops, for exporters: no
+    statistics (an exported graph runs inference) and dropout from torch's generator (ONNX's
+    random ops) instead of normfuse's hash. The same roundings as the kernels: the residual sum
+    once to its dtype, statistics and the affine step in the accumulation dtype, x-hat rounded to
+    ``xhat_dtype`` where asked, the output once to its dtype. x (and the residual) keep their
+    shapes, normalized over the trailing ``normalized_shape`` dims, so that the exported graph
+    holds no reshape to a row count fixed at export (the TorchScript-based exporter would bake
+    it in and break dynamic batch sizes).
+    """
+    h, mask = x, None
+    if residual_out_dtype is not None:
+        s = x.to(acc_dtype(residual_out_dtype))
+        if dropout_p > 0.0:
+            keep = torch.rand_like(s) >= dropout_p
+            s = torch.where(keep, s * _dropout.scale(dropout_p), 0.0)
+        if residual is not None:
+            s = s + residual.to(s.dtype)
+        h = s.to(residual_out_dtype)
+        if return_mask:
+            mask = keep if dropout_p > 0.0 else torch.ones_like(x, dtype=torch.bool)
+    acc = acc_dtype(h.dtype)
+    hf = h.to(acc)
+    w = weight.to(acc).reshape(normalized_shape) if weight is not None else None
+    b = bias.to(acc).reshape(normalized_shape) if bias is not None else None
+    if rms:
+        dims = tuple(range(-len(normalized_shape), 0))
+        y = hf * torch.rsqrt(hf.square().mean(dim=dims, keepdim=True) + eps)
+    elif xhat_dtype is None:  # one op, which exporters translate to ONNX's LayerNormalization
+        y = torch.nn.functional.layer_norm(hf, normalized_shape, w, b, eps)
+        w = b = None
+    else:
+        y = torch.nn.functional.layer_norm(hf, normalized_shape, None, None, eps)
+    if xhat_dtype is not None:
+        y = y.to(xhat_dtype).to(acc)
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y.to(out_dtype or x.dtype), (h if residual_out_dtype is not None else None), mask
 
 
 # --- torch.func transforms and forward-mode AD ------------------------------------------------

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import io
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -267,6 +269,32 @@ def test_torch_save_of_a_whole_patched_model_loads_patched_in_a_new_process(name
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == f"patched modules: {7 if name == 'llama' else 5}"
+
+
+def test_onnx_export_of_a_patched_model_gives_its_logits():
+    pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install normfuse[test])")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install normfuse[test])")
+    model = _build("llama").eval()
+    reference = copy.deepcopy(model)
+    normfuse.patch(model, fuse_residual=True)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids, use_cache=False).logits
+
+    ids = _inputs("llama")["input_ids"]
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(model), (ids,), buf, dynamo=True, verbose=False)
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: ids.numpy()})
+    with torch.no_grad():
+        assert norm_err(torch.from_numpy(logits), _logits(reference, {"input_ids": ids})) <= 1e-5
 
 
 class _ChannelsFirstLayerNorm(torch.nn.LayerNorm):

@@ -92,7 +92,10 @@ def _rebuild(original: type, key: str) -> torch.nn.Module:
 
 
 def _generated_namespace(cls: type, key: str) -> dict:
-    return {"_normfuse_original_class": cls, "_normfuse_key": key, "__reduce_ex__": _reduce_ex, "__module__": __name__}
+    return {
+        "_normfuse_original_class": cls, "_normfuse_key": key, "__reduce_ex__": _reduce_ex,
+        "__prepare_scriptable__": modules.not_scriptable, "__module__": __name__,
+    }  # fmt: skip
 
 
 def _patched_class(cls: type, formula: Formula) -> type:
