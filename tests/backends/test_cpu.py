@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import normfuse
 from normfuse import reference
 from normfuse.backends import cpu
 from tests._helpers import FWD_TOL, max_rel_err, norm_err
@@ -193,3 +194,40 @@ def test_pilot_mean_keeps_statistics_exact_where_the_row_starts_unlike_its_rest(
     assert ((mean[finite].double() - ref_mean[finite].double()).abs() <= 1e-7 * scale).all()
     assert max_rel_err(rstd[finite], ref_rstd[finite]) < 1e-5
     assert out[5:].isnan().all()
+
+
+class _NormsInWorker(torch.utils.data.Dataset):
+    """A dataset whose items are normfuse forwards and backwards big enough for the thread pool."""
+
+    def __init__(self, x, w, b):
+        self.x, self.w, self.b = x, w, b
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return _forward_backward(self.x + i, self.w, self.b)
+
+
+def _forward_backward(x, w, b):
+    x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+    out = torch.nn.functional.layer_norm(x, x.shape[-1:], w, b)  # torch's own, in the worker too
+    y = normfuse.layer_norm(x, x.shape[-1:], w, b)
+    y.backward(torch.ones_like(y))
+    return y.detach(), x.grad, w.grad, b.grad, out.detach()
+
+
+def test_forked_dataloader_workers_run_the_kernels_with_the_same_bits():
+    # numba's GNU OpenMP pool cannot be used in a child forked after it started: the kernels of a
+    # forked process run on its own thread (before: the worker was killed at the first kernel)
+    x = torch.randn(512, 1024, dtype=torch.float32)  # above the threshold of the parallel path
+    w, b = torch.randn(1024), torch.randn(1024)
+    assert x.numel() >= cpu._PARALLEL_MIN_ELEMENTS
+    in_parent = [_forward_backward(x + i, w, b) for i in range(2)]  # starts the pool here
+    loader = torch.utils.data.DataLoader(
+        _NormsInWorker(x, w, b), batch_size=None, num_workers=1, multiprocessing_context="fork", timeout=120
+    )  # fmt: skip
+    in_workers = list(loader)
+    for got, want in zip(in_workers, in_parent):
+        for g, e in zip(got, want):
+            assert torch.equal(g, e)  # the chunks and their order do not depend on threads

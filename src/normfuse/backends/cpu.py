@@ -73,6 +73,18 @@ _FASTMATH = {"reassoc", "contract"}
 # 1024x128 activations (measured with `normfuse demo`: tokens/s level with torch this way).
 _PARALLEL_MIN_ELEMENTS = 1 << 18
 
+
+def _serial_after_fork() -> None:
+    # A process forked after numba started its GNU OpenMP pool cannot use that pool: numba kills
+    # it at the first parallel region ("fork() called from a process already using GNU OpenMP,
+    # this is unsafe"). DataLoader workers and other forked children run the kernels on their
+    # own thread instead: the same chunks in the same order, so the same bits.
+    global _PARALLEL_MIN_ELEMENTS
+    _PARALLEL_MIN_ELEMENTS = np.iinfo(np.int64).max
+
+
+os.register_at_fork(after_in_child=_serial_after_fork)
+
 # From this many features a row, the kernels take rows in pairs: the training backward
 # (``_bwd_row_pair``), whose dw/db accumulator rows no longer fit L1 beside the row, and the
 # forward's output sweep (``_fwd_row_pair_out``), whose w and b rows no longer do; reading
