@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import pytest
 import torch
 
@@ -132,6 +133,34 @@ def test_parameter_gradients_rounded_once_to_the_asked_dtypes(backend, rows):
 
 def test_chunking_does_not_depend_on_threads():
     assert cpu.rows_per_chunk(8192) == 64 and cpu.rows_per_chunk(10) == 16
+
+
+def _big_forward_backward():
+    g = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(512, 1024, generator=g), torch.randn(512, 1024, generator=g)
+    w, b = torch.randn(1024, generator=g), torch.randn(1024, generator=g)
+    out, _, mean, rstd, _ = cpu.norm_fwd(x, w, b, 1e-5, False)
+    return (out, *cpu.norm_bwd(dy, x, w, mean, rstd, False, True, True, True))
+
+
+def test_kernels_take_torch_s_intra_op_thread_count():
+    # numba's default is every core: with torch told one thread (torchrun, DataLoader workers,
+    # one process per core), the kernels must not start more
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not cpu._use_threads(1 << 22)
+        one_thread = _big_forward_backward()
+        if numba.config.NUMBA_NUM_THREADS < 2:
+            pytest.skip("one core: no second thread count to compare with")
+        torch.set_num_threads(2)
+        assert cpu._use_threads(1 << 22) and numba.get_num_threads() == 2
+        assert not cpu._use_threads(cpu._PARALLEL_MIN_ELEMENTS - 1)  # small inputs stay on the calling thread
+        two_threads = _big_forward_backward()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one_thread, two_threads):
+        assert (a is None and b is None) or torch.equal(a, b)  # the same bits whatever the thread count
 
 
 def test_inference_entry_matches_training_entry():

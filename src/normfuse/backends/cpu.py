@@ -41,6 +41,9 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 import torch
 from numba import carray, njit, prange, types
+from numba import config as numba_config
+from numba import get_num_threads as numba_get_num_threads
+from numba import set_num_threads as numba_set_num_threads
 from numba.core import event as numba_event
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
@@ -72,6 +75,25 @@ _FASTMATH = {"reassoc", "contract"}
 # numba's pool, which shares two cores with torch's, cost more than it saved on the demo's
 # 1024x128 activations (measured with `normfuse demo`: tokens/s level with torch this way).
 _PARALLEL_MIN_ELEMENTS = 1 << 18
+
+
+
+
+def _use_threads(elements: int) -> bool:
+    """Whether a kernel over this many elements takes numba's thread pool, and if so, sets the
+    pool to torch's intra-op thread count (``torch.set_num_threads``; torchrun's and DataLoader
+    workers' one thread): numba's own default is every core, whatever torch was told, and
+    several processes each running that many threads oversubscribe the machine. The count is
+    numba's per calling thread, hence read each time (well under a microsecond, against a
+    kernel of a quarter million elements or more). Results do not depend on it (fixed chunks)."""
+    if elements < _PARALLEL_MIN_ELEMENTS:
+        return False
+    threads = min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)
+    if threads <= 1:
+        return False
+    if numba_get_num_threads() != threads:
+        numba_set_num_threads(threads)
+    return True
 
 
 def _serial_after_fork() -> None:
@@ -740,7 +762,7 @@ def _param(p: torch.Tensor | None, n: int, fill: float, dtype: torch.dtype) -> t
 
 
 def _rows_per_block(n_rows: int, n: int) -> int:
-    if n_rows * n < _PARALLEL_MIN_ELEMENTS:
+    if not _use_threads(n_rows * n):
         return n_rows
     # blocks of about 64 KiB of fp32 keep the scheduler's overhead small and balance well;
     # rows that go in pairs (``_PAIR_MIN_FEATURES``) come in blocks of an even count
@@ -920,7 +942,7 @@ def norm_bwd(
         n_rows, n, bool(rms), bool(need_dweight), bool(need_dbias), n >= _PAIR_MIN_FEATURES,
         _drop_state(dropout_p, seed, acc) if add else None, chunk, n_chunks,
         _KIND[dy.dtype], _KIND[h.dtype], _KIND[w.dtype], _KIND[acc],
-        _kind(dh_out), _kind(dx), _kind(dres), _PARALLEL_MIN_ELEMENTS,
+        _kind(dh_out), _kind(dx), _kind(dres), 0 if _use_threads(n_rows * n) else n_rows * n + 1,
     )  # fmt: skip
     dweight = rounded(_total(dw_part, n_chunks, n, acc), dweight_dtype)
     dbias = rounded(_total(db_part, n_chunks, n, acc), dbias_dtype)
@@ -935,8 +957,8 @@ def _total(part: torch.Tensor | None, n_chunks: int, n: int, acc: torch.dtype) -
     if n_chunks == 1:
         return part[0]
     total = torch.empty(n, dtype=acc)
-    # one block of columns (no thread pool) when the partial sums are small
-    cols_per_block = n if n_chunks * n < _PARALLEL_MIN_ELEMENTS else max(256, -(-n // 64))
+    # one block of columns (no thread pool) when the partial sums are small or torch has one thread
+    cols_per_block = max(256, -(-n // 64)) if _use_threads(n_chunks * n) else n
     _sum_chunks(part.data_ptr(), total.data_ptr(), n_chunks, n, cols_per_block, _KIND[acc])
     return total
 
