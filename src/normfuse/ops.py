@@ -498,12 +498,13 @@ def norm_fwd_torch_ops(x, residual, normalized_shape, weight, bias, eps, rms, re
     hf = h.to(acc)
     w = weight.to(acc).reshape(normalized_shape) if weight is not None else None
     b = bias.to(acc).reshape(normalized_shape) if bias is not None else None
+    h_out = h if residual_out_dtype is not None else None
+    out_dtype = out_dtype or x.dtype
+    if not rms and xhat_dtype is None:  # one op, which exporters translate to ONNX's LayerNormalization
+        return torch.nn.functional.layer_norm(hf, normalized_shape, w, b, eps).to(out_dtype), h_out, mask
     if rms:
         dims = tuple(range(-len(normalized_shape), 0))
         y = hf * torch.rsqrt(hf.square().mean(dim=dims, keepdim=True) + eps)
-    elif xhat_dtype is None:  # one op, which exporters translate to ONNX's LayerNormalization
-        y = torch.nn.functional.layer_norm(hf, normalized_shape, w, b, eps)
-        w = b = None
     else:
         y = torch.nn.functional.layer_norm(hf, normalized_shape, None, None, eps)
     if xhat_dtype is not None:
@@ -512,7 +513,7 @@ def norm_fwd_torch_ops(x, residual, normalized_shape, weight, bias, eps, rms, re
         y = y * w
     if b is not None:
         y = y + b
-    return y.to(out_dtype or x.dtype), (h if residual_out_dtype is not None else None), mask
+    return y.to(out_dtype), h_out, mask
 
 
 # --- torch.func transforms and forward-mode AD ------------------------------------------------

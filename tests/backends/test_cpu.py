@@ -47,9 +47,13 @@ def test_kernels_match_reference(dtype, rms, rows, n):
 
 @pytest.mark.parametrize("n", [40, cpu._PAIR_MIN_FEATURES + 52], ids=["one-row", "row-pairs"])
 def test_backward_flags_skip_work_and_agree(n):
-    """Gradients not asked for are not computed; the others agree with the training case bit
-    for bit, except dw and db of rows wide enough to pair (training adds two rows' terms at a
-    time): to fp32 rounding there."""
+    """Gradients not asked for are not computed; the others agree with the training case: dx
+    bit for bit, db too where rows do not pair (training adds two rows' dy first), dw to fp32
+    rounding. dw's term ``dy * xhat`` is computed in two different loops (the training loop and
+    the dw-only one), and the kernels' fastmath (reassoc, contract) lets LLVM shape each loop's
+    product and FMA on its own, which depends on the target: on an AVX-512 host they agreed bit
+    for bit, on an AVX2 one (same znver4 CPU, AVX-512 not exposed) 10 of 40 columns were 1 ulp
+    apart."""
     x, dy = torch.randn(30, n), torch.randn(30, n)
     w = torch.randn(n)
     _, _, mean, rstd, _ = cpu.norm_fwd(x, w, None, 1e-5, False)
@@ -58,7 +62,7 @@ def test_backward_flags_skip_work_and_agree(n):
         part = _without_dres(cpu.norm_bwd(dy, x, w, mean, rstd, False, *mask))
         for k, (wanted, got, expected) in enumerate(zip(mask, part, full)):
             assert (got is None) != wanted
-            if wanted and (k == 0 or n < cpu._PAIR_MIN_FEATURES):
+            if wanted and (k == 0 or (k == 2 and n < cpu._PAIR_MIN_FEATURES)):
                 assert torch.equal(got, expected)
             elif wanted:
                 assert norm_err(got, expected) <= 1e-6

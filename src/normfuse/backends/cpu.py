@@ -77,8 +77,6 @@ _FASTMATH = {"reassoc", "contract"}
 _PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
-
-
 def _use_threads(elements: int) -> bool:
     """Whether a kernel over this many elements takes numba's thread pool, and if so, sets the
     pool to torch's intra-op thread count (``torch.set_num_threads``; torchrun's and DataLoader
@@ -631,7 +629,7 @@ def _is_none_value_overload(t):
 def _bwd(
     dy_at, h_at, w_at, mean_at, rstd_at, dh_out_at, dx_at, dres_at, dw_part_at, db_part_at, n_rows, n,
     rms, need_dw, need_db, pair_rows, drop, rows_per_chunk, n_chunks,
-    dy_kind, h_kind, w_kind, acc_kind, dh_out_kind, dx_kind, dres_kind, min_parallel_elements,
+    dy_kind, h_kind, w_kind, acc_kind, dh_out_kind, dx_kind, dres_kind, parallel,
 ):  # fmt: skip
     """Chunk k of rows_per_chunk rows writes row k of the partial sums of dw and db; chunks in parallel.
 
@@ -648,7 +646,7 @@ def _bwd(
     w_finite = dy.itemsize > 2 or _all_finite(w)
     dw_part = _view(dw_part_at, n_chunks, n if need_dw else 0, acc_kind)
     db_part = _view(db_part_at, n_chunks, n if need_db else 0, acc_kind)
-    if n_rows * n < min_parallel_elements:
+    if not parallel:
         # small: the same chunks in order on this thread, no thread pool
         for k in range(n_chunks):
             r0 = k * rows_per_chunk
@@ -942,7 +940,7 @@ def norm_bwd(
         n_rows, n, bool(rms), bool(need_dweight), bool(need_dbias), n >= _PAIR_MIN_FEATURES,
         _drop_state(dropout_p, seed, acc) if add else None, chunk, n_chunks,
         _KIND[dy.dtype], _KIND[h.dtype], _KIND[w.dtype], _KIND[acc],
-        _kind(dh_out), _kind(dx), _kind(dres), 0 if _use_threads(n_rows * n) else n_rows * n + 1,
+        _kind(dh_out), _kind(dx), _kind(dres), _use_threads(n_rows * n),
     )  # fmt: skip
     dweight = rounded(_total(dw_part, n_chunks, n, acc), dweight_dtype)
     dbias = rounded(_total(db_part, n_chunks, n, acc), dbias_dtype)

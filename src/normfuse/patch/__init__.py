@@ -70,6 +70,7 @@ _TORCH_FORMULAS = {
     torch.nn.RMSNorm: Formula("torch RMSNorm", "torch.nn.RMSNorm and subclasses", "eps", None),
 }
 _generated: dict[tuple[type, str], type] = {}
+_FUSED = "fused"  # the key of a decoder layer's fused class (formula names are the others')
 
 
 def _reduce_ex(self: torch.nn.Module, protocol: int) -> tuple:
@@ -202,9 +203,6 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport) -> None:
         fused = _fused_class(cls)
         module.__class__ = fused
         report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", f"fused residual add + {formula.name}"))
-
-
-_FUSED = "fused"  # the key of a decoder layer's fused class (formula names are the others')
 
 
 def _fused_class(cls: type) -> type:
