@@ -45,3 +45,17 @@ def assert_same_error(make, torch_fn, our_fn) -> None:
         make(our_fn)
     assert type(our_error.value) is type(torch_error.value)
     assert str(our_error.value) == str(torch_error.value)
+
+
+def per_thread_count(fn, counts) -> list:
+    """``fn()`` once per thread count, set as users set it (``torch.set_num_threads``, which the
+    CPU kernels follow), restored afterwards. A count of 1 keeps the kernels off numba's pool."""
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in counts:
+            torch.set_num_threads(threads)
+            results.append(fn())
+    finally:
+        torch.set_num_threads(previous)
+    return results

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import normfuse
 from normfuse import _dropout, reference
-from tests._helpers import FWD_TOL, max_rel_err, norm_err
+from tests._helpers import FWD_TOL, max_rel_err, norm_err, per_thread_count
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -311,16 +311,14 @@ def test_gradients_bitwise_identical_across_thread_counts_and_calls(dtype):
         out, h = normfuse.add_rms_norm(leaves[0], leaves[1], (96,), leaves[2], dropout_p=0.1)
         return torch.autograd.grad((out, h), leaves, (dout, dres))
 
-    previous = numba.get_num_threads()
-    results = []
-    try:
-        for threads in sorted({1, previous}) + [previous]:
-            numba.set_num_threads(threads)
-            padding = torch.empty(int(torch.randint(1, 64, ())))  # moves where the next tensors land
-            results.append(grads())
-            del padding
-    finally:
-        numba.set_num_threads(previous)
+    def moved_grads():
+        padding = torch.empty(int(torch.randint(1, 64, ())))  # moves where the next tensors land
+        result = grads()
+        del padding
+        return result
+
+    most = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    results = per_thread_count(moved_grads, sorted({1, most}) + [most])
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import normfuse
 from normfuse import reference
-from tests._helpers import assert_same_error, FWD_TOL, LOW_PRECISION, max_rel_err, norm_err
+from tests._helpers import assert_same_error, FWD_TOL, LOW_PRECISION, max_rel_err, norm_err, per_thread_count
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # ||grad - reference|| / ||reference||: rounding of the stored gradient dominates
@@ -241,14 +241,8 @@ def test_dweight_bitwise_identical_across_thread_counts(dtype):
         pytest.skip("needs at least 2 numba threads to compare thread counts")
     x, w, b = _make((3000, 256), (256,), dtype)
     dy = torch.randn(3000, 256).to(dtype)
-    previous = numba.get_num_threads()
-    results = []
-    try:
-        for threads in (1, numba.config.NUMBA_NUM_THREADS):
-            numba.set_num_threads(threads)
-            results.append(_grads(normfuse.layer_norm, x, (256,), w, b, dy))
-    finally:
-        numba.set_num_threads(previous)
+    counts = (1, numba.config.NUMBA_NUM_THREADS)
+    results = per_thread_count(lambda: _grads(normfuse.layer_norm, x, (256,), w, b, dy), counts)
     for a, c in zip(*results):
         assert torch.equal(a, c)
 

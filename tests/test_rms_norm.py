@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import normfuse
 from normfuse import reference
-from tests._helpers import assert_same_error, FWD_TOL, LOW_PRECISION, max_rel_err, norm_err
+from tests._helpers import assert_same_error, FWD_TOL, LOW_PRECISION, max_rel_err, norm_err, per_thread_count
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -137,14 +137,8 @@ def test_dweight_bitwise_identical_across_thread_counts(dtype):
     x = torch.randn(4096, 96).to(dtype)
     dy = torch.randn(4096, 96).to(dtype)
     w = torch.randn(96).to(dtype)
-    previous = numba.get_num_threads()
-    results = []
-    try:
-        for threads in sorted({1, previous}):
-            numba.set_num_threads(threads)
-            results.append(_grads(normfuse.rms_norm, x, (96,), w, dy)[2])
-    finally:
-        numba.set_num_threads(previous)
+    most = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    results = per_thread_count(lambda: _grads(normfuse.rms_norm, x, (96,), w, dy)[2], sorted({1, most}))
     assert all(torch.equal(results[0], r) for r in results)
 
 

@@ -9,7 +9,7 @@ import torch
 import normfuse
 from normfuse import reference
 from normfuse.backends import cpu
-from tests._helpers import FWD_TOL, max_rel_err, norm_err
+from tests._helpers import FWD_TOL, max_rel_err, norm_err, per_thread_count
 from tests._helpers import without_dres as _without_dres
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -150,19 +150,19 @@ def _big_forward_backward():
 def test_kernels_take_torch_s_intra_op_thread_count():
     # numba's default is every core: with torch told one thread (torchrun, DataLoader workers,
     # one process per core), the kernels must not start more
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert not cpu._use_threads(1 << 22)
-        one_thread = _big_forward_backward()
-        if numba.config.NUMBA_NUM_THREADS < 2:
-            pytest.skip("one core: no second thread count to compare with")
-        torch.set_num_threads(2)
-        assert cpu._use_threads(1 << 22) and numba.get_num_threads() == 2
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no second thread count to compare with")
+
+    def run():
+        threads = torch.get_num_threads()
+        assert cpu._use_threads(1 << 22) == (threads > 1)
         assert not cpu._use_threads(cpu._PARALLEL_MIN_ELEMENTS - 1)  # small inputs stay on the calling thread
-        two_threads = _big_forward_backward()
-    finally:
-        torch.set_num_threads(threads)
+        result = _big_forward_backward()
+        if threads > 1:
+            assert numba.get_num_threads() == threads
+        return result
+
+    one_thread, two_threads = per_thread_count(run, (1, 2))
     for a, b in zip(one_thread, two_threads):
         assert (a is None and b is None) or torch.equal(a, b)  # the same bits whatever the thread count
 
