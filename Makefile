@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/normfuse demo
 
+# two or more pytest workers (pytest-xdist): numba's compiles and the Triton interpreter are single-threaded
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py
