@@ -162,3 +162,27 @@ def test_onnx_export_of_training_dropout_keeps_or_drops_each_element(dynamo):
     assert torch.allclose(h, torch.where(mask, r + x / (1 - p), r), rtol=1e-6, atol=1e-6)
     assert 0.4 < mask.float().mean().item() < 0.6
     assert max_rel_err(out, reference.layer_norm(h, (N,))) < 1e-5
+
+
+def test_fx_symbolic_trace_records_normfuse_calls():
+    # torch records its own norms as calls; before, tracing ran normfuse's checks on Proxies and
+    # failed ("argument 'weight' must be Tensor, not Proxy"), also on any model after patch()
+    block = _Block().eval()
+    x, r = _inputs()
+    graph_module = torch.fx.symbolic_trace(block)
+    called = [n.target for n in graph_module.graph.nodes if n.op == "call_function"]
+    normfuse_calls = [f for f in called if getattr(f, "__module__", "") == "normfuse.functional"]
+    assert len(normfuse_calls) == 5, called
+    assert torch.equal(graph_module(x, r), block(x, r))
+    xg, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    graph_module(xg, r).square().sum().backward()
+    block(xe, r).square().sum().backward()
+    assert torch.equal(xg.grad, xe.grad)
+
+    model = torch.nn.Sequential(torch.nn.Linear(N, N), torch.nn.LayerNorm(N), torch.nn.RMSNorm(N))
+    expected = model(x)
+    normfuse.patch(model)
+    traced = torch.fx.symbolic_trace(model)
+    names = [getattr(n.target, "__name__", "") for n in traced.graph.nodes if n.op == "call_function"]
+    assert names.count("layer_norm") == 1 and names.count("rms_norm") == 1, names
+    assert max_rel_err(traced(x), expected) < 1e-5

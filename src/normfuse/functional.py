@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.fx._symbolic_trace as _fx_trace
 from torch import Tensor
 
 from normfuse import _dropout, ops
@@ -359,6 +360,21 @@ def _check_dropout_p(p: object) -> float:
     return float(p)
 
 
+def _fx_node(fn, args: tuple, **kwargs):
+    """Under ``torch.fx.symbolic_trace``: a node calling ``fn`` (the GraphModule calls normfuse at
+    run time), or None where nothing is traced. A Proxy stands for a tensor whose values, shape
+    and dtype are unknown, so normfuse's checks cannot run on it; torch records its own norms as
+    calls in the same way. Callers read ``_fx_trace._is_fx_tracing_flag`` first, so that the
+    eager path pays one attribute lookup (torch.export sets the flag too: compiling is left to
+    the custom ops)."""
+    if torch.compiler.is_compiling():
+        return None
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.fx.Proxy):
+            return a.tracer.create_proxy("call_function", fn, args, kwargs)
+    return None
+
+
 def _needs_autograd(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -480,6 +496,10 @@ def layer_norm(
         A new contiguous tensor of input's shape and dtype. Statistics and the reductions of
         the backward are computed in float32 (float64 for float64 input).
     """
+    if _fx_trace._is_fx_tracing_flag and (
+        node := _fx_node(layer_norm, (input, normalized_shape, weight, bias, eps))
+    ) is not None:  # fmt: skip
+        return node
     if isinstance(input, Tensor) and input.is_nested and not all(isinstance(d, int) for d in normalized_shape):
         _torch_computes("layer_norm")  # a norm over the ragged dim (its size is a symbol, j1)
         return torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
@@ -589,6 +609,10 @@ def rms_norm(
     Returns:
         A new contiguous tensor of input's shape; input's dtype (or the promoted dtype above).
     """
+    if _fx_trace._is_fx_tracing_flag and (node := _fx_node(
+        rms_norm, (input, normalized_shape, weight, eps), weight_offset=weight_offset, xhat_dtype=xhat_dtype
+    )) is not None:  # fmt: skip
+        return node
     shape = _check_int_tuple("rms_norm", normalized_shape, 2)
     _check_optional_tensor("rms_norm", "weight", weight, 3)
     _check_rms_eps("rms_norm", eps, 4)
@@ -660,6 +684,11 @@ def add_layer_norm(
         ``(out, residual_out)`` or ``(out, residual_out, mask)``: out in x's dtype, normalized
         from ``residual_out`` as rounded to ``residual_dtype``. Gradients flow through both.
     """
+    if _fx_trace._is_fx_tracing_flag and (node := _fx_node(
+        add_layer_norm, (x, residual, normalized_shape, weight, bias, eps), dropout_p=dropout_p, training=training,
+        residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask,
+    )) is not None:  # fmt: skip
+        return node
     shape = _check_int_tuple("add_layer_norm", normalized_shape, 3)
     _check_optional_tensor("add_layer_norm", "weight", weight, 4)
     _check_optional_tensor("add_layer_norm", "bias", bias, 5)
@@ -718,6 +747,12 @@ def add_rms_norm(
     model-family options, with x-hat rounded to ``xhat_dtype`` and the output dtype promoted
     as there). eps=None: ``torch.finfo`` of the computation dtype.
     """
+    if _fx_trace._is_fx_tracing_flag and (node := _fx_node(
+        add_rms_norm, (x, residual, normalized_shape, weight, eps), dropout_p=dropout_p, training=training,
+        residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask, weight_offset=weight_offset,
+        xhat_dtype=xhat_dtype,
+    )) is not None:  # fmt: skip
+        return node
     shape = _check_int_tuple("add_rms_norm", normalized_shape, 3)
     _check_optional_tensor("add_rms_norm", "weight", weight, 4)
     _check_rms_eps("add_rms_norm", eps, 5)
