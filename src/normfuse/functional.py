@@ -462,10 +462,10 @@ def _add_normalize(
     ):  # fmt: skip
         out, h, mask = ops.NormFunction.apply(xc, rc, *params, (rows, n))
     else:
-        if ops.onnx_exporting():
-            w, b, eps, rms, h_dtype, dropout_p, _, return_mask, xhat_dtype, out_dtype = params
+        if ops.onnx_exporting():  # x's shape kept: no view to a row count fixed at export
             out, h, mask = ops.norm_fwd_torch_ops(
-                xc, rc, normalized_shape, w, b, eps, rms, h_dtype, dropout_p, return_mask, xhat_dtype, out_dtype
+                xc, rc, normalized_shape, weight, bias, float(eps), rms, h_dtype, dropout_p, return_mask, xhat_dtype,
+                out_dtype,
             )  # fmt: skip
             return (out, h, mask) if return_mask else (out, h)
         ops.refuse_forward_ad()
