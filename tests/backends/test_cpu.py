@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+
 import numba
 import pytest
 import torch
@@ -258,3 +263,59 @@ def test_forked_dataloader_workers_run_the_kernels_with_the_same_bits():
     for got, want in zip(in_workers, in_parent):
         for g, e in zip(got, want):
             assert torch.equal(g, e)  # the chunks and their order do not depend on threads
+
+
+_KEEPS_THREAD_COUNT = """
+import torch
+{set_count}
+torch.randn(256, 256) @ torch.randn(256, 256)  # a torch op first: torch has read its count
+before = torch.get_num_threads()
+import normfuse
+x = torch.randn(512, 1024, requires_grad=True)  # above the parallel threshold
+normfuse.layer_norm(x, (1024,)).sum().backward()
+normfuse.rms_norm(torch.randn(8, 64), (64,))
+print(before, torch.get_num_threads())
+"""
+
+
+@pytest.mark.parametrize("how", ["set_num_threads", "OMP_NUM_THREADS"])
+def test_first_kernel_leaves_torch_s_thread_count_as_it_was(how):
+    # Starting numba's pool set the OpenMP count the two libraries share to every core: after
+    # normfuse's first kernel, each torch op of a process told one thread ran on all of them.
+    # The pool starts once per process: only a fresh process shows it.
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: every thread count is the default")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    if how == "OMP_NUM_THREADS":
+        env["OMP_NUM_THREADS"] = "1"
+    code = _KEEPS_THREAD_COUNT.format(set_count="torch.set_num_threads(1)" if how == "set_num_threads" else "")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "1"]
+
+
+def test_kernels_release_the_gil_and_threads_calling_at_once_get_serial_results():
+    # torch's ops release the GIL; the kernels do too (``nogil``), so that Python threads calling
+    # normfuse run their kernels side by side. Holding it for a kernel's milliseconds made two such
+    # threads take 5-10x the time of one thread doing both's work (GIL hand-offs wait for
+    # Python's 5 ms switch interval): see benchmarks/threads_cpu.py.
+    for kernel in (cpu._fwd, cpu._bwd, cpu._sum_chunks):
+        assert kernel.targetoptions.get("nogil") is True
+    inputs = [torch.randn(512, 1024).to(dtype) for dtype in (torch.float32, torch.bfloat16) for _ in range(3)]
+    w, b = torch.randn(1024), torch.randn(1024)
+    serial = [_forward_backward(x, w.to(x.dtype), b.to(x.dtype)) for x in inputs]
+    results: dict[int, tuple] = {}
+
+    def work(i):
+        for _ in range(3):
+            results[i] = _forward_backward(inputs[i], w.to(inputs[i].dtype), b.to(inputs[i].dtype))
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=300)
+    assert sorted(results) == list(range(len(inputs)))
+    for i, want in enumerate(serial):
+        for got, expected in zip(results[i], want):
+            assert torch.equal(got, expected)

@@ -21,6 +21,11 @@ Backward, per row, with ``xhat = (x - mean) * rstd`` and ``g = dy * w``:
   and the partial rows are summed in chunk order: the result is bitwise the same whatever
   the number of threads.
 
+The kernels release the GIL (``nogil``), as torch's own ops do: Python threads that call
+normfuse at once run their kernels at once. (Holding it for a kernel's milliseconds, two such
+threads took 5-10x the time of one thread doing the work of both: each hand-off of the GIL
+waited for Python's 5 ms switch interval. ``benchmarks/threads_cpu.py``.)
+
 This module imports nothing from the front end; it takes 2-D row-major tensors.
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 # numba's OpenMP thread pool is a second pool beside torch's (torch bundles its own libgomp).
 # With OpenMP's default spin-waiting, numba's idle workers would keep spinning after each
@@ -47,6 +53,7 @@ from numba import set_num_threads as numba_set_num_threads
 from numba.core import event as numba_event
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
+from numba.np.ufunc import parallel as numba_parallel
 
 from normfuse import _dropout
 from normfuse._dtypes import acc_dtype
@@ -77,6 +84,30 @@ _FASTMATH = {"reassoc", "contract"}
 _PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
+_numba_pool_started = False
+
+
+def _start_numba_pool() -> None:
+    """Start numba's thread pool, leaving torch's intra-op thread count as it was.
+
+    numba's OpenMP layer and torch share one libgomp; starting the pool (which numba does at a
+    parallel kernel's first call) sets the calling thread's OpenMP thread count to numba's
+    default, every core, and torch reads its count from there: a process that had run
+    ``torch.set_num_threads(1)`` (or torchrun's ``OMP_NUM_THREADS=1``) and any torch op ran
+    every later torch op on all cores after normfuse's first kernel. Started here once, with
+    torch's count put back.
+    """
+    global _numba_pool_started
+    _numba_pool_started = True
+    launch = getattr(numba_parallel, "_launch_threads", None)  # a numba internal: used only if present
+    if launch is None:
+        return
+    count = torch.get_num_threads()
+    launch()
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
 def _use_threads(elements: int) -> bool:
     """Whether a kernel over this many elements takes numba's thread pool, and if so, sets the
     pool to torch's intra-op thread count (``torch.set_num_threads``; torchrun's and DataLoader
@@ -84,6 +115,8 @@ def _use_threads(elements: int) -> bool:
     several processes each running that many threads oversubscribe the machine. The count is
     numba's per calling thread, hence read each time (well under a microsecond, against a
     kernel of a quarter million elements or more). Results do not depend on it (fixed chunks)."""
+    if not _numba_pool_started:
+        _start_numba_pool()
     if elements < _PARALLEL_MIN_ELEMENTS:
         return False
     threads = min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)
@@ -407,7 +440,7 @@ def _widen_overload(p, like):
     return impl
 
 
-@njit(fastmath=_FASTMATH, cache=True, parallel=True)
+@njit(fastmath=_FASTMATH, cache=True, parallel=True, nogil=True)
 def _fwd(
     x_at, res_at, mask_at, h_at, w_at, b_at, out_at, mean_at, rstd_at, n_rows, n, eps, rms, store_stats, drop,
     x_kind, res_kind, mask_kind, h_kind, w_kind, out_kind, xhat_kind, rows_per_block, pair_rows,
@@ -625,7 +658,7 @@ def _is_none_value_overload(t):
     return lambda t: False
 
 
-@njit(fastmath=_FASTMATH, cache=True, parallel=True)
+@njit(fastmath=_FASTMATH, cache=True, parallel=True, nogil=True)
 def _bwd(
     dy_at, h_at, w_at, mean_at, rstd_at, dh_out_at, dx_at, dres_at, dw_part_at, db_part_at, n_rows, n,
     rms, need_dw, need_db, pair_rows, drop, rows_per_chunk, n_chunks,
@@ -673,7 +706,7 @@ def _sum_chunk_columns(part, out, j0, j1):
             out[j] += part[k, j]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def _sum_chunks(part_at, out_at, n_chunks, n, cols_per_block, acc_kind):
     """out[j] = part[0, j] + part[1, j] + ... in chunk order (fixed, whatever the thread count)."""
     part = _view(part_at, n_chunks, n, acc_kind)
@@ -719,8 +752,14 @@ class _CompileWatch(numba_event.Listener):
         self.reload_due = self.enabled
 
     def reload(self) -> None:
-        """Drop the kernels' compiled code: each next call loads its signature from the cache."""
+        """Drop the kernels' compiled code: each next call loads its signature from the cache.
+
+        Not while other Python threads live: the kernels release the GIL, and one of them could
+        be running the code this would drop. Such a process keeps the code it compiled.
+        """
         self.reload_due = False
+        if threading.active_count() > 1:
+            return
         for dispatcher in self.kernels:
             dispatcher._reset_overloads()
 
