@@ -297,7 +297,7 @@ def test_first_kernel_leaves_torch_s_thread_count_as_it_was(how):
 def test_kernels_release_the_gil_and_threads_calling_at_once_get_serial_results():
     # torch's ops release the GIL; the kernels do too (``nogil``), so that Python threads calling
     # normfuse run their kernels side by side. Holding it for a kernel's milliseconds made two such
-    # threads take 5-10x the time of one thread doing both's work (GIL hand-offs wait for
+    # threads take 1.5-5x as long as one thread doing both's work (GIL hand-offs wait for
     # Python's 5 ms switch interval): see benchmarks/threads_cpu.py.
     for kernel in (cpu._fwd, cpu._bwd, cpu._sum_chunks):
         assert kernel.targetoptions.get("nogil") is True

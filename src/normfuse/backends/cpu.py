@@ -23,7 +23,7 @@ Backward, per row, with ``xhat = (x - mean) * rstd`` and ``g = dy * w``:
 
 The kernels release the GIL (``nogil``), as torch's own ops do: Python threads that call
 normfuse at once run their kernels at once. (Holding it for a kernel's milliseconds, two such
-threads took 5-10x the time of one thread doing the work of both: each hand-off of the GIL
+threads took 1.5-5x as long as one thread doing the work of both: each hand-off of the GIL
 waited for Python's 5 ms switch interval. ``benchmarks/threads_cpu.py``.)
 
 This module imports nothing from the front end; it takes 2-D row-major tensors.
