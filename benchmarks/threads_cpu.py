@@ -18,52 +18,26 @@ import threading
 import time
 
 import torch
-import torch.nn.functional as F
 
 import normfuse
-from normfuse.cli.bench import reexec_with_malloc_tunables
+from normfuse.cli.bench import contenders, implementations, reexec_with_malloc_tunables
+
+ROWS, N = 4096, 1024
+OPS = ("normfuse fwd", "torch fwd", "normfuse f+b", "torch f+b")
 
 
-def _ops(rows: int, n: int) -> dict:
-    def make(fn, backward):
-        def per_thread():
-            x = torch.randn(rows, n, requires_grad=backward)
-            w = torch.randn(n, requires_grad=backward)
-            b = torch.randn(n, requires_grad=backward)
-            if not backward:
-                def call():
-                    with torch.no_grad():
-                        fn(x, (n,), w, b)
-            else:
-                dy = torch.randn(rows, n)
-
-                def call():
-                    torch.autograd.grad(fn(x, (n,), w, b), (x, w, b), dy)
-            return call
-
-        return per_thread
-
-    return {
-        "normfuse fwd": make(normfuse.layer_norm, False),
-        "torch fwd": make(F.layer_norm, False),
-        "normfuse f+b": make(normfuse.layer_norm, True),
-        "torch f+b": make(F.layer_norm, True),
-    }
-
-
-def _wall(per_thread, threads: int, calls: int) -> float:
-    """Seconds for ``threads`` threads to make ``calls`` calls each."""
-    fns = [per_thread() for _ in range(threads)]
-    for fn in fns:
+def _wall(calls_per_thread: list, calls: int) -> float:
+    """Seconds for one thread per callable to make ``calls`` calls of it each, all at once."""
+    for fn in calls_per_thread:
         fn()  # warm: kernels loaded, buffers allocated
-    start_line = threading.Barrier(threads + 1)
+    start_line = threading.Barrier(len(calls_per_thread) + 1)
 
     def work(fn):
         start_line.wait()
         for _ in range(calls):
             fn()
 
-    workers = [threading.Thread(target=work, args=(fn,)) for fn in fns]
+    workers = [threading.Thread(target=work, args=(fn,)) for fn in calls_per_thread]
     for t in workers:
         t.start()
     start_line.wait()
@@ -81,19 +55,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.intra)
-    ops = _ops(4096, 1024)
     counts = (1, 2, 4)
-    samples = {(name, k): [] for name in ops for k in counts}
+    # the benchmark's own contenders (normfuse and torch, forward and forward+backward), one set of
+    # tensors per thread
+    impls = implementations("layer_norm", compiled=False)
+    per_thread = [contenders("layer_norm", ROWS, N, torch.float32, "cpu", impls) for _ in range(max(counts))]
+    samples = {(name, k): [] for name in OPS for k in counts}
     for _ in range(args.rounds):
-        for name, per_thread in ops.items():
+        for name in OPS:
             for k in counts:
                 # each of k threads makes ``calls`` calls: the speed-up compares the wall time with
                 # k times one thread's
-                samples[(name, k)].append(_wall(per_thread, k, args.calls))
+                samples[(name, k)].append(_wall([c[name] for c in per_thread[:k]], args.calls))
     print(f"torch {torch.__version__}, normfuse {normfuse.__version__}, intra-op threads {args.intra}, "
-          f"{args.calls} calls per thread, 4096x1024 fp32, medians of {args.rounds} rounds")  # fmt: skip
+          f"{args.calls} calls per thread, {ROWS}x{N} fp32, medians of {args.rounds} rounds")  # fmt: skip
     print(f"{'op':>14} | " + " | ".join(f"{k} thr: ms, speed-up" for k in counts))
-    for name in ops:
+    for name in OPS:
         one = statistics.median(samples[(name, 1)])
         cells = []
         for k in counts:

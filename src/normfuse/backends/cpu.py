@@ -114,7 +114,9 @@ def _use_threads(elements: int) -> bool:
     workers' one thread): numba's own default is every core, whatever torch was told, and
     several processes each running that many threads oversubscribe the machine. The count is
     numba's per calling thread, hence read each time (well under a microsecond, against a
-    kernel of a quarter million elements or more). Results do not depend on it (fixed chunks)."""
+    kernel of a quarter million elements or more). Results do not depend on it (fixed chunks).
+    Every launcher asks this before its kernel: the first time, it starts numba's pool
+    (``_start_numba_pool``)."""
     if not _numba_pool_started:
         _start_numba_pool()
     if elements < _PARALLEL_MIN_ELEMENTS:
