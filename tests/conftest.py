@@ -9,6 +9,10 @@ from hypothesis import settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The CPU launchers call kernels by a key standing for their signature (backends/cpu.py,
+# _EntryPoints): every kernel call of the suite checks that each key stands for one signature.
+os.environ.setdefault("NORMFUSE_CHECK_KERNEL_KEYS", "1")
+
 # Hypothesis: few examples by default (CI time), more with HYPOTHESIS_PROFILE=thorough.
 settings.register_profile("ci", max_examples=25, deadline=None)
 settings.register_profile("thorough", max_examples=300, deadline=None)

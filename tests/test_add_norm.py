@@ -349,3 +349,28 @@ def test_activation_checkpointing_recomputes_the_same_dropout(use_reentrant):
     torch.manual_seed(1)
     replayed = grads(checkpoint(block, x, r, use_reentrant=use_reentrant))
     assert all(torch.equal(a, b) for a, b in zip(plain, replayed))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_inference_calls_the_kernels_directly_with_training_s_bits(kind, dtype, p, with_residual, monkeypatch):
+    """With nothing to differentiate the add+norm ops skip autograd.Function (whose apply cost 4x
+    the kernel on a token): same outputs, same residual, same dropout draws as the training path."""
+    x = torch.randn(3, 5, 64).to(dtype)
+    r = torch.randn(3, 5, 64).to(dtype) if with_residual else None
+    w, b = _params(kind, 64, dtype)
+    torch.manual_seed(7)
+    training = _fused(kind, x.clone().requires_grad_(), r, 64, w, b, dropout_p=p, return_dropout_mask=True)
+
+    def refuse(*args):
+        raise AssertionError("the inference path went through autograd.Function")
+
+    monkeypatch.setattr(normfuse.ops.NormFunction, "apply", refuse)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        inference = _fused(kind, x, r, 64, torch.nn.Parameter(w), b, dropout_p=p, return_dropout_mask=True)
+    for got, want in zip(inference, training):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(got, want.detach())

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import normfuse
-from normfuse import reference
+from normfuse import functional, reference
 from tests._helpers import assert_same_error, FWD_TOL, LOW_PRECISION, max_rel_err, norm_err, per_thread_count
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -323,6 +323,75 @@ def test_accepted_argument_forms_match_torch():
     for shape in ((5,), [5], torch.Size([5]), (torch.tensor(5),)):
         assert torch.equal(normfuse.layer_norm(x, shape), normfuse.layer_norm(x, (5,)))
     assert max_rel_err(normfuse.layer_norm(x, (5,), eps=1), F.layer_norm(x, (5,), eps=1)) < 1e-6
+
+
+# --- the token-sized inference path (functional._takes_direct_path) --------------------------------
+
+
+def _count_general_checks(monkeypatch):
+    """Calls of the general path's input checks, which the direct path skips."""
+    calls = []
+    for name in ("_check_layer_norm_inputs", "_check_rms_norm_inputs"):
+        real = getattr(functional, name)
+
+        def record(*args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(functional, name, record)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 4096), (8, 768), (2, 3, 5), (0, 16), (7, 1)])
+@pytest.mark.parametrize("params", ["tensors", "parameters", "none"])
+def test_direct_inference_path_gives_the_general_path_s_bits(dtype, shape, params, monkeypatch):
+    n = shape[-1]
+    x, w, b = _make(shape, (n,), dtype)
+    if params == "parameters":
+        w, b = torch.nn.Parameter(w), torch.nn.Parameter(b)
+    elif params == "none":
+        w = b = None
+    with torch.no_grad():
+        with normfuse.use_backend("cpu"):  # a forced backend takes the general path
+            general_ln = normfuse.layer_norm(x, (n,), w, b)
+            general_rms = normfuse.rms_norm(x, (n,), w)
+            general_rms_eps = normfuse.rms_norm(x, (n,), w, 1e-3)
+        calls = _count_general_checks(monkeypatch)
+        direct = [normfuse.layer_norm(x, (n,), w, b), normfuse.rms_norm(x, (n,), w), normfuse.rms_norm(x, (n,), w, 1e-3)]
+    assert calls == []
+    for got, want in zip(direct, (general_ln, general_rms, general_rms_eps)):
+        assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
+        assert torch.equal(got, want)
+
+
+def test_direct_inference_path_declines_what_it_does_not_check(monkeypatch):
+    x = torch.randn(4, 32)
+    w, b = torch.randn(32), torch.randn(32)
+    declined = {
+        "list shape": lambda: normfuse.layer_norm(x, [32], w, b),
+        "two normalized dims": lambda: normfuse.layer_norm(x.view(4, 4, 8), (4, 8), w.view(4, 8), b.view(4, 8)),
+        "non-contiguous": lambda: normfuse.layer_norm(x.t().contiguous().t(), (32,), w, b),
+        "x requires grad": lambda: normfuse.layer_norm(x.clone().requires_grad_(), (32,), w, b),
+        "weight requires grad": lambda: normfuse.layer_norm(x, (32,), torch.nn.Parameter(w), b),
+        "fp32 weight, bf16 x": lambda: normfuse.layer_norm(x.bfloat16(), (32,), w, b),
+        "int eps": lambda: normfuse.layer_norm(x, (32,), w, b, 1),
+        "weight shape": lambda: normfuse.layer_norm(x, (32,), w[:16], b),
+        "rms weight_offset": lambda: normfuse.rms_norm(x, (32,), w, weight_offset=1.0),
+        "rms xhat_dtype": lambda: normfuse.rms_norm(x, (32,), w, xhat_dtype=torch.float32),
+    }
+    calls = _count_general_checks(monkeypatch)
+    for name, call in declined.items():
+        before = len(calls)
+        try:
+            call()
+        except RuntimeError:
+            assert name == "weight shape"  # torch's error, from the general path's checks
+        assert len(calls) == before + 1, name
+    with torch.no_grad():
+        normfuse.layer_norm(x, (32,), torch.nn.Parameter(w), b)  # no grad mode: nothing requires grad
+        normfuse.rms_norm(x, (32,), w, weight_offset=0.0)
+    assert len(calls) == len(declined)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

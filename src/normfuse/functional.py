@@ -375,6 +375,43 @@ def _fx_node(fn, args: tuple, **kwargs):
     return None
 
 
+# --- the token-sized inference path --------------------------------------------------------------
+# Decoding one token at a time calls each norm on a few rows: there the front end's checks, made
+# one function at a time, cost more than the kernel (LayerNorm at 1x4096: 2.4-2.6x torch's
+# latency, 1.0-1.1x with this path; ``benchmarks/bench_cpu.py``). The common case is tested here
+# in one go: plain CPU tensors (nn.Parameter included) of a kernel dtype, one normalized dim,
+# parameters of the input's dtype and shape, nothing that requires grad, no autocast, nested
+# tensor or fx trace. Every one of these is a check the general path makes and passes, so a call
+# that fails any of them (a wrong shape, say) takes the general path and gets torch's error there.
+
+_PARAM_TYPES = (Tensor, torch.nn.Parameter)
+_SHAPE_TYPES = (tuple, torch.Size)
+
+
+def _takes_direct_path(x: object, shape: object, weight: object, bias: object) -> bool:
+    if not (
+        type(x) is Tensor and type(shape) in _SHAPE_TYPES and len(shape) == 1 and type(shape[0]) is int
+        and shape[0] > 0 and not _fx_trace._is_fx_tracing_flag and not _any_autocast() and not x.is_nested
+    ):  # fmt: skip
+        return False
+    dtype = x.dtype
+    if not (x.is_cpu and dtype in KERNEL_DTYPES and x.shape[-1:] == shape and x.is_contiguous()):
+        return False
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        return False
+    for p in (weight, bias):
+        if p is not None and not (
+            type(p) in _PARAM_TYPES and p.is_cpu and p.dtype is dtype and p.shape == shape
+            and not (grad and p.requires_grad)
+        ):  # fmt: skip
+            return False
+    return True
+
+
+_RMS_DEFAULT_EPS = {dtype: torch.finfo(acc_dtype(dtype)).eps for dtype in KERNEL_DTYPES}
+
+
 def _needs_autograd(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -460,7 +497,18 @@ def _add_normalize(
         type(x) is Tensor and (residual is None or type(residual) is Tensor) and not transforms and not compiling
         and not torch._C._is_tracing()
     ):  # fmt: skip
-        out, h, mask = ops.NormFunction.apply(xc, rc, *params, (rows, n))
+        if _needs_autograd(x, residual, weight, bias):
+            out, h, mask = ops.NormFunction.apply(xc, rc, *params, (rows, n))
+        else:
+            # inference calls the backend directly, as ``_normalize`` does: autograd.Function's
+            # apply cost 4x the kernel at 1x4096 (add_rms_norm 3.7-4.3x the unfused torch pair)
+            out, h, _, _, mask = ops.backend_for(xc).norm_fwd(
+                xc.view(rows, n), params[0], params[1], params[2], rms, residual=rc.view(rows, n) if rc is not None
+                else None, residual_out_dtype=h_dtype, dropout_p=dropout_p, seed=int(seed) if seed is not None else 0,
+                return_mask=return_mask, xhat_dtype=xhat_dtype, out_dtype=out_dtype,
+            )  # fmt: skip
+            out, h = out.view(x.shape), h.view(x.shape)
+            mask = mask.view(x.shape) if mask is not None else None
     else:
         if ops.onnx_exporting():  # x's shape kept: no view to a row count fixed at export
             out, h, mask = ops.norm_fwd_torch_ops(
@@ -496,6 +544,11 @@ def layer_norm(
         A new contiguous tensor of input's shape and dtype. Statistics and the reductions of
         the backward are computed in float32 (float64 for float64 input).
     """
+    if (
+        type(eps) is float and _takes_direct_path(input, normalized_shape, weight, bias)
+        and (out := ops.cpu_inference_direct(input, normalized_shape[0], weight, bias, eps, False)) is not None
+    ):  # fmt: skip
+        return out
     if _fx_trace._is_fx_tracing_flag and (
         node := _fx_node(layer_norm, (input, normalized_shape, weight, bias, eps))
     ) is not None:  # fmt: skip
@@ -609,6 +662,14 @@ def rms_norm(
     Returns:
         A new contiguous tensor of input's shape; input's dtype (or the promoted dtype above).
     """
+    if (
+        (eps is None or type(eps) is float) and type(weight_offset) is float and weight_offset == 0.0
+        and xhat_dtype is None and _takes_direct_path(input, normalized_shape, weight, None)
+        and (out := ops.cpu_inference_direct(
+            input, normalized_shape[0], weight, None, _RMS_DEFAULT_EPS[input.dtype] if eps is None else eps, True
+        )) is not None
+    ):  # fmt: skip
+        return out
     if _fx_trace._is_fx_tracing_flag and (node := _fx_node(
         rms_norm, (input, normalized_shape, weight, eps), weight_offset=weight_offset, xhat_dtype=xhat_dtype
     )) is not None:  # fmt: skip

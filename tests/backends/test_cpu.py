@@ -8,6 +8,7 @@ import sys
 import threading
 
 import numba
+import numpy as np
 import pytest
 import torch
 
@@ -319,3 +320,48 @@ def test_kernels_release_the_gil_and_threads_calling_at_once_get_serial_results(
     for i, want in enumerate(serial):
         for got, expected in zip(results[i], want):
             assert torch.equal(got, expected)
+
+
+def test_launchers_call_each_signature_s_entry_point_with_the_dispatcher_s_bits(monkeypatch):
+    """The launchers call a kernel's compiled entry point past numba's dispatcher: one per key,
+    the entry point of the signature the dispatcher chose, the same results. (The rest of the
+    suite runs with the key check on, which keeps the entry points out of the dict.)"""
+    monkeypatch.setattr(cpu._EntryPoints, "check_keys", False)
+    x = torch.randn(5, 300)
+    w, b = torch.randn(300), torch.randn(300)
+    for dtype in (torch.float32, torch.bfloat16):  # compiled (and reloaded) before what is tested
+        cpu.norm_fwd_inference(x.to(dtype), 5, 300, w.to(dtype), b.to(dtype), 1e-5, False)
+    through_dispatcher = []
+    for dtype in (torch.float32, torch.bfloat16):
+        cpu._fwd_kernel.forget()
+        through_dispatcher.append(cpu.norm_fwd_inference(x.to(dtype), 5, 300, w.to(dtype), b.to(dtype), 1e-5, False))
+    entries = dict(cpu._fwd_kernel)
+    assert len(entries) == 1  # the float32 key was forgotten with the second forget
+    for dtype, want in zip((torch.float32, torch.bfloat16), through_dispatcher):
+        got = cpu.norm_fwd_inference(x.to(dtype), 5, 300, w.to(dtype), b.to(dtype), 1e-5, False)
+        assert torch.equal(got, want)
+    assert len(cpu._fwd_kernel) == 2
+    compiled = {id(c.entry_point) for c in cpu._fwd.overloads.values()}
+    assert all(id(entry) in compiled for entry in cpu._fwd_kernel.values())
+
+
+def test_key_check_catches_a_key_that_stands_for_two_signatures(monkeypatch):
+    monkeypatch.setattr(cpu._EntryPoints, "check_keys", True)
+    x32, x16 = torch.randn(2, 64), torch.randn(2, 64).bfloat16()
+    w = torch.randn(64)
+    out32, out16 = torch.empty_like(x32), torch.empty_like(x16)
+
+    def launch(x, out, key):
+        kind = cpu._KIND[x.dtype]
+        cpu._fwd_kernel[key](
+            0, 0, 0, x.data_ptr(), w.data_ptr(), w.data_ptr(), out.data_ptr(), 0, 0, 2, 64, np.float32(1e-5), False,
+            False, None, None, None, None, kind, cpu._KIND[w.dtype], kind, None, 2, False,
+        )  # fmt: skip
+
+    cpu._fwd_kernel.forget()
+    launch(x32, out32, "one key")
+    launch(x32, out32, "one key")
+    assert max_rel_err(out32, reference.layer_norm(x32, (64,), w, w, 1e-5)) <= FWD_TOL[torch.float32]
+    with pytest.raises(AssertionError, match="stands for"):
+        launch(x16, out16, "one key")
+    cpu._fwd_kernel.forget()

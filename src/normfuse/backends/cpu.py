@@ -732,7 +732,7 @@ def _sum_chunks(part_at, out_at, n_chunks, n, cols_per_block, acc_kind):
 
 
 class _CompileWatch(numba_event.Listener):
-    """Notes each compile of a cached kernel; ``_reload_due`` tells the launchers to reload."""
+    """Notes each compile of a cached kernel; ``reload_due`` tells ``_EntryPoints`` to reload after the call."""
 
     def __init__(self) -> None:
         self.kernels: tuple = ()
@@ -762,12 +762,76 @@ class _CompileWatch(numba_event.Listener):
         self.reload_due = False
         if threading.active_count() > 1:
             return
+        for entries in _EntryPoints.all:
+            entries.forget()
         for dispatcher in self.kernels:
             dispatcher._reset_overloads()
 
 
 _compile_watch = _CompileWatch()
 numba_event.register("numba:compile", _compile_watch)
+
+
+class _EntryPoints(dict):
+    """A kernel's compiled entry points by key, called past numba's dispatcher.
+
+    numba's dispatcher finds the signature of every call from its arguments' types, about 1 us
+    for ``_fwd``'s 24 (as much as the kernel itself on a 4096-feature token). The launchers know
+    the signature already: each looks up a key (the operands' dtypes and which are absent, what
+    fixes every argument's numba type) and calls what it finds. A key not seen yet gives a call
+    through the dispatcher (compiling or loading from the cache), which then keeps that
+    signature's entry point under the key. A kernel compiled in this process is reloaded first
+    (``_CompileWatch``), and its entry points are forgotten with it.
+    """
+
+    all: list[_EntryPoints] = []
+
+    def __init__(self, dispatcher) -> None:
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.checked: dict = {}  # key: (signature, entry point), for check_keys
+        _EntryPoints.all.append(self)
+
+    def __missing__(self, key):
+        return functools.partial(self._checked_call if _EntryPoints.check_keys else self._first_call, key)
+
+    def _signature(self, args) -> tuple:
+        return tuple(self.dispatcher.typeof_pyval(a) for a in args)
+
+    def _first_call(self, key, *args) -> None:
+        self.dispatcher(*args)
+        if _compile_watch.reload_due:
+            _compile_watch.reload()
+            return
+        compiled = self.dispatcher.overloads.get(self._signature(args))
+        if compiled is not None:
+            self[key] = compiled.entry_point
+
+    # A key that missed an operand's dtype would call one signature's code with another's
+    # arguments. With NORMFUSE_CHECK_KERNEL_KEYS=1 (the test suite sets it) no entry point is
+    # kept in the dict itself: every call comes here, its signature is found from its arguments
+    # and must be the one its key stood for before, and the kept entry point is called.
+    check_keys = os.environ.get("NORMFUSE_CHECK_KERNEL_KEYS") == "1"
+
+    def _checked_call(self, key, *args) -> None:
+        signature = self._signature(args)
+        seen = self.checked.get(key)
+        if seen is not None:
+            if seen[0] != signature:
+                raise AssertionError(f"{self.dispatcher.__name__}: key {key} stands for {seen[0]} and {signature}")
+            seen[1](*args)
+            return
+        self.dispatcher(*args)
+        if _compile_watch.reload_due:
+            _compile_watch.reload()
+            return
+        compiled = self.dispatcher.overloads.get(signature)
+        if compiled is not None:
+            self.checked[key] = (signature, compiled.entry_point)
+
+    def forget(self) -> None:
+        self.clear()
+        self.checked.clear()
 
 
 def rows_per_chunk(n_rows: int) -> int:
@@ -779,6 +843,7 @@ def rows_per_chunk(n_rows: int) -> int:
     return rows + (rows & 1)
 
 
+_FLOAT64 = torch.float64
 # numba element type of each torch dtype: bf16 and fp16 travel as their bits
 _KIND = {
     torch.float32: np.float32(0),
@@ -837,32 +902,54 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         param_dtype = weight.dtype if weight is not None else bias.dtype if bias is not None else acc_dtype(x.dtype)
         w = _param(weight, n, 1.0, param_dtype)
         b = _param(bias, n, 0.0, param_dtype)
-    acc_is_f64 = x.dtype is torch.float64
     if mean is None:
         mean_at = rstd_at = 0
         store_stats = False
     else:
         mean_at, rstd_at = mean.data_ptr(), rstd.data_ptr()
         store_stats = True
+    out_dtype = out.dtype
     if add is None:
         x_at = res_at = mask_at = 0
         h_at = x.data_ptr()
         x_kind = res_kind = mask_kind = drop = None
-        h_kind = _KIND[x.dtype]
+        h_dtype = x.dtype
+        key = (h_dtype, w.dtype, out_dtype, xhat_dtype)
     else:
         residual, h, mask, drop = add
         x_at, x_kind = x.data_ptr(), _KIND[x.dtype]
         res_at, res_kind = (residual.data_ptr(), _KIND[residual.dtype]) if residual is not None else (0, None)
         mask_at, mask_kind = (mask.data_ptr(), np.uint8(0)) if mask is not None else (0, None)
-        h_at, h_kind = h.data_ptr(), _KIND[h.dtype]
-    _fwd(
+        h_at, h_dtype = h.data_ptr(), h.dtype
+        key = (h_dtype, w.dtype, out_dtype, xhat_dtype, x.dtype, residual.dtype if residual is not None else None,
+               mask is None, drop is None)  # fmt: skip
+    if not _numba_pool_started:
+        _start_numba_pool()
+    # (the test of _rows_per_block, without its call on inputs too small for the thread pool)
+    rows_per_block = n_rows if n_rows * n < _PARALLEL_MIN_ELEMENTS else _rows_per_block(n_rows, n)
+    f64 = x.dtype is _FLOAT64
+    eps_scalar = (_eps_f64 if f64 else _eps_f32).get(eps)
+    if eps_scalar is None:
+        eps_scalar = _new_eps_scalar(eps, f64)
+    _fwd_kernel[key](
         x_at, res_at, mask_at, h_at, w.data_ptr(), b.data_ptr(), out.data_ptr(), mean_at, rstd_at, n_rows, n,
-        np.float64(eps) if acc_is_f64 else np.float32(eps), bool(rms), store_stats, drop,
-        x_kind, res_kind, mask_kind, h_kind, _KIND[w.dtype], _KIND[out.dtype], _kind(xhat_dtype),
-        _rows_per_block(n_rows, n), n >= _PAIR_MIN_FEATURES,
+        eps_scalar, bool(rms), store_stats, drop, x_kind, res_kind, mask_kind, _KIND[h_dtype], _KIND[w.dtype],
+        _KIND[out_dtype], None if xhat_dtype is None else _KIND[xhat_dtype], rows_per_block, n >= _PAIR_MIN_FEATURES,
     )  # fmt: skip
-    if _compile_watch.reload_due:
-        _compile_watch.reload()
+
+
+# eps as the kernels' numpy scalar, made once per value (``np.float32(eps)`` alone costs half a
+# microsecond): float32, or float64 for float64 input
+_eps_f32: dict = {}
+_eps_f64: dict = {}
+
+
+def _new_eps_scalar(eps: float, f64: bool):
+    scalars = _eps_f64 if f64 else _eps_f32
+    if len(scalars) >= 256:
+        scalars.clear()
+    scalar = scalars[eps] = np.float64(eps) if f64 else np.float32(eps)
+    return scalar
 
 
 def norm_fwd(
@@ -973,20 +1060,21 @@ def norm_bwd(
     dh_out = dresidual_out if add else None
     if dh_out is not None and not dh_out.is_contiguous():
         dh_out = dh_out.contiguous()
-    _bwd(
+    drop = _drop_state(dropout_p, seed, acc) if add else None
+    key = (dy.dtype, h.dtype, w.dtype, None if dh_out is None else dh_out.dtype, None if dx is None else dx.dtype,
+           None if dres is None else dres.dtype, drop is None)  # fmt: skip
+    _bwd_kernel[key](
         dy.data_ptr(), h.data_ptr(), w.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
         dh_out.data_ptr() if dh_out is not None else 0,
         dx.data_ptr() if dx is not None else 0, dres.data_ptr() if dres is not None else 0,
         dw_part.data_ptr() if need_dweight else 0, db_part.data_ptr() if need_dbias else 0,
         n_rows, n, bool(rms), bool(need_dweight), bool(need_dbias), n >= _PAIR_MIN_FEATURES,
-        _drop_state(dropout_p, seed, acc) if add else None, chunk, n_chunks,
+        drop, chunk, n_chunks,
         _KIND[dy.dtype], _KIND[h.dtype], _KIND[w.dtype], _KIND[acc],
         _kind(dh_out), _kind(dx), _kind(dres), _use_threads(n_rows * n),
     )  # fmt: skip
     dweight = rounded(_total(dw_part, n_chunks, n, acc), dweight_dtype)
     dbias = rounded(_total(db_part, n_chunks, n, acc), dbias_dtype)
-    if _compile_watch.reload_due:
-        _compile_watch.reload()
     return dx, dres, dweight, dbias
 
 
@@ -998,8 +1086,11 @@ def _total(part: torch.Tensor | None, n_chunks: int, n: int, acc: torch.dtype) -
     total = torch.empty(n, dtype=acc)
     # one block of columns (no thread pool) when the partial sums are small or torch has one thread
     cols_per_block = max(256, -(-n // 64)) if _use_threads(n_chunks * n) else n
-    _sum_chunks(part.data_ptr(), total.data_ptr(), n_chunks, n, cols_per_block, _KIND[acc])
+    _sum_chunks_kernel[acc](part.data_ptr(), total.data_ptr(), n_chunks, n, cols_per_block, _KIND[acc])
     return total
 
 
 _compile_watch.kernels = (_fwd, _bwd, _sum_chunks)
+_fwd_kernel = _EntryPoints(_fwd)
+_bwd_kernel = _EntryPoints(_bwd)
+_sum_chunks_kernel = _EntryPoints(_sum_chunks)
