@@ -13,7 +13,7 @@ neighbour slows all of them alike) and the table reports medians and ratios:
            (an add+norm moves twice the bytes: its floor is two copies)
 - fwd:     the forward, with weight (and bias for LayerNorm), in ``torch.no_grad``
 - fwd+bwd: forward plus ``torch.autograd.grad`` over every input (x, weight, bias, residual)
-- latency: one small forward in inference, per call (LayerNorm and RMSNorm)
+- latency: one small forward in inference, per call (the add+norm ops against ``x + r`` then the norm)
 """
 
 from __future__ import annotations
@@ -73,19 +73,26 @@ def main() -> None:
         "\n(vs X: X's time / normfuse's time, above 1 = normfuse faster; nf fwd/floor: normfuse forward / "
         f"{'two copies' if floor == 2 else 'one copy'})"
     )
-    if args.op.startswith("add_"):
-        return
-
     print(f"\n{'latency':>12} {'dtype':>8} | {'torch us':>8} {'nf us':>8} {'nf/torch':>8}")
     for dtype in dtypes:
         for rows, n in LATENCY_SHAPES:
-            x = torch.randn(rows, n).to(dtype)
-            w = torch.ones(n, dtype=dtype, requires_grad=True)
+            x, r = torch.randn(rows, n).to(dtype), torch.randn(rows, n).to(dtype)
+            w = torch.ones(n, dtype=dtype, requires_grad=True)  # a module's parameters, in inference
             b = torch.zeros(n, dtype=dtype, requires_grad=True)
             if args.op == "layer_norm":
                 calls = {"torch": lambda: F.layer_norm(x, (n,), w, b), "normfuse": lambda: normfuse.layer_norm(x, (n,), w, b)}
-            else:
+            elif args.op == "rms_norm":
                 calls = {"torch": lambda: F.rms_norm(x, (n,), w), "normfuse": lambda: normfuse.rms_norm(x, (n,), w)}
+            elif args.op == "add_layer_norm":
+                calls = {
+                    "torch": lambda: (F.layer_norm(h := x + r, (n,), w, b), h),
+                    "normfuse": lambda: normfuse.add_layer_norm(x, r, (n,), w, b),
+                }
+            else:
+                calls = {
+                    "torch": lambda: (F.rms_norm(h := x + r, (n,), w), h),
+                    "normfuse": lambda: normfuse.add_rms_norm(x, r, (n,), w),
+                }
             with torch.no_grad():
                 med = interleaved_medians(calls, reps, 200)
             print(

@@ -374,3 +374,31 @@ def test_inference_calls_the_kernels_directly_with_training_s_bits(kind, dtype, 
     for got, want in zip(inference, training):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert torch.equal(got, want.detach())
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 4096), (8, 768), (2, 3, 5), (0, 16)])
+def test_token_sized_path_gives_the_general_path_s_bits(kind, dtype, shape, monkeypatch):
+    """The add+norm ops' direct path (functional._takes_direct_add_path): nothing to
+    differentiate, no dropout, the residual in x's dtype and shape. It skips the general checks
+    and gives their path's bits; p > 0 in eval mode is no dropout there too."""
+    n = shape[-1]
+    x, r = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    w, b = _params(kind, n, dtype)
+    w = torch.nn.Parameter(w)
+    with torch.no_grad():
+        with normfuse.use_backend("cpu"):  # a forced backend takes the general path
+            general = _fused(kind, x, r, n, w, b)
+        calls = []
+        real = normfuse.functional._check_residual
+        monkeypatch.setattr(normfuse.functional, "_check_residual", lambda *a: calls.append(a) or real(*a))
+        direct = _fused(kind, x, r, n, w, b)
+        eval_mode = _fused(kind, x, r, n, w, b, dropout_p=0.5, training=False)
+        assert calls == []
+        _fused(kind, x, r, n, w, b, return_dropout_mask=True)  # a mask asked for: the general path
+        assert len(calls) == 1
+    for outs in (direct, eval_mode):
+        for got, want in zip(outs, general):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert torch.equal(got, want)

@@ -409,6 +409,21 @@ def _takes_direct_path(x: object, shape: object, weight: object, bias: object) -
     return True
 
 
+def _takes_direct_add_path(
+    x: object, residual: object, shape: object, weight: object, bias: object, dropout_p: object, training: object,
+    residual_dtype: object, return_mask: object,
+) -> bool:
+    """``_takes_direct_path`` for the add+norm ops: also a residual of x's shape, dtype and
+    layout, the residual output in that dtype, no dropout (p = 0 or eval) and no mask asked for."""
+    return (
+        residual_dtype is None and return_mask is False and type(dropout_p) is float and 0.0 <= dropout_p <= 1.0
+        and (dropout_p == 0.0 or not training) and type(residual) is Tensor
+        and _takes_direct_path(x, shape, weight, bias) and not residual.is_nested and residual.is_cpu
+        and residual.dtype is x.dtype and residual.shape == x.shape and residual.is_contiguous()
+        and not (residual.requires_grad and torch.is_grad_enabled())
+    )  # fmt: skip
+
+
 _RMS_DEFAULT_EPS = {dtype: torch.finfo(acc_dtype(dtype)).eps for dtype in KERNEL_DTYPES}
 
 
@@ -745,6 +760,15 @@ def add_layer_norm(
         ``(out, residual_out)`` or ``(out, residual_out, mask)``: out in x's dtype, normalized
         from ``residual_out`` as rounded to ``residual_dtype``. Gradients flow through both.
     """
+    if (
+        type(eps) is float
+        and _takes_direct_add_path(
+            x, residual, normalized_shape, weight, bias, dropout_p, training, residual_dtype, return_dropout_mask
+        )
+        and (outs := ops.cpu_add_inference_direct(x, residual, normalized_shape[0], weight, bias, eps, False))
+        is not None
+    ):  # fmt: skip
+        return outs
     if _fx_trace._is_fx_tracing_flag and (node := _fx_node(
         add_layer_norm, (x, residual, normalized_shape, weight, bias, eps), dropout_p=dropout_p, training=training,
         residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask,
@@ -808,6 +832,17 @@ def add_rms_norm(
     model-family options, with x-hat rounded to ``xhat_dtype`` and the output dtype promoted
     as there). eps=None: ``torch.finfo`` of the computation dtype.
     """
+    if (
+        (eps is None or type(eps) is float) and type(weight_offset) is float and weight_offset == 0.0
+        and xhat_dtype is None
+        and _takes_direct_add_path(
+            x, residual, normalized_shape, weight, None, dropout_p, training, residual_dtype, return_dropout_mask
+        )
+        and (outs := ops.cpu_add_inference_direct(
+            x, residual, normalized_shape[0], weight, None, _RMS_DEFAULT_EPS[x.dtype] if eps is None else eps, True
+        )) is not None
+    ):  # fmt: skip
+        return outs
     if _fx_trace._is_fx_tracing_flag and (node := _fx_node(
         add_rms_norm, (x, residual, normalized_shape, weight, eps), dropout_p=dropout_p, training=training,
         residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask, weight_offset=weight_offset,

@@ -536,22 +536,39 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
+def _direct_call_allowed() -> bool:
+    """Whether an eager call may go straight to the CPU kernel: no backend forced, and none of
+    torch.compile, a torch.func transform, forward-mode AD or ``torch.jit.trace`` active (each
+    reads the call differently)."""
+    return not (
+        torch.compiler.is_compiling()  # first: the rest is not for Dynamo to trace (ContextVar.get)
+        or _forced_backend.get() is not None or _ENV_BACKEND is not None
+        or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0 or torch._C._is_tracing()
+    )  # fmt: skip
+
+
 def cpu_inference_direct(x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool):
     """The forward's output straight from the CPU kernel, or None where the call must go the
-    general way: a backend forced, or torch.compile, a torch.func transform, forward-mode AD or
-    ``torch.jit.trace`` active (each reads the call differently).
+    general way (``_direct_call_allowed``).
 
     For the front end's token-sized path: x is a contiguous CPU tensor of (*, n), weight and bias
     (n,) in its dtype or None, nothing requires grad (the caller checked).
     """
-    if (
-        torch.compiler.is_compiling()  # first: the rest is not for Dynamo to trace (ContextVar.get)
-        or _forced_backend.get() is not None or _ENV_BACKEND is not None
-        or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0 or torch._C._is_tracing()
-    ):  # fmt: skip
+    if not _direct_call_allowed():
         return None
     cpu = _loaded_backends.get("cpu") or _load_backend("cpu")
     return cpu.norm_fwd_inference(x, x.numel() // n, n, weight, bias, eps, rms)
+
+
+def cpu_add_inference_direct(
+    x: Tensor, residual: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
+):
+    """``(out, residual_out)`` of the add+norm forward straight from the CPU kernel, no dropout,
+    or None as ``cpu_inference_direct``; the residual is x's shape and dtype, contiguous."""
+    if not _direct_call_allowed():
+        return None
+    cpu = _loaded_backends.get("cpu") or _load_backend("cpu")
+    return cpu.add_norm_fwd_inference(x, residual, x.numel() // n, n, weight, bias, eps, rms)
 
 
 def refuse_forward_ad() -> None:

@@ -1013,6 +1013,25 @@ def norm_fwd_inference(
     return out
 
 
+def add_norm_fwd_inference(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    n_rows: int,
+    n: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, residual_out) of the add+norm forward without dropout, in x's shape, for row-major x
+    and residual of n_rows rows of n in one dtype; nothing saved."""
+    out = torch.empty_like(x)
+    h = torch.empty_like(x)
+    if n_rows and n:
+        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, None, (residual, h, None, None))
+    return out, h
+
+
 def norm_bwd(
     dy: torch.Tensor,
     h: torch.Tensor,
