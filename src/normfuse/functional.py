@@ -424,6 +424,7 @@ def _takes_direct_add_path(
     )  # fmt: skip
 
 
+# the kernel dtypes' eps=None, read without ``torch.finfo``'s cost (``_rms_eps``)
 _RMS_DEFAULT_EPS = {dtype: torch.finfo(acc_dtype(dtype)).eps for dtype in KERNEL_DTYPES}
 
 
@@ -594,7 +595,10 @@ def layer_norm(
 
 def _rms_eps(x: Tensor, eps: float | None) -> float:
     """eps=None: the machine epsilon of the computation dtype (float32 for fp16/bf16/fp32)."""
-    return torch.finfo(acc_dtype(x.dtype)).eps if eps is None else float(eps)
+    if eps is not None:
+        return float(eps)
+    default = _RMS_DEFAULT_EPS.get(x.dtype)
+    return torch.finfo(acc_dtype(x.dtype)).eps if default is None else default
 
 
 def _check_rms_eps(fn: str, eps: object, position: int) -> None:
@@ -681,7 +685,7 @@ def rms_norm(
         (eps is None or type(eps) is float) and type(weight_offset) is float and weight_offset == 0.0
         and xhat_dtype is None and _takes_direct_path(input, normalized_shape, weight, None)
         and (out := ops.cpu_inference_direct(
-            input, normalized_shape[0], weight, None, _RMS_DEFAULT_EPS[input.dtype] if eps is None else eps, True
+            input, normalized_shape[0], weight, None, _rms_eps(input, eps), True
         )) is not None
     ):  # fmt: skip
         return out
@@ -839,7 +843,7 @@ def add_rms_norm(
             x, residual, normalized_shape, weight, None, dropout_p, training, residual_dtype, return_dropout_mask
         )
         and (outs := ops.cpu_add_inference_direct(
-            x, residual, normalized_shape[0], weight, None, _RMS_DEFAULT_EPS[x.dtype] if eps is None else eps, True
+            x, residual, normalized_shape[0], weight, None, _rms_eps(x, eps), True
         )) is not None
     ):  # fmt: skip
         return outs

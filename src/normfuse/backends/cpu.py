@@ -798,14 +798,20 @@ class _EntryPoints(dict):
     def _signature(self, args) -> tuple:
         return tuple(self.dispatcher.typeof_pyval(a) for a in args)
 
-    def _first_call(self, key, *args) -> None:
+    def _through_dispatcher(self, args, signature=None):
+        """Call through the dispatcher; then the signature's entry point, or None where there is
+        none to keep (the kernel was just compiled, and reloaded)."""
         self.dispatcher(*args)
         if _compile_watch.reload_due:
             _compile_watch.reload()
-            return
-        compiled = self.dispatcher.overloads.get(self._signature(args))
-        if compiled is not None:
-            self[key] = compiled.entry_point
+            return None
+        compiled = self.dispatcher.overloads.get(signature or self._signature(args))
+        return compiled.entry_point if compiled is not None else None
+
+    def _first_call(self, key, *args) -> None:
+        entry = self._through_dispatcher(args)
+        if entry is not None:
+            self[key] = entry
 
     # A key that missed an operand's dtype would call one signature's code with another's
     # arguments. With NORMFUSE_CHECK_KERNEL_KEYS=1 (the test suite sets it) no entry point is
@@ -821,13 +827,9 @@ class _EntryPoints(dict):
                 raise AssertionError(f"{self.dispatcher.__name__}: key {key} stands for {seen[0]} and {signature}")
             seen[1](*args)
             return
-        self.dispatcher(*args)
-        if _compile_watch.reload_due:
-            _compile_watch.reload()
-            return
-        compiled = self.dispatcher.overloads.get(signature)
-        if compiled is not None:
-            self.checked[key] = (signature, compiled.entry_point)
+        entry = self._through_dispatcher(args, signature)
+        if entry is not None:
+            self.checked[key] = (signature, entry)
 
     def forget(self) -> None:
         self.clear()
@@ -843,7 +845,6 @@ def rows_per_chunk(n_rows: int) -> int:
     return rows + (rows & 1)
 
 
-_FLOAT64 = torch.float64
 # numba element type of each torch dtype: bf16 and fp16 travel as their bits
 _KIND = {
     torch.float32: np.float32(0),
@@ -923,33 +924,19 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         h_at, h_dtype = h.data_ptr(), h.dtype
         key = (h_dtype, w.dtype, out_dtype, xhat_dtype, x.dtype, residual.dtype if residual is not None else None,
                mask is None, drop is None)  # fmt: skip
-    if not _numba_pool_started:
-        _start_numba_pool()
-    # (the test of _rows_per_block, without its call on inputs too small for the thread pool)
-    rows_per_block = n_rows if n_rows * n < _PARALLEL_MIN_ELEMENTS else _rows_per_block(n_rows, n)
-    f64 = x.dtype is _FLOAT64
-    eps_scalar = (_eps_f64 if f64 else _eps_f32).get(eps)
-    if eps_scalar is None:
-        eps_scalar = _new_eps_scalar(eps, f64)
     _fwd_kernel[key](
         x_at, res_at, mask_at, h_at, w.data_ptr(), b.data_ptr(), out.data_ptr(), mean_at, rstd_at, n_rows, n,
-        eps_scalar, bool(rms), store_stats, drop, x_kind, res_kind, mask_kind, _KIND[h_dtype], _KIND[w.dtype],
-        _KIND[out_dtype], None if xhat_dtype is None else _KIND[xhat_dtype], rows_per_block, n >= _PAIR_MIN_FEATURES,
+        _eps_scalar(eps, x.dtype is torch.float64), bool(rms), store_stats, drop, x_kind, res_kind, mask_kind,
+        _KIND[h_dtype], _KIND[w.dtype], _KIND[out_dtype], _kind(xhat_dtype), _rows_per_block(n_rows, n),
+        n >= _PAIR_MIN_FEATURES,
     )  # fmt: skip
 
 
-# eps as the kernels' numpy scalar, made once per value (``np.float32(eps)`` alone costs half a
-# microsecond): float32, or float64 for float64 input
-_eps_f32: dict = {}
-_eps_f64: dict = {}
-
-
-def _new_eps_scalar(eps: float, f64: bool):
-    scalars = _eps_f64 if f64 else _eps_f32
-    if len(scalars) >= 256:
-        scalars.clear()
-    scalar = scalars[eps] = np.float64(eps) if f64 else np.float32(eps)
-    return scalar
+@functools.lru_cache(maxsize=256)
+def _eps_scalar(eps: float, f64: bool):
+    """eps as the kernels' numpy scalar (float32; float64 for float64 input), made once per
+    value: ``np.float32(eps)`` alone costs half a microsecond."""
+    return np.float64(eps) if f64 else np.float32(eps)
 
 
 def norm_fwd(
