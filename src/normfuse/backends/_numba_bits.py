@@ -120,6 +120,33 @@ def address_as_pointer(typingctx, address, kind):
     return pointer_type(address, kind), codegen
 
 
+@intrinsic
+def prefetch_line(typingctx, address, for_write, locality):
+    """Hint the 64-byte cache line at an integer address into the data caches (``llvm.prefetch``:
+    ``prefetcht0`` with locality 3, ``prefetcht1`` with 2 (L2, not L1), or ``prefetchw`` with
+    ``for_write``; both compile-time literals).
+
+    A hint, never a fault: any address may be given. The kernels use it to start loading the
+    next row, and to take ownership of the lines their stores will write, while the current row
+    is worked on from L1 (see ``backends/cpu.py``, the backward's training loop).
+    """
+    if not isinstance(address, types.Integer) or not isinstance(for_write, types.BooleanLiteral):
+        return None
+    if not isinstance(locality, types.IntegerLiteral) or locality.literal_value not in (1, 2, 3):
+        return None
+    rw = 1 if for_write.literal_value else 0
+    level = locality.literal_value
+
+    def codegen(context, builder, signature, args):
+        i32, i8p = ir.IntType(32), ir.IntType(8).as_pointer()
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
+        data_cache = ir.Constant(i32, 1)
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(i32, rw), ir.Constant(i32, level), data_cache])
+        return context.get_dummy_value()
+
+    return types.none(address, for_write, locality), codegen
+
+
 def load(a, i, j):
     """a[i, j] widened to the accumulation type (float32, or float64 for float64 arrays)."""
 

@@ -63,6 +63,7 @@ from normfuse.backends._numba_bits import (
     address_as_pointer,
     keep_bit,
     load,
+    prefetch_line,
     round_as,
     select,
     store,
@@ -543,6 +544,82 @@ def _dh(dy_v, h_v, w_v, m, cm, r, mean_xhat_g, mean_g):
     return r * (dy_v * w_v - xhat * mean_xhat_g - mean_g), xhat
 
 
+# --- the backward's next row, hinted into cache while this one is worked on ------------------
+# A row's first loop (its statistics) is the only one that reads memory; the loop that writes
+# dx works from L1, and its stores miss (each line is read before it is written). Left alone,
+# memory idles through that loop and the stores then queue behind their misses, with the L1
+# hits of the dγ/dβ accumulators stuck behind them (stores retire in order). So the dx loop
+# runs in blocks of _BLOCK elements, and before each block hints the same columns of the next
+# row: its dy and h (and incoming residual gradient) to be read, its dx (and dresidual) lines
+# to be written (``prefetchw``). Constant-trip blocks from ``k * _BLOCK`` keep the loop
+# vectorized; a bound of ``min(n, j0 + _BLOCK)`` was seen to vectorize on 64-bit index vectors.
+# Measured in `benchmarks/prefetch_bwd_probe.py` and `benchmarks/ab_cpu.py` (RESULTS.md).
+_BLOCK = 64
+# Rows in pairs hint the next pair (two rows) ahead. Up to a row of this many bytes: at 16384
+# fp32 features (64 KiB rows) the next pair's 384 KiB beside the current pair's overflowed what
+# L2 keeps, and the hints cost 8-19% (`benchmarks/ab_cpu.py`); bf16 at 16384 gained 1.2x.
+_PREFETCH_PAIR_MAX_ROW_BYTES = 32 * 1024
+
+
+def _prefetch_block(a, i, j0, for_write):
+    """Hint a[i, j0:j0 + _BLOCK] into cache (a None: nothing)."""
+
+
+@overload(_prefetch_block, inline="always")
+def _prefetch_block_overload(a, i, j0, for_write):
+    if _is_none(a):
+        return lambda a, i, j0, for_write: None
+    write = bool(getattr(for_write, "literal_value", False))
+    line_elements = 64 // (a.dtype.bitwidth // 8)  # elements of a 64-byte line
+
+    if write:
+
+        def impl(a, i, j0, for_write):
+            start = a.ctypes.data + (i * a.shape[1] + j0) * a.itemsize
+            for q in range(_BLOCK // line_elements):
+                prefetch_line(start + q * 64, True, 3)
+
+        return impl
+
+    def impl(a, i, j0, for_write):
+        start = a.ctypes.data + (i * a.shape[1] + j0) * a.itemsize
+        for q in range(_BLOCK // line_elements):
+            prefetch_line(start + q * 64, False, 3)
+
+    return impl
+
+
+@njit(inline="always")
+def _prefetch_next_row(dy, h, dh_out, dx, dres, i, j0):
+    _prefetch_block(dy, i, j0, False)
+    _prefetch_block(h, i, j0, False)
+    _prefetch_block(dh_out, i, j0, False)
+    _prefetch_block(dx, i, j0, True)
+    _prefetch_block(dres, i, j0, True)
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _bwd_train_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, key, stats):
+    """Element (i, j) of the training case in a row known not NaN: dx (and dres), dw and db terms."""
+    m, cm, r, mean_xhat_g, mean_g, _ = stats
+    dy_v = load(dy, i, j)
+    d, xhat = _dh(dy_v, load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)
+    dh = _plus(dh_out, d, i, j)
+    _put_not_nan(dres, i, j, dh)
+    _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
+    dw_acc[j] += dy_v * xhat
+    db_acc[j] += dy_v
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _bwd_dx_element(dy, h, w, dh_out, drop, dx, dres, i, j, key, stats):
+    """Element (i, j) of dx (and dres) alone, in a row known not NaN."""
+    m, cm, r, mean_xhat_g, mean_g, _ = stats
+    dh = _plus(dh_out, _dh(load(dy, i, j), load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)[0], i, j)
+    _put_not_nan(dres, i, j, dh)
+    _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
+
+
 @njit(fastmath=_FASTMATH, inline="always")
 def _bwd_row(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, need_d, need_dw, need_db, i, stats):
     """Row i alone: dx (and dres) from its statistics; dw_acc += dy * xhat, db_acc += dy."""
@@ -554,14 +631,16 @@ def _bwd_row(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, need_d, need_dw, 
     if need_d and need_dw and need_db:
         # the training case: one branch-free loop for all the gradients
         if not_nan:
-            for j in range(n):
-                dy_v = load(dy, i, j)
-                d, xhat = _dh(dy_v, load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)
-                dh = _plus(dh_out, d, i, j)
-                _put_not_nan(dres, i, j, dh)
-                _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
-                dw_acc[j] += dy_v * xhat
-                db_acc[j] += dy_v
+            ahead = i + 1 < h.shape[0]
+            n_blocks = n // _BLOCK
+            for k in range(n_blocks):
+                j0 = k * _BLOCK
+                if ahead:
+                    _prefetch_next_row(dy, h, dh_out, dx, dres, i + 1, j0)
+                for j in range(j0, j0 + _BLOCK):
+                    _bwd_train_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, key, stats)
+            for j in range(n_blocks * _BLOCK, n):
+                _bwd_train_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, key, stats)
         else:
             for j in range(n):
                 dy_v = load(dy, i, j)
@@ -575,10 +654,16 @@ def _bwd_row(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, need_d, need_dw, 
     # otherwise one loop per gradient asked for, each branch-free so that it vectorizes
     if need_d:
         if not_nan:
-            for j in range(n):
-                dh = _plus(dh_out, _dh(load(dy, i, j), load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)[0], i, j)
-                _put_not_nan(dres, i, j, dh)
-                _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
+            ahead = i + 1 < h.shape[0]
+            n_blocks = n // _BLOCK
+            for k in range(n_blocks):
+                j0 = k * _BLOCK
+                if ahead:
+                    _prefetch_next_row(dy, h, dh_out, dx, dres, i + 1, j0)
+                for j in range(j0, j0 + _BLOCK):
+                    _bwd_dx_element(dy, h, w, dh_out, drop, dx, dres, i, j, key, stats)
+            for j in range(n_blocks * _BLOCK, n):
+                _bwd_dx_element(dy, h, w, dh_out, drop, dx, dres, i, j, key, stats)
         else:
             for j in range(n):
                 dh = _plus(dh_out, _dh(load(dy, i, j), load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)[0], i, j)
@@ -600,24 +685,39 @@ def _bwd_row_pair(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, stats_a, 
     accesses are half of the loop's memory operations.
     """
     n = h.shape[1]
-    ma, cma, ra, mean_xhat_ga, mean_ga, _ = stats_a
-    mb, cmb, rb, mean_xhat_gb, mean_gb, _ = stats_b
     key_a = _row_key(drop, i)
     key_b = _row_key(drop, i + 1)
-    for j in range(n):
-        w_v = w[j]
-        dy_a = load(dy, i, j)
-        dy_b = load(dy, i + 1, j)
-        d_a, xhat_a = _dh(dy_a, load(h, i, j), w_v, ma, cma, ra, mean_xhat_ga, mean_ga)
-        d_b, xhat_b = _dh(dy_b, load(h, i + 1, j), w_v, mb, cmb, rb, mean_xhat_gb, mean_gb)
-        dh_a = _plus(dh_out, d_a, i, j)
-        dh_b = _plus(dh_out, d_b, i + 1, j)
-        _put_not_nan(dres, i, j, dh_a)
-        _put_not_nan(dres, i + 1, j, dh_b)
-        _put_not_nan(dx, i, j, _dropped(drop, dh_a, _kept(drop, key_a, j)))
-        _put_not_nan(dx, i + 1, j, _dropped(drop, dh_b, _kept(drop, key_b, j)))
-        dw_acc[j] += dy_a * xhat_a + dy_b * xhat_b
-        db_acc[j] += dy_a + dy_b
+    ahead = i + 3 < h.shape[0] and n * h.itemsize <= _PREFETCH_PAIR_MAX_ROW_BYTES
+    n_blocks = n // _BLOCK
+    for k in range(n_blocks):
+        j0 = k * _BLOCK
+        if ahead:
+            _prefetch_next_row(dy, h, dh_out, dx, dres, i + 2, j0)
+            _prefetch_next_row(dy, h, dh_out, dx, dres, i + 3, j0)
+        for j in range(j0, j0 + _BLOCK):
+            _bwd_pair_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, key_a, key_b, stats_a, stats_b)
+    for j in range(n_blocks * _BLOCK, n):
+        _bwd_pair_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, key_a, key_b, stats_a, stats_b)
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _bwd_pair_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, key_a, key_b, stats_a, stats_b):
+    """Element j of rows i and i + 1 (see ``_bwd_row_pair``)."""
+    ma, cma, ra, mean_xhat_ga, mean_ga, _ = stats_a
+    mb, cmb, rb, mean_xhat_gb, mean_gb, _ = stats_b
+    w_v = w[j]
+    dy_a = load(dy, i, j)
+    dy_b = load(dy, i + 1, j)
+    d_a, xhat_a = _dh(dy_a, load(h, i, j), w_v, ma, cma, ra, mean_xhat_ga, mean_ga)
+    d_b, xhat_b = _dh(dy_b, load(h, i + 1, j), w_v, mb, cmb, rb, mean_xhat_gb, mean_gb)
+    dh_a = _plus(dh_out, d_a, i, j)
+    dh_b = _plus(dh_out, d_b, i + 1, j)
+    _put_not_nan(dres, i, j, dh_a)
+    _put_not_nan(dres, i + 1, j, dh_b)
+    _put_not_nan(dx, i, j, _dropped(drop, dh_a, _kept(drop, key_a, j)))
+    _put_not_nan(dx, i + 1, j, _dropped(drop, dh_b, _kept(drop, key_b, j)))
+    dw_acc[j] += dy_a * xhat_a + dy_b * xhat_b
+    db_acc[j] += dy_a + dy_b
 
 
 # Not inlined into ``_bwd``'s two call sites (compile time); called once per chunk of rows.
