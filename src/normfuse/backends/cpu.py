@@ -575,14 +575,14 @@ def _prefetch_block_overload(a, i, j0, for_write):
     if write:
 
         def impl(a, i, j0, for_write):
-            start = a.ctypes.data + (i * a.shape[1] + j0) * a.itemsize
+            start = a.ctypes.data + i * a.strides[0] + j0 * a.itemsize
             for q in range(_BLOCK // line_elements):
                 prefetch_line(start + q * 64, True, 3)
 
         return impl
 
     def impl(a, i, j0, for_write):
-        start = a.ctypes.data + (i * a.shape[1] + j0) * a.itemsize
+        start = a.ctypes.data + i * a.strides[0] + j0 * a.itemsize
         for q in range(_BLOCK // line_elements):
             prefetch_line(start + q * 64, False, 3)
 
