@@ -1,11 +1,12 @@
 """The CPU kernels against an earlier version of themselves, and torch's, in one process.
 
     git show 3eeb6db:src/normfuse/backends/cpu.py > /tmp/cpu_before.py
-    python benchmarks/ab_cpu.py /tmp/cpu_before.py [--forward] [--rms] [--shapes 4096x1024,1024x4096]
+    python benchmarks/ab_cpu.py /tmp/cpu_before.py [--forward [--add]] [--rms] [--shapes 4096x1024,1024x4096]
 
 Loads the given copy of ``backends/cpu.py`` as a second module beside the installed one and
 times, interleaved, the backend backward (dx, dweight, dbias), or with ``--forward`` the
-training forward (output, mean, rstd), of LayerNorm (``--rms``: RMSNorm): torch
+training forward (output, mean, rstd; ``--add``: of the residual add + norm), of LayerNorm
+(``--rms``: RMSNorm): torch
 (``aten.native_layer_norm[_backward]``; ``F.rms_norm``), the earlier kernel and the current one; medians of
 rounds of medians, ms. Run it twice and read the second run: a numba kernel compiled in the
 running process runs slower than the same kernel loaded from the cache (see
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--forward", action="store_true", help="time the forward instead of the backward")
     parser.add_argument("--rms", action="store_true", help="RMSNorm instead of LayerNorm")
+    parser.add_argument("--add", action="store_true",
+                        help="with --forward: the residual add + norm (torch: x + r, then the norm)")
     args = parser.parse_args()
     # a quiet allocator, as bench.py; this script times outside interleaved_medians, so no
     # warm-up pass (run it twice instead, as the docstring says)
@@ -68,7 +71,16 @@ def main() -> None:
             w, b = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
             _, mean, rstd = torch.ops.aten.native_layer_norm(x, [n], w, b, 1e-5)
             _, _, nf_mean, nf_rstd, _ = cpu.norm_fwd(x, w, b, 1e-5, args.rms)
-            if args.forward:
+            r = torch.randn(rows, n).to(dtype)
+            if args.forward and args.add:
+                torch_norm = (lambda h: torch.nn.functional.rms_norm(h, [n], w)) if args.rms else (
+                    lambda h: torch.ops.aten.native_layer_norm(h, [n], w, b, 1e-5))
+                contenders = {
+                    "torch": lambda: torch_norm(x + r),
+                    "before": lambda: before.norm_fwd(x, w, None if args.rms else b, 1e-5, args.rms, residual=r),
+                    "now": lambda: cpu.norm_fwd(x, w, None if args.rms else b, 1e-5, args.rms, residual=r),
+                }
+            elif args.forward:
                 torch_fwd = (lambda: torch.nn.functional.rms_norm(x, [n], w)) if args.rms else (
                     lambda: torch.ops.aten.native_layer_norm(x, [n], w, b, 1e-5))
                 contenders = {

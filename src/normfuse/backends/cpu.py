@@ -321,6 +321,87 @@ def _row_finite_overload(a, i):
     return impl
 
 
+# --- the next row, hinted into cache while this one is worked on -----------------------------
+# In the forward and the backward alike, a row's statistics loop is the only one that reads
+# memory; the loop that writes the output (dx) works from L1, and its stores miss (each line
+# is read before it is written). Left alone, memory idles through that loop and the stores
+# then queue behind their misses, with the L1 hits of the backward's dγ/dβ accumulators stuck
+# behind them (stores retire in order). So the writing loop runs in blocks of _BLOCK elements,
+# and before each block hints the same columns of the next row: its inputs to be read, its
+# outputs to be written (``prefetchw``). Constant-trip blocks from ``k * _BLOCK`` keep the
+# loop vectorized; a bound of ``min(n, j0 + _BLOCK)`` was seen to vectorize on 64-bit index
+# vectors. Hints into L1 (locality 3): into L2 only, the forward gained 1-10%
+# (`benchmarks/prefetch_probe.py`). Measured in `benchmarks/prefetch_bwd_probe.py` and
+# `benchmarks/ab_cpu.py` (RESULTS.md, thirteenth and fourteenth sessions).
+_BLOCK = 64
+# Rows in pairs hint the next pair (two rows) ahead. Up to a row of this many bytes: at 16384
+# fp32 features (64 KiB rows) the next pair's 384 KiB beside the current pair's overflowed what
+# L2 keeps, and the backward's hints cost 8-19% (`benchmarks/ab_cpu.py`); bf16 at 16384 gained 1.2x.
+_PREFETCH_PAIR_MAX_ROW_BYTES = 32 * 1024
+
+
+def _prefetch_block(a, i, j0, for_write):
+    """Hint a[i, j0:j0 + _BLOCK] into cache (a None: nothing)."""
+
+
+@overload(_prefetch_block, inline="always")
+def _prefetch_block_overload(a, i, j0, for_write):
+    if _is_none(a):
+        return lambda a, i, j0, for_write: None
+    write = bool(getattr(for_write, "literal_value", False))
+    line_elements = 64 // (a.dtype.bitwidth // 8)  # elements of a 64-byte line
+
+    if write:
+
+        def impl(a, i, j0, for_write):
+            start = a.ctypes.data + i * a.strides[0] + j0 * a.itemsize
+            for q in range(_BLOCK // line_elements):
+                prefetch_line(start + q * 64, True, 3)
+
+        return impl
+
+    def impl(a, i, j0, for_write):
+        start = a.ctypes.data + i * a.strides[0] + j0 * a.itemsize
+        for q in range(_BLOCK // line_elements):
+            prefetch_line(start + q * 64, False, 3)
+
+    return impl
+
+
+def _prefetch_fwd_row(x, res, h, out, i, j0):
+    """The forward's hints for row i: without a residual add (x None) it reads h and writes out;
+    with one it reads x and res and writes h (the sum) and out."""
+
+
+@overload(_prefetch_fwd_row, inline="always")
+def _prefetch_fwd_row_overload(x, res, h, out, i, j0):
+    if _is_none(x):
+
+        def impl(x, res, h, out, i, j0):
+            _prefetch_block(h, i, j0, False)
+            _prefetch_block(out, i, j0, True)
+
+        return impl
+
+    def impl(x, res, h, out, i, j0):
+        _prefetch_block(x, i, j0, False)
+        _prefetch_block(res, i, j0, False)
+        _prefetch_block(h, i, j0, True)
+        _prefetch_block(out, i, j0, True)
+
+    return impl
+
+
+@njit(inline="always")
+def _prefetch_bwd_row(dy, h, dh_out, dx, dres, i, j0):
+    """The backward's hints for row i: it reads dy, h and dh_out, writes dx and dres."""
+    _prefetch_block(dy, i, j0, False)
+    _prefetch_block(h, i, j0, False)
+    _prefetch_block(dh_out, i, j0, False)
+    _prefetch_block(dx, i, j0, True)
+    _prefetch_block(dres, i, j0, True)
+
+
 @njit(fastmath=_FASTMATH, inline="always")
 def _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats, i):
     """Row i's statistics (m1, c, r): mean = m1 + c, rstd = r. With a residual add (x given),
@@ -375,29 +456,58 @@ def _centred_sums(h, i, m1):
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _fwd_row_out(h, w, b, out, xhat_like, params_finite, i, m1, c, r):
-    """Row i's output from its statistics."""
+def _fwd_row_out(x, res, h, w, b, out, xhat_like, params_finite, i, m1, c, r):
+    """Row i's output from its statistics (x and res: the next row's operands to hint)."""
     n = h.shape[1]
     if params_finite and np.isfinite(m1 + c) and np.isfinite(r):
         # h is finite (else m1 is not), so no output can be NaN: the vectorizable store
-        for j in range(n):
-            store_not_nan(out, i, j, round_as(xhat_like, ((load(h, i, j) - m1) - c) * r) * w[j] + b[j])
+        ahead = i + 1 < h.shape[0]
+        n_blocks = n // _BLOCK
+        for k in range(n_blocks):
+            j0 = k * _BLOCK
+            if ahead:
+                _prefetch_fwd_row(x, res, h, out, i + 1, j0)
+            for j in range(j0, j0 + _BLOCK):
+                _fwd_out_element(h, w, b, out, xhat_like, i, j, m1, c, r)
+        for j in range(n_blocks * _BLOCK, n):
+            _fwd_out_element(h, w, b, out, xhat_like, i, j, m1, c, r)
     else:
         for j in range(n):
             store(out, i, j, round_as(xhat_like, ((load(h, i, j) - m1) - c) * r) * w[j] + b[j])
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _fwd_row_pair_out(h, w, b, out, xhat_like, i, m1a, ca, ra, m1b, cb, rb):
+def _fwd_row_pair_out(x, res, h, w, b, out, xhat_like, i, m1a, ca, ra, m1b, cb, rb):
     """Rows i and i + 1's outputs, neither with a NaN, in one sweep: w and b read once for both."""
     n = h.shape[1]
-    for j in range(n):
-        w_v = w[j]
-        b_v = b[j]
-        ya = round_as(xhat_like, ((load(h, i, j) - m1a) - ca) * ra) * w_v + b_v
-        yb = round_as(xhat_like, ((load(h, i + 1, j) - m1b) - cb) * rb) * w_v + b_v
-        store_not_nan(out, i, j, ya)
-        store_not_nan(out, i + 1, j, yb)
+    ahead = i + 3 < h.shape[0] and n * h.itemsize <= _PREFETCH_PAIR_MAX_ROW_BYTES
+    n_blocks = n // _BLOCK
+    for k in range(n_blocks):
+        j0 = k * _BLOCK
+        if ahead:
+            _prefetch_fwd_row(x, res, h, out, i + 2, j0)
+            _prefetch_fwd_row(x, res, h, out, i + 3, j0)
+        for j in range(j0, j0 + _BLOCK):
+            _fwd_pair_out_element(h, w, b, out, xhat_like, i, j, m1a, ca, ra, m1b, cb, rb)
+    for j in range(n_blocks * _BLOCK, n):
+        _fwd_pair_out_element(h, w, b, out, xhat_like, i, j, m1a, ca, ra, m1b, cb, rb)
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _fwd_out_element(h, w, b, out, xhat_like, i, j, m1, c, r):
+    """Element (i, j) of a row with no NaN to come."""
+    store_not_nan(out, i, j, round_as(xhat_like, ((load(h, i, j) - m1) - c) * r) * w[j] + b[j])
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _fwd_pair_out_element(h, w, b, out, xhat_like, i, j, m1a, ca, ra, m1b, cb, rb):
+    """Column j of rows i and i + 1, neither with a NaN to come."""
+    w_v = w[j]
+    b_v = b[j]
+    ya = round_as(xhat_like, ((load(h, i, j) - m1a) - ca) * ra) * w_v + b_v
+    yb = round_as(xhat_like, ((load(h, i + 1, j) - m1b) - cb) * rb) * w_v + b_v
+    store_not_nan(out, i, j, ya)
+    store_not_nan(out, i + 1, j, yb)
 
 
 @njit(fastmath=_FASTMATH)
@@ -495,12 +605,12 @@ def _fwd_block(
         if pair_rows and finite_a and i + 1 < r1:
             m1b, cb, rb = _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats, i + 1)
             if np.isfinite(m1b + cb) and np.isfinite(rb):
-                _fwd_row_pair_out(h, w, b, out, xhat_like, i, m1a, ca, ra, m1b, cb, rb)
+                _fwd_row_pair_out(x, res, h, w, b, out, xhat_like, i, m1a, ca, ra, m1b, cb, rb)
                 i += 2
                 continue
         # one row: not pairing, the last of an odd count, or a row with a NaN or Inf (row i + 1
         # is then done again from the start, which gives the same values)
-        _fwd_row_out(h, w, b, out, xhat_like, params_finite, i, m1a, ca, ra)
+        _fwd_row_out(x, res, h, w, b, out, xhat_like, params_finite, i, m1a, ca, ra)
         i += 1
 
 
@@ -544,60 +654,6 @@ def _dh(dy_v, h_v, w_v, m, cm, r, mean_xhat_g, mean_g):
     return r * (dy_v * w_v - xhat * mean_xhat_g - mean_g), xhat
 
 
-# --- the backward's next row, hinted into cache while this one is worked on ------------------
-# A row's first loop (its statistics) is the only one that reads memory; the loop that writes
-# dx works from L1, and its stores miss (each line is read before it is written). Left alone,
-# memory idles through that loop and the stores then queue behind their misses, with the L1
-# hits of the dγ/dβ accumulators stuck behind them (stores retire in order). So the dx loop
-# runs in blocks of _BLOCK elements, and before each block hints the same columns of the next
-# row: its dy and h (and incoming residual gradient) to be read, its dx (and dresidual) lines
-# to be written (``prefetchw``). Constant-trip blocks from ``k * _BLOCK`` keep the loop
-# vectorized; a bound of ``min(n, j0 + _BLOCK)`` was seen to vectorize on 64-bit index vectors.
-# Measured in `benchmarks/prefetch_bwd_probe.py` and `benchmarks/ab_cpu.py` (RESULTS.md).
-_BLOCK = 64
-# Rows in pairs hint the next pair (two rows) ahead. Up to a row of this many bytes: at 16384
-# fp32 features (64 KiB rows) the next pair's 384 KiB beside the current pair's overflowed what
-# L2 keeps, and the hints cost 8-19% (`benchmarks/ab_cpu.py`); bf16 at 16384 gained 1.2x.
-_PREFETCH_PAIR_MAX_ROW_BYTES = 32 * 1024
-
-
-def _prefetch_block(a, i, j0, for_write):
-    """Hint a[i, j0:j0 + _BLOCK] into cache (a None: nothing)."""
-
-
-@overload(_prefetch_block, inline="always")
-def _prefetch_block_overload(a, i, j0, for_write):
-    if _is_none(a):
-        return lambda a, i, j0, for_write: None
-    write = bool(getattr(for_write, "literal_value", False))
-    line_elements = 64 // (a.dtype.bitwidth // 8)  # elements of a 64-byte line
-
-    if write:
-
-        def impl(a, i, j0, for_write):
-            start = a.ctypes.data + i * a.strides[0] + j0 * a.itemsize
-            for q in range(_BLOCK // line_elements):
-                prefetch_line(start + q * 64, True, 3)
-
-        return impl
-
-    def impl(a, i, j0, for_write):
-        start = a.ctypes.data + i * a.strides[0] + j0 * a.itemsize
-        for q in range(_BLOCK // line_elements):
-            prefetch_line(start + q * 64, False, 3)
-
-    return impl
-
-
-@njit(inline="always")
-def _prefetch_next_row(dy, h, dh_out, dx, dres, i, j0):
-    _prefetch_block(dy, i, j0, False)
-    _prefetch_block(h, i, j0, False)
-    _prefetch_block(dh_out, i, j0, False)
-    _prefetch_block(dx, i, j0, True)
-    _prefetch_block(dres, i, j0, True)
-
-
 @njit(fastmath=_FASTMATH, inline="always")
 def _bwd_train_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, key, stats):
     """Element (i, j) of the training case in a row known not NaN: dx (and dres), dw and db terms."""
@@ -636,7 +692,7 @@ def _bwd_row(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, need_d, need_dw, 
             for k in range(n_blocks):
                 j0 = k * _BLOCK
                 if ahead:
-                    _prefetch_next_row(dy, h, dh_out, dx, dres, i + 1, j0)
+                    _prefetch_bwd_row(dy, h, dh_out, dx, dres, i + 1, j0)
                 for j in range(j0, j0 + _BLOCK):
                     _bwd_train_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, key, stats)
             for j in range(n_blocks * _BLOCK, n):
@@ -659,7 +715,7 @@ def _bwd_row(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, need_d, need_dw, 
             for k in range(n_blocks):
                 j0 = k * _BLOCK
                 if ahead:
-                    _prefetch_next_row(dy, h, dh_out, dx, dres, i + 1, j0)
+                    _prefetch_bwd_row(dy, h, dh_out, dx, dres, i + 1, j0)
                 for j in range(j0, j0 + _BLOCK):
                     _bwd_dx_element(dy, h, w, dh_out, drop, dx, dres, i, j, key, stats)
             for j in range(n_blocks * _BLOCK, n):
@@ -692,8 +748,8 @@ def _bwd_row_pair(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, stats_a, 
     for k in range(n_blocks):
         j0 = k * _BLOCK
         if ahead:
-            _prefetch_next_row(dy, h, dh_out, dx, dres, i + 2, j0)
-            _prefetch_next_row(dy, h, dh_out, dx, dres, i + 3, j0)
+            _prefetch_bwd_row(dy, h, dh_out, dx, dres, i + 2, j0)
+            _prefetch_bwd_row(dy, h, dh_out, dx, dres, i + 3, j0)
         for j in range(j0, j0 + _BLOCK):
             _bwd_pair_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, key_a, key_b, stats_a, stats_b)
     for j in range(n_blocks * _BLOCK, n):
