@@ -143,6 +143,19 @@ def test_parameter_gradients_rounded_once_to_the_asked_dtypes(backend, rows):
 
 def test_chunking_does_not_depend_on_threads():
     assert cpu.rows_per_chunk(8192) == 64 and cpu.rows_per_chunk(10) == 16
+    # wide rows: fewer, longer chunks, so that the partial sums stay small
+    assert cpu.rows_per_chunk(8192, 768) == 64 and cpu.rows_per_chunk(1024, 4096) == 32
+    assert cpu.rows_per_chunk(256, 16384) == 32 and cpu.rows_per_chunk(8192, 4096) == 256
+
+
+@pytest.mark.parametrize("n_chunks, n", [(128, 1024), (64, 4096), (3, 16384), (1, 8)])
+def test_partial_sums_added_in_chunk_order(n_chunks, n):
+    # fixed order: chunk 0 + chunk 1 + ..., in float32, whatever the blocks of columns
+    part = torch.randn(n_chunks, n) * torch.logspace(-8, 8, n_chunks).unsqueeze(1)
+    expected = part[0].clone()
+    for k in range(1, n_chunks):
+        expected += part[k]
+    assert torch.equal(cpu._total(part, n_chunks, n, torch.float32), expected)
 
 
 def _forward_backward(x, w, b):
