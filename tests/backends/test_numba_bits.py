@@ -5,7 +5,7 @@ import pytest
 import torch
 from numba import njit
 
-from normfuse.backends._numba_bits import load, store
+from normfuse.backends._numba_bits import load, prefetch_line, store
 
 
 @njit
@@ -57,3 +57,42 @@ def test_narrow_rounds_to_nearest_even(dtype):
     out = torch.empty(1, values.numel(), dtype=dtype)
     _narrow(values.numpy(), out.view(_BIT_VIEW[dtype]).numpy())
     _same_bits_or_both_nan(out[0], values.to(dtype))
+
+
+@njit
+def _hinted_sum(a):
+    s = np.float32(0)
+    for j in range(a.shape[0]):
+        prefetch_line(a.ctypes.data + j * 4 + 256, False, 3)
+        prefetch_line(a.ctypes.data + j * 4 + 512, True, 3)
+        prefetch_line(a.ctypes.data + j * 4 + 768, False, 2)
+        s += a[j]
+    prefetch_line(0, False, 3)  # a hint never faults, even at an unmapped address
+    return s
+
+
+def test_prefetch_line_hints_without_changing_results():
+    a = np.arange(100, dtype=np.float32)
+    assert _hinted_sum(a) == a.sum()
+    asm = next(iter(_hinted_sum.inspect_asm().values()))
+    if "x86" in next(iter(_hinted_sum.inspect_llvm().values())):  # the instructions themselves on x86
+        assert "prefetcht0" in asm and "prefetcht1" in asm
+        if "3dnowprefetch" in _cpu_flags():  # the CPU has prefetchw (else LLVM leaves the hint out)
+            assert "prefetchw" in asm
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def test_prefetch_line_wants_literal_flags():
+    @njit
+    def runtime_flag(a, write):
+        prefetch_line(a.ctypes.data, write, 3)
+
+    with pytest.raises(Exception, match="prefetch_line"):
+        runtime_flag(np.zeros(4, np.float32), True)

@@ -128,7 +128,7 @@ def prefetch_line(typingctx, address, for_write, locality):
 
     A hint, never a fault: any address may be given. The kernels use it to start loading the
     next row, and to take ownership of the lines their stores will write, while the current row
-    is worked on from L1 (see ``backends/cpu.py``, the backward's training loop).
+    is worked on from L1 (see ``backends/cpu.py``, "the next row, hinted into cache").
     """
     if not isinstance(address, types.Integer) or not isinstance(for_write, types.BooleanLiteral):
         return None
