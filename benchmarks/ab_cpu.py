@@ -77,8 +77,10 @@ def main() -> None:
                     lambda h: torch.ops.aten.native_layer_norm(h, [n], w, b, 1e-5))
                 contenders = {
                     "torch": lambda: torch_norm(x + r),
-                    "before": lambda: before.norm_fwd(x, w, None if args.rms else b, 1e-5, args.rms, residual=r, residual_out_dtype=dtype),
-                    "now": lambda: cpu.norm_fwd(x, w, None if args.rms else b, 1e-5, args.rms, residual=r, residual_out_dtype=dtype),
+                    "before": lambda: before.norm_fwd(x, w, None if args.rms else b, 1e-5, args.rms, residual=r,
+                                                      residual_out_dtype=dtype),  # fmt: skip
+                    "now": lambda: cpu.norm_fwd(x, w, None if args.rms else b, 1e-5, args.rms, residual=r,
+                                                residual_out_dtype=dtype),  # fmt: skip
                 }
             elif args.forward:
                 torch_fwd = (lambda: torch.nn.functional.rms_norm(x, [n], w)) if args.rms else (

@@ -9,12 +9,12 @@ idles, and the hardware prefetcher runs only a few lines ahead, so time is close
 transfer instead of the larger of the two. The output loop runs in blocks of 64 elements and
 before each block hints the matching lines of the next row:
 
-- ``x into L2``: the next row's input, ``prefetcht1`` (what the fifth session tried);
+- ``x into L2``: the next row's input, ``prefetcht1`` (what the third session tried);
 - ``x into L1``: the same into L1 (``prefetcht0``);
 - ``x + out(w)``: also the next row's output lines, for writing (``prefetchw``).
 
-The fifth session's port of ``x into L2`` into ``backends/cpu.py`` did not pay (1-10% on the
-fp32 plain forward, up to 11% slower on the add+norm forward; an AVX2 host). On the AVX-512
+The third session's port of ``x into L2`` into ``backends/cpu.py`` did not pay (1-10% on the
+fp32 plain forward, up to 11% slower on the add+norm forward; another host). On the AVX-512
 host of the fourteenth session ``x into L1`` took 20-30% off the probe, and the kernels now hint
 into L1 and hint their outputs for writing (``backends/cpu.py``, "the next row, hinted into
 cache"; benchmarks/RESULTS.md). A first port with block loops ``range(j0, min(n, j0 + 64))``

@@ -330,8 +330,8 @@ def _row_finite_overload(a, i):
 # and before each block hints the same columns of the next row: its inputs to be read, its
 # outputs to be written (``prefetchw``). Constant-trip blocks from ``k * _BLOCK`` keep the
 # loop vectorized; a bound of ``min(n, j0 + _BLOCK)`` was seen to vectorize on 64-bit index
-# vectors. Hints into L1 (locality 3): into L2 only, the forward gained 1-10%
-# (`benchmarks/prefetch_probe.py`). Measured in `benchmarks/prefetch_bwd_probe.py` and
+# vectors. Hints into L1 (locality 3): a port hinting the input into L2 only gained the forward
+# 1-10% on the third session's host (RESULTS.md). Measured in `benchmarks/prefetch_bwd_probe.py` and
 # `benchmarks/ab_cpu.py` (RESULTS.md, thirteenth and fourteenth sessions).
 _BLOCK = 64
 # Rows in pairs hint the next pair (two rows) ahead. Up to a row of this many bytes: at 16384
