@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--add", action="store_true",
                         help="with --forward: the residual add + norm (torch: x + r, then the norm)")
     args = parser.parse_args()
+    if args.add and not args.forward:
+        parser.error("--add times the add+norm forward: give --forward too")
     # a quiet allocator, as bench.py; this script times outside interleaved_medians, so no
     # warm-up pass (run it twice instead, as the docstring says)
     reexec_with_malloc_tunables(warm_first=False)
@@ -71,8 +73,8 @@ def main() -> None:
             w, b = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
             _, mean, rstd = torch.ops.aten.native_layer_norm(x, [n], w, b, 1e-5)
             _, _, nf_mean, nf_rstd, _ = cpu.norm_fwd(x, w, b, 1e-5, args.rms)
-            r = torch.randn(rows, n).to(dtype)
-            if args.forward and args.add:
+            if args.add:
+                r = torch.randn(rows, n).to(dtype)
                 torch_norm = (lambda h: torch.nn.functional.rms_norm(h, [n], w)) if args.rms else (
                     lambda h: torch.ops.aten.native_layer_norm(h, [n], w, b, 1e-5))
                 contenders = {

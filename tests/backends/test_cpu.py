@@ -142,7 +142,7 @@ def test_parameter_gradients_rounded_once_to_the_asked_dtypes(backend, rows):
 
 
 def test_chunking_does_not_depend_on_threads():
-    assert cpu.rows_per_chunk(8192) == 64 and cpu.rows_per_chunk(10) == 16
+    assert cpu.rows_per_chunk(8192, 1024) == 64 and cpu.rows_per_chunk(10, 1024) == 16
     # wide rows: fewer, longer chunks, so that the partial sums stay small
     assert cpu.rows_per_chunk(8192, 768) == 64 and cpu.rows_per_chunk(1024, 4096) == 32
     assert cpu.rows_per_chunk(256, 16384) == 32 and cpu.rows_per_chunk(8192, 4096) == 256

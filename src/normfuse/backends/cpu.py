@@ -1009,7 +1009,7 @@ class _EntryPoints(dict):
 _PARTIAL_SUM_ELEMENTS = 1 << 17
 
 
-def rows_per_chunk(n_rows: int, n: int = 1) -> int:
+def rows_per_chunk(n_rows: int, n: int) -> int:
     """Rows per dweight/dbias partial sum: a function of the shape only, never of threads.
 
     At least 16 rows and at most 128 chunks; wide rows take fewer, longer chunks. Even, so
