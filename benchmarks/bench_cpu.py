@@ -13,6 +13,8 @@ neighbour slows all of them alike) and the table reports medians and ratios:
            (an add+norm moves twice the bytes: its floor is two copies)
 - fwd:     the forward, with weight (and bias for LayerNorm), in ``torch.no_grad``
 - fwd+bwd: forward plus ``torch.autograd.grad`` over every input (x, weight, bias, residual)
+- f+b floor: torch copies and adds into preallocated buffers that move the tensors a
+           forward+backward must move (5 tensor passes; 9 for add+norm), the floor of f+b
 - latency: one small forward in inference, per call (the add+norm ops against ``x + r`` then the norm)
 """
 
@@ -54,13 +56,13 @@ def main() -> None:
     for mode in ("fwd", "f+b"):
         cols.append(" ".join(f"{p + ' ' + mode:>13}" for p in peers) + f" {'nf ' + mode:>9} " + " ".join(
             f"{'vs ' + p:>9}" for p in peers))  # fmt: skip
-    header = " | ".join(cols) + f" | {'nf fwd/floor':>12}"
+    header = " | ".join(cols) + f" | {'nf fwd/floor':>12} | {'f+b floor':>9} {'torch/floor':>11} {'nf/floor':>8}"
     print(header)
     print("-" * len(header))
     for dtype in dtypes:
         for rows, n in shapes:
             inner = 1 if rows * n >= 1 << 24 else 3
-            med = interleaved_medians(contenders(args.op, rows, n, dtype, "cpu", impls), reps, inner)
+            med = interleaved_medians(contenders(args.op, rows, n, dtype, "cpu", impls, floor=True), reps, inner)
             ms = {k: v * 1e3 for k, v in med.items()}
             line = f"{rows:>5}x{n:<6} {str(dtype).removeprefix('torch.'):>8} | {ms['copy']:8.3f}"
             for mode in ("fwd", "f+b"):
@@ -68,10 +70,13 @@ def main() -> None:
                 line += " | " + " ".join(f"{ms[f'{p} {mode}']:13.3f}" for p in peers) + f" {mine:9.3f} "
                 line += " ".join(f"{ms[f'{p} {mode}'] / mine:8.2f}x" for p in peers)
             line += f" | {ms['normfuse fwd'] / (floor * ms['copy']):11.2f}x"
+            fb_floor = ms["f+b floor"]
+            line += f" | {fb_floor:9.3f} {ms['torch f+b'] / fb_floor:10.2f}x {ms['normfuse f+b'] / fb_floor:7.2f}x"
             print(line, flush=True)
     print(
         "\n(vs X: X's time / normfuse's time, above 1 = normfuse faster; nf fwd/floor: normfuse forward / "
-        f"{'two copies' if floor == 2 else 'one copy'})"
+        f"{'two copies' if floor == 2 else 'one copy'}; f+b floor: ms of the copies and adds that move what a"
+        " forward+backward must move, torch/floor and nf/floor: each one's forward+backward over it)"
     )
     print(f"\n{'latency':>12} {'dtype':>8} | {'torch us':>8} {'nf us':>8} {'nf/torch':>8}")
     for dtype in dtypes:

@@ -55,6 +55,32 @@ def test_bench_quick_writes_json_and_png(tmp_path, op, peers):
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"])
+def test_bench_floor_moves_what_a_forward_backward_must(op):
+    """The f+b floor is only copies and adds into buffers, and passes over exactly as many
+    tensors as ``TENSORS_MOVED`` counts for the op (a copy reads one and writes one, an add
+    into a buffer reads two and writes one)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from normfuse.cli.bench import TENSORS_MOVED, contenders, implementations
+
+    passes = {torch.ops.aten.copy_.default: 2, torch.ops.aten.add.out: 3}
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    calls = contenders(op, 8, 32, torch.float32, "cpu", implementations(op, compiled=False), floor=True)
+    assert "f+b floor" not in contenders(op, 8, 32, torch.float32, "cpu", {})
+    with Record():
+        calls["f+b floor"]()
+    assert set(seen) <= set(passes)
+    assert sum(passes[f] for f in seen) == TENSORS_MOVED[op]["f+b"]
+
+
 def test_verify_passes_and_reports(tmp_path):
     path = tmp_path / "verify.json"
     assert main(["verify", "--quick", "--out", str(path)]) == 0

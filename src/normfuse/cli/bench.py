@@ -152,10 +152,15 @@ def implementations(op: str, compiled: bool) -> dict[str, Callable]:
 
 
 def contenders(
-    op: str, rows: int, n: int, dtype: torch.dtype, device: str, impls: dict[str, Callable]
+    op: str, rows: int, n: int, dtype: torch.dtype, device: str, impls: dict[str, Callable], floor: bool = False
 ) -> dict[str, Callable[[], object]]:
     """"copy" and, for each implementation, "<name> fwd" (no grad) and "<name> f+b"
-    (forward, then ``torch.autograd.grad`` over every input: x, weight, bias, residual)."""
+    (forward, then ``torch.autograd.grad`` over every input: x, weight, bias, residual).
+
+    ``floor`` adds "f+b floor": torch's own copies and adds into preallocated buffers, moving
+    exactly the tensors a forward+backward must move (``TENSORS_MOVED``), each pass at memory
+    speed, so the time no norm's forward+backward can beat without skipping a write's read.
+    """
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, n, generator=gen).to(dtype).to(device)
     r = torch.randn(rows, n, generator=gen).to(dtype).to(device) if op.startswith("add_") else None
@@ -182,10 +187,35 @@ def contenders(
         return call
 
     result: dict[str, Callable[[], object]] = {"copy": lambda: buf.copy_(x)}
+    if floor:
+        result["f+b floor"] = _floor_call(x, r, dy)
     for name, fn in impls.items():
         result[f"{name} fwd"] = fwd(fn)
         result[f"{name} f+b"] = fwd_bwd(fn)
     return result
+
+
+def _floor_call(x: torch.Tensor, r: torch.Tensor | None, dy: torch.Tensor) -> Callable[[], None]:
+    """A norm's forward+backward traffic in plain copies and adds: the forward reads x and writes
+    the output (a copy), the backward reads x and dy and writes dx (an add into a buffer); the
+    add+norm step also reads the residual and writes the residual output forward (a second
+    copy) and writes the residual's gradient backward (a third copy): 5 and 9 tensor passes."""
+    bufs = [torch.empty_like(x) for _ in range(4)]
+    if r is None:
+
+        def call():
+            bufs[0].copy_(x)
+            torch.add(dy, x, out=bufs[1])
+
+        return call
+
+    def call_add():
+        bufs[0].copy_(x)
+        bufs[1].copy_(r)
+        torch.add(dy, x, out=bufs[2])
+        bufs[3].copy_(r)
+
+    return call_add
 
 
 def machine_line(device: str) -> str:
