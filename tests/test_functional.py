@@ -372,8 +372,8 @@ def test_direct_inference_path_declines_what_it_does_not_check(monkeypatch):
         "list shape": lambda: normfuse.layer_norm(x, [32], w, b),
         "two normalized dims": lambda: normfuse.layer_norm(x.view(4, 4, 8), (4, 8), w.view(4, 8), b.view(4, 8)),
         "non-contiguous": lambda: normfuse.layer_norm(x.t().contiguous().t(), (32,), w, b),
-        "x requires grad": lambda: normfuse.layer_norm(x.clone().requires_grad_(), (32,), w, b),
-        "weight requires grad": lambda: normfuse.layer_norm(x, (32,), torch.nn.Parameter(w), b),
+        "x requires grad, list shape": lambda: normfuse.layer_norm(x.clone().requires_grad_(), [32], w, b),
+        "weight requires grad, bf16 x": lambda: normfuse.layer_norm(x.bfloat16(), (32,), torch.nn.Parameter(w), b),
         "fp32 weight, bf16 x": lambda: normfuse.layer_norm(x.bfloat16(), (32,), w, b),
         "int eps": lambda: normfuse.layer_norm(x, (32,), w, b, 1),
         "weight shape": lambda: normfuse.layer_norm(x, (32,), w[:16], b),
@@ -392,6 +392,54 @@ def test_direct_inference_path_declines_what_it_does_not_check(monkeypatch):
         normfuse.layer_norm(x, (32,), torch.nn.Parameter(w), b)  # no grad mode: nothing requires grad
         normfuse.rms_norm(x, (32,), w, weight_offset=0.0)
     assert len(calls) == len(declined)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(8, 768), (2, 3, 5), (0, 16), (7, 1)])
+@pytest.mark.parametrize("params", ["parameters", "tensors", "none"])
+def test_direct_training_path_gives_the_general_path_s_bits(dtype, shape, params, monkeypatch):
+    """Something requires grad: the direct path records the same autograd node the general path
+    does (a list shape takes the general one), without the general checks: outputs and every
+    gradient bit for bit."""
+    n = shape[-1]
+    x, w, b = _make(shape, (n,), dtype)
+    if params == "none":
+        w = b = None
+    dy = torch.randn(shape).to(dtype)
+
+    def run(norm_shape, which):
+        leaves = [t.clone().requires_grad_(params != "tensors" or t is x) if t is not None else None for t in (x, w, b)]
+        xl, wl, bl = leaves
+        if params == "parameters" and wl is not None:
+            wl, bl = torch.nn.Parameter(wl.detach()), torch.nn.Parameter(bl.detach())
+        out = (normfuse.layer_norm(xl, norm_shape, wl, bl) if which == "ln"
+               else normfuse.rms_norm(xl, norm_shape, wl))  # fmt: skip
+        wanted = [t for t in (xl, wl, bl if which == "ln" else None) if t is not None and t.requires_grad]
+        return [out, *torch.autograd.grad(out, wanted, dy)]
+
+    for which in ("ln", "rms"):
+        general = run([n], which)
+        calls = _count_general_checks(monkeypatch)
+        direct = run((n,), which)
+        assert calls == [], which
+        monkeypatch.undo()
+        assert len(direct) == len(general)
+        for got, want in zip(direct, general):
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), which
+
+
+def test_direct_training_path_is_the_general_one_under_transforms_and_compile():
+    """Where the general path takes another route (torch.func, forward-mode AD), the direct
+    training path declines, and the results are the general path's."""
+    x = torch.randn(3, 4, 16, dtype=torch.float64)
+    w, b = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    per_sample = torch.func.vmap(torch.func.grad(lambda xi: normfuse.layer_norm(xi, (16,), w, b).square().sum()))(x)
+    want = torch.stack([torch.func.grad(lambda xi: F.layer_norm(xi, (16,), w, b).square().sum())(xi) for xi in x])
+    assert torch.allclose(per_sample, want, rtol=1e-10, atol=1e-10)
+    tangent = torch.randn_like(x)
+    _, jvp_nf = torch.func.jvp(lambda t: normfuse.layer_norm(t, (16,), w, b), (x,), (tangent,))
+    _, jvp_torch = torch.func.jvp(lambda t: F.layer_norm(t, (16,), w, b), (x,), (tangent,))
+    assert torch.allclose(jvp_nf, jvp_torch, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

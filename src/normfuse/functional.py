@@ -375,38 +375,56 @@ def _fx_node(fn, args: tuple, **kwargs):
     return None
 
 
-# --- the token-sized inference path --------------------------------------------------------------
+# --- the direct paths: token-sized inference, eager training ------------------------------------
 # Decoding one token at a time calls each norm on a few rows: there the front end's checks, made
 # one function at a time, cost more than the kernel (LayerNorm at 1x4096 fp32: 3.55x torch's
 # latency before this path, 1.48x with it; ``benchmarks/bench_cpu.py``). The common case is tested here
 # in one go: plain CPU tensors (nn.Parameter included) of a kernel dtype, one normalized dim,
-# parameters of the input's dtype and shape, nothing that requires grad, no autocast, nested
-# tensor or fx trace. Every one of these is a check the general path makes and passes, so a call
-# that fails any of them (a wrong shape, say) takes the general path and gets torch's error there.
+# parameters of the input's dtype and shape, no autocast, nested tensor or fx trace. Every one of
+# these is a check the general path makes and passes, so a call that fails any of them (a wrong
+# shape, say) takes the general path and gets torch's error there. With nothing requiring grad the
+# call goes to the CPU kernel; with something that does, to ``ops.NormFunction`` as the general
+# path would, without its checks: in training the Python before a kernel runs with caches that
+# the last kernel's rows have emptied, where each check costs several times its warm cost.
 
 _PARAM_TYPES = (Tensor, torch.nn.Parameter)
 _SHAPE_TYPES = (tuple, torch.Size)
 
 
-def _takes_direct_path(x: object, shape: object, weight: object, bias: object) -> bool:
+_GENERAL, _INFERENCE, _TRAINING = 0, 1, 2
+
+
+def _direct_path(x: object, shape: object, weight: object, bias: object) -> int:
+    """``_INFERENCE`` (nothing requires grad) or ``_TRAINING`` (something does) where the call is
+    the common case described above, else ``_GENERAL``."""
     if not (
         type(x) is Tensor and type(shape) in _SHAPE_TYPES and len(shape) == 1 and type(shape[0]) is int
         and shape[0] > 0 and not _fx_trace._is_fx_tracing_flag and not _any_autocast() and not x.is_nested
     ):  # fmt: skip
-        return False
+        return _GENERAL
     dtype = x.dtype
     if not (x.is_cpu and dtype in KERNEL_DTYPES and x.shape[-1:] == shape and x.is_contiguous()):
-        return False
+        return _GENERAL
     grad = torch.is_grad_enabled()
-    if grad and x.requires_grad:
-        return False
+    needs_grad = grad and x.requires_grad
     for p in (weight, bias):
-        if p is not None and not (
-            type(p) in _PARAM_TYPES and p.is_cpu and p.dtype is dtype and p.shape == shape
-            and not (grad and p.requires_grad)
-        ):  # fmt: skip
-            return False
-    return True
+        if p is not None:
+            if not (type(p) in _PARAM_TYPES and p.is_cpu and p.dtype is dtype and p.shape == shape):
+                return _GENERAL
+            needs_grad = needs_grad or (grad and p.requires_grad)
+    return _TRAINING if needs_grad else _INFERENCE
+
+
+def _takes_direct_path(x: object, shape: object, weight: object, bias: object) -> bool:
+    return _direct_path(x, shape, weight, bias) == _INFERENCE
+
+
+def _direct_call(x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, path: int):
+    """The norm through the direct path ``path`` (not ``_GENERAL``), or None where the call must go
+    the general way after all (``ops.cpu_inference_direct``, ``ops.eager_training_direct``)."""
+    if path == _INFERENCE:
+        return ops.cpu_inference_direct(x, n, weight, bias, eps, rms)
+    return ops.eager_training_direct(x, n, weight, bias, eps, rms)
 
 
 def _takes_direct_add_path(
@@ -561,8 +579,8 @@ def layer_norm(
         the backward are computed in float32 (float64 for float64 input).
     """
     if (
-        type(eps) is float and _takes_direct_path(input, normalized_shape, weight, bias)
-        and (out := ops.cpu_inference_direct(input, normalized_shape[0], weight, bias, eps, False)) is not None
+        type(eps) is float and (path := _direct_path(input, normalized_shape, weight, bias))
+        and (out := _direct_call(input, normalized_shape[0], weight, bias, eps, False, path)) is not None
     ):  # fmt: skip
         return out
     if _fx_trace._is_fx_tracing_flag and (
@@ -683,10 +701,8 @@ def rms_norm(
     """
     if (
         (eps is None or type(eps) is float) and type(weight_offset) is float and weight_offset == 0.0
-        and xhat_dtype is None and _takes_direct_path(input, normalized_shape, weight, None)
-        and (out := ops.cpu_inference_direct(
-            input, normalized_shape[0], weight, None, _rms_eps(input, eps), True
-        )) is not None
+        and xhat_dtype is None and (path := _direct_path(input, normalized_shape, weight, None))
+        and (out := _direct_call(input, normalized_shape[0], weight, None, _rms_eps(input, eps), True, path)) is not None
     ):  # fmt: skip
         return out
     if _fx_trace._is_fx_tracing_flag and (node := _fx_node(

@@ -39,6 +39,14 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+try:  # the frame-evaluation hook Dynamo sets while it may compile frames (None in plain eager code)
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _eval_frame_callback
+except ImportError:  # a torch without it: always guard
+
+    def _eval_frame_callback() -> object:
+        return True
+
+
 from normfuse import _dropout, reference
 from normfuse._dtypes import KERNEL_DTYPES, acc_dtype
 
@@ -178,6 +186,12 @@ def _not_traced(fn):
     @functools.wraps(fn)
     def call(*args, **kwargs):
         nonlocal guarded
+        # Plain eager code (no Dynamo callback set, the common case) has nothing to hide fn from:
+        # it runs without Dynamo's wrapper, whose Python costs tens of microseconds a call once a
+        # large kernel has evicted it from cache. Traced, ``is_compiling`` is True and the test
+        # stops there.
+        if not torch.compiler.is_compiling() and _eval_frame_callback() is None:
+            return fn(*args, **kwargs)
         if guarded is None:
             guarded = torch.compiler.disable(fn)
         return guarded(*args, **kwargs)
@@ -332,7 +346,7 @@ def _gradients(ctx, dout: Tensor, dresidual_out: Tensor | None, fused_bwd, diffe
     torch formulas instead of the fused kernel: vmap's batched tensors have no storage for a
     kernel to read."""
     h, weight, mean, rstd, seed = ctx.saved_tensors
-    if ctx.rows_n is not None:
+    if ctx.rows_n is not None and h.shape != ctx.rows_n:
         h = h.view(ctx.rows_n)
     need_dx, need_dresidual, need_dweight, need_dbias = ctx.needs_input_grad[:4]
     need_dresidual = need_dresidual and ctx.add
@@ -349,12 +363,17 @@ def _gradients(ctx, dout: Tensor, dresidual_out: Tensor | None, fused_bwd, diffe
             dout.contiguous(), dresidual_out, h, weight, mean, rstd, ctx.rms, ctx.add, ctx.dropout_p, seed,
             ctx.x_dtype, ctx.residual_dtype, need_dx, need_dresidual, need_dweight, need_dbias,
         )  # fmt: skip
-    # a no-op where the backend already rounded the sums to the parameter's dtype
+    # a no-op where the backend already rounded the sums to the parameter's dtype (tested in
+    # Python: a dispatcher call, even one that returns its input, costs more)
+    if need_dweight and dweight.dtype != weight.dtype:
+        dweight = dweight.to(weight.dtype)
+    if need_dbias and dbias.dtype != ctx.bias_dtype:
+        dbias = dbias.to(ctx.bias_dtype)
     return (
         dx if need_dx else None,
         dres if need_dresidual else None,
-        dweight.to(weight.dtype) if need_dweight else None,
-        dbias.to(ctx.bias_dtype) if need_dbias else None,
+        dweight if need_dweight else None,
+        dbias if need_dbias else None,
     )
 
 
@@ -420,13 +439,16 @@ class NormFunction(torch.autograd.Function):
     def forward(ctx, x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask,
                 xhat_dtype, out_dtype, rows_n):  # fmt: skip
         shape = x.shape
+        # views only where the shape changes: each view is a dispatcher call
+        reshaped = shape != rows_n
         out, h, mean, rstd, mask = _run_fwd(
-            x.view(rows_n), residual.view(rows_n) if residual is not None else None, weight, bias, eps, rms,
-            residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype,
+            x.view(rows_n) if reshaped else x, residual.view(rows_n) if residual is not None and reshaped else residual,
+            weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype,
         )  # fmt: skip
-        out = out.view(shape)
-        h = h.view(shape) if h is not None else None
-        mask = mask.view(shape) if mask is not None else None
+        if reshaped:
+            out = out.view(shape)
+            h = h.view(shape) if h is not None else None
+            mask = mask.view(shape) if mask is not None else None
         # saves x (an input) or h (an output) themselves, not views taken here: a double
         # backward differentiates through them
         _setup_context(ctx, (x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed), (out, h, mean, rstd, mask))
@@ -447,17 +469,17 @@ def _shaped_gradients(ctx, dout, dresidual_out, fused_bwd, differentiable: bool 
     gradients viewed as (rows, n), dx and dresidual given x's shape back, then a None for each
     non-differentiable input and for rows_n."""
     rows_n = ctx.rows_n
-    dout = dout.reshape(rows_n)
-    if dresidual_out is not None:
-        dresidual_out = dresidual_out.reshape(rows_n)
-    dx, dres, dweight, dbias = _gradients(ctx, dout, dresidual_out, fused_bwd, differentiable)
     shape = ctx.shape
-    return (
-        dx.reshape(shape) if dx is not None else None,
-        dres.reshape(shape) if dres is not None else None,
-        dweight,
-        dbias,
-    ) + (None,) * (_N_NONDIFF_ARGS + 1)
+    reshaped = shape != rows_n  # (reshapes only then: each is a dispatcher call)
+    if reshaped:
+        dout = dout.reshape(rows_n)
+        if dresidual_out is not None:
+            dresidual_out = dresidual_out.reshape(rows_n)
+    dx, dres, dweight, dbias = _gradients(ctx, dout, dresidual_out, fused_bwd, differentiable)
+    if reshaped:
+        dx = dx.reshape(shape) if dx is not None else None
+        dres = dres.reshape(shape) if dres is not None else None
+    return (dx, dres, dweight, dbias) + (None,) * (_N_NONDIFF_ARGS + 1)
 
 
 # --- exporters that translate torch's own ops (ONNX) -------------------------------------------
@@ -558,6 +580,22 @@ def cpu_inference_direct(x: Tensor, n: int, weight: Tensor | None, bias: Tensor 
         return None
     cpu = _loaded_backends.get("cpu") or _load_backend("cpu")
     return cpu.norm_fwd_inference(x, x.numel() // n, n, weight, bias, eps, rms)
+
+
+def eager_training_direct(x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool):
+    """The forward's output through ``NormFunction`` (recorded for autograd) straight from the front
+    end's training check, or None where the call must go the general way: torch.compile, a
+    torch.func transform, forward-mode AD or ``torch.jit.trace`` (each reads the call differently).
+
+    x is a contiguous CPU tensor of (*, n), weight and bias (n,) in its dtype or None, something
+    requires grad (the caller checked). A forced backend is honoured by ``NormFunction`` itself.
+    """
+    if (
+        torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+        or _forward_ad._current_level >= 0 or torch._C._is_tracing()
+    ):  # fmt: skip
+        return None
+    return NormFunction.apply(x, None, weight, bias, eps, rms, None, 0.0, None, False, None, None, (x.numel() // n, n))[0]
 
 
 def cpu_add_inference_direct(
