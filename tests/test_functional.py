@@ -428,7 +428,7 @@ def test_direct_training_path_gives_the_general_path_s_bits(dtype, shape, params
             assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), which
 
 
-def test_direct_training_path_is_the_general_one_under_transforms_and_compile():
+def test_direct_training_path_is_the_general_one_under_transforms():
     """Where the general path takes another route (torch.func, forward-mode AD), the direct
     training path declines, and the results are the general path's."""
     x = torch.randn(3, 4, 16, dtype=torch.float64)
