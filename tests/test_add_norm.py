@@ -402,3 +402,42 @@ def test_token_sized_path_gives_the_general_path_s_bits(kind, dtype, shape, monk
         for got, want in zip(outs, general):
             assert got.shape == want.shape and got.dtype == want.dtype
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(8, 768), (2, 3, 5), (0, 16)])
+@pytest.mark.parametrize("grads", ["all", "residual only", "weight only"])
+def test_direct_training_path_gives_the_general_path_s_bits(kind, dtype, shape, grads, monkeypatch):
+    """Something requires grad, no dropout, the residual in x's dtype and shape: the direct path
+    records the general path's autograd node without the general checks (a list shape takes the
+    general path): both outputs and every gradient, through both outputs, bit for bit; eval
+    mode with p > 0 too."""
+    n = shape[-1]
+    x, r = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    w, b = _params(kind, n, dtype)
+    dout, dres = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+
+    def run(norm_shape, **kwargs):
+        xl, rl = x.clone().requires_grad_(grads == "all"), r.clone().requires_grad_(grads != "weight only")
+        wl = torch.nn.Parameter(w.clone()) if grads != "residual only" else w.clone()
+        bl = b.clone().requires_grad_(grads == "all") if b is not None else None
+        fn = KINDS[kind][0]
+        outs = fn(xl, rl, norm_shape, wl, bl, **kwargs) if kind == "layer" else fn(xl, rl, norm_shape, wl, **kwargs)
+        wanted = [t for t in (xl, rl, wl, bl) if t is not None and t.requires_grad]
+        return [*outs, *torch.autograd.grad(outs, wanted, (dout, dres))]
+
+    general = run([n])
+    calls = []
+    real = normfuse.functional._check_residual
+    monkeypatch.setattr(normfuse.functional, "_check_residual", lambda *a: calls.append(a) or real(*a))
+    direct = run((n,))
+    eval_mode = run((n,), dropout_p=0.5, training=False)
+    assert calls == []
+    run((n,), dropout_p=0.5)  # dropout in training: the general path
+    assert len(calls) == 1
+    for outs in (direct, eval_mode):
+        assert len(outs) == len(general)
+        for got, want in zip(outs, general):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert torch.equal(got, want)

@@ -427,19 +427,33 @@ def _direct_call(x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, 
     return ops.eager_training_direct(x, n, weight, bias, eps, rms)
 
 
-def _takes_direct_add_path(
+def _direct_add_path(
     x: object, residual: object, shape: object, weight: object, bias: object, dropout_p: object, training: object,
     residual_dtype: object, return_mask: object,
-) -> bool:
-    """``_takes_direct_path`` for the add+norm ops: also a residual of x's shape, dtype and
-    layout, the residual output in that dtype, no dropout (p = 0 or eval) and no mask asked for."""
-    return (
+) -> int:
+    """``_direct_path`` for the add+norm ops: also a residual of x's shape, dtype and layout, the
+    residual output in that dtype, no dropout (p = 0 or eval) and no mask asked for."""
+    if not (
         residual_dtype is None and return_mask is False and type(dropout_p) is float and 0.0 <= dropout_p <= 1.0
         and (dropout_p == 0.0 or not training) and type(residual) is Tensor
-        and _takes_direct_path(x, shape, weight, bias) and not residual.is_nested and residual.is_cpu
-        and residual.dtype is x.dtype and residual.shape == x.shape and residual.is_contiguous()
-        and not (residual.requires_grad and torch.is_grad_enabled())
-    )  # fmt: skip
+    ):  # fmt: skip
+        return _GENERAL
+    path = _direct_path(x, shape, weight, bias)
+    if path == _GENERAL or not (
+        not residual.is_nested and residual.is_cpu and residual.dtype is x.dtype and residual.shape == x.shape
+        and residual.is_contiguous()
+    ):  # fmt: skip
+        return _GENERAL
+    return _TRAINING if path == _TRAINING or (residual.requires_grad and torch.is_grad_enabled()) else _INFERENCE
+
+
+def _direct_add_call(
+    x: Tensor, residual: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, path: int
+):
+    """``(out, residual_out)`` through the direct path ``path``, or None as ``_direct_call``."""
+    if path == _INFERENCE:
+        return ops.cpu_add_inference_direct(x, residual, n, weight, bias, eps, rms)
+    return ops.eager_training_direct(x, n, weight, bias, eps, rms, residual=residual)
 
 
 # the kernel dtypes' eps=None, read without ``torch.finfo``'s cost (``_rms_eps``)
@@ -782,11 +796,10 @@ def add_layer_norm(
     """
     if (
         type(eps) is float
-        and _takes_direct_add_path(
+        and (path := _direct_add_path(
             x, residual, normalized_shape, weight, bias, dropout_p, training, residual_dtype, return_dropout_mask
-        )
-        and (outs := ops.cpu_add_inference_direct(x, residual, normalized_shape[0], weight, bias, eps, False))
-        is not None
+        ))
+        and (outs := _direct_add_call(x, residual, normalized_shape[0], weight, bias, eps, False, path)) is not None
     ):  # fmt: skip
         return outs
     if _fx_trace._is_fx_tracing_flag and (node := _fx_node(
@@ -855,12 +868,11 @@ def add_rms_norm(
     if (
         (eps is None or type(eps) is float) and type(weight_offset) is float and weight_offset == 0.0
         and xhat_dtype is None
-        and _takes_direct_add_path(
+        and (path := _direct_add_path(
             x, residual, normalized_shape, weight, None, dropout_p, training, residual_dtype, return_dropout_mask
-        )
-        and (outs := ops.cpu_add_inference_direct(
-            x, residual, normalized_shape[0], weight, None, _rms_eps(x, eps), True
-        )) is not None
+        ))
+        and (outs := _direct_add_call(x, residual, normalized_shape[0], weight, None, _rms_eps(x, eps), True, path))
+        is not None
     ):  # fmt: skip
         return outs
     if _fx_trace._is_fx_tracing_flag and (node := _fx_node(

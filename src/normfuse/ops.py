@@ -582,20 +582,26 @@ def cpu_inference_direct(x: Tensor, n: int, weight: Tensor | None, bias: Tensor 
     return cpu.norm_fwd_inference(x, x.numel() // n, n, weight, bias, eps, rms)
 
 
-def eager_training_direct(x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool):
-    """The forward's output through ``NormFunction`` (recorded for autograd) straight from the front
-    end's training check, or None where the call must go the general way: torch.compile, a
-    torch.func transform, forward-mode AD or ``torch.jit.trace`` (each reads the call differently).
+def eager_training_direct(
+    x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, residual: Tensor | None = None
+):
+    """The forward's output (with a residual: ``(out, residual_out)``, no dropout) through
+    ``NormFunction``, recorded for autograd, straight from the front end's training check; or None
+    where the call must go the general way: torch.compile, a torch.func transform, forward-mode AD
+    or ``torch.jit.trace`` (each reads the call differently).
 
-    x is a contiguous CPU tensor of (*, n), weight and bias (n,) in its dtype or None, something
-    requires grad (the caller checked). A forced backend is honoured by ``NormFunction`` itself.
+    x (and the residual) is a contiguous CPU tensor of (*, n), weight and bias (n,) in its dtype
+    or None, something requires grad (the caller checked). A forced backend is honoured by
+    ``NormFunction`` itself.
     """
     if (
         torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
         or _forward_ad._current_level >= 0 or torch._C._is_tracing()
     ):  # fmt: skip
         return None
-    return NormFunction.apply(x, None, weight, bias, eps, rms, None, 0.0, None, False, None, None, (x.numel() // n, n))[0]
+    h_dtype = None if residual is None else x.dtype
+    outs = NormFunction.apply(x, residual, weight, bias, eps, rms, h_dtype, 0.0, None, False, None, None, (x.numel() // n, n))
+    return outs[0] if residual is None else outs[:2]
 
 
 def cpu_add_inference_direct(
