@@ -380,7 +380,7 @@ def test_inference_calls_the_kernels_directly_with_training_s_bits(kind, dtype, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 4096), (8, 768), (2, 3, 5), (0, 16)])
 def test_token_sized_path_gives_the_general_path_s_bits(kind, dtype, shape, monkeypatch):
-    """The add+norm ops' direct path (functional._takes_direct_add_path): nothing to
+    """The add+norm ops' direct path (functional._direct_add_path): nothing to
     differentiate, no dropout, the residual in x's dtype and shape. It skips the general checks
     and gives their path's bits; p > 0 in eval mode is no dropout there too."""
     n = shape[-1]

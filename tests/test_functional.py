@@ -325,7 +325,7 @@ def test_accepted_argument_forms_match_torch():
     assert max_rel_err(normfuse.layer_norm(x, (5,), eps=1), F.layer_norm(x, (5,), eps=1)) < 1e-6
 
 
-# --- the token-sized inference path (functional._takes_direct_path) --------------------------------
+# --- the direct paths: token-sized inference, eager training (functional._direct_path) -----------
 
 
 def _count_general_checks(monkeypatch):

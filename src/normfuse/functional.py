@@ -415,10 +415,6 @@ def _direct_path(x: object, shape: object, weight: object, bias: object) -> int:
     return _TRAINING if needs_grad else _INFERENCE
 
 
-def _takes_direct_path(x: object, shape: object, weight: object, bias: object) -> bool:
-    return _direct_path(x, shape, weight, bias) == _INFERENCE
-
-
 def _direct_call(x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, path: int):
     """The norm through the direct path ``path`` (not ``_GENERAL``), or None where the call must go
     the general way after all (``ops.cpu_inference_direct``, ``ops.eager_training_direct``)."""
