@@ -415,12 +415,18 @@ def _direct_path(x: object, shape: object, weight: object, bias: object) -> int:
     return _TRAINING if needs_grad else _INFERENCE
 
 
-def _direct_call(x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, path: int):
-    """The norm through the direct path ``path`` (not ``_GENERAL``), or None where the call must go
-    the general way after all (``ops.cpu_inference_direct``, ``ops.eager_training_direct``)."""
-    if path == _INFERENCE:
+def _direct_call(
+    x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, path: int,
+    residual: Tensor | None = None,
+):
+    """The norm (with a residual: ``(out, residual_out)``) through the direct path ``path`` (not
+    ``_GENERAL``), or None where the call must go the general way after all
+    (``ops.cpu_inference_direct``, ``ops.cpu_add_inference_direct``, ``ops.eager_training_direct``)."""
+    if path == _TRAINING:
+        return ops.eager_training_direct(x, n, weight, bias, eps, rms, residual=residual)
+    if residual is None:
         return ops.cpu_inference_direct(x, n, weight, bias, eps, rms)
-    return ops.eager_training_direct(x, n, weight, bias, eps, rms)
+    return ops.cpu_add_inference_direct(x, residual, n, weight, bias, eps, rms)
 
 
 def _direct_add_path(
@@ -441,15 +447,6 @@ def _direct_add_path(
     ):  # fmt: skip
         return _GENERAL
     return _TRAINING if path == _TRAINING or (residual.requires_grad and torch.is_grad_enabled()) else _INFERENCE
-
-
-def _direct_add_call(
-    x: Tensor, residual: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, path: int
-):
-    """``(out, residual_out)`` through the direct path ``path``, or None as ``_direct_call``."""
-    if path == _INFERENCE:
-        return ops.cpu_add_inference_direct(x, residual, n, weight, bias, eps, rms)
-    return ops.eager_training_direct(x, n, weight, bias, eps, rms, residual=residual)
 
 
 # the kernel dtypes' eps=None, read without ``torch.finfo``'s cost (``_rms_eps``)
@@ -795,7 +792,7 @@ def add_layer_norm(
         and (path := _direct_add_path(
             x, residual, normalized_shape, weight, bias, dropout_p, training, residual_dtype, return_dropout_mask
         ))
-        and (outs := _direct_add_call(x, residual, normalized_shape[0], weight, bias, eps, False, path)) is not None
+        and (outs := _direct_call(x, normalized_shape[0], weight, bias, eps, False, path, residual)) is not None
     ):  # fmt: skip
         return outs
     if _fx_trace._is_fx_tracing_flag and (node := _fx_node(
@@ -867,7 +864,7 @@ def add_rms_norm(
         and (path := _direct_add_path(
             x, residual, normalized_shape, weight, None, dropout_p, training, residual_dtype, return_dropout_mask
         ))
-        and (outs := _direct_add_call(x, residual, normalized_shape[0], weight, None, _rms_eps(x, eps), True, path))
+        and (outs := _direct_call(x, normalized_shape[0], weight, None, _rms_eps(x, eps), True, path, residual))
         is not None
     ):  # fmt: skip
         return outs

@@ -558,15 +558,19 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
-def _direct_call_allowed() -> bool:
-    """Whether an eager call may go straight to the CPU kernel: no backend forced, and none of
-    torch.compile, a torch.func transform, forward-mode AD or ``torch.jit.trace`` active (each
-    reads the call differently)."""
+def _eager_untransformed() -> bool:
+    """Whether the call is plain eager code: none of torch.compile, a torch.func transform,
+    forward-mode AD or ``torch.jit.trace`` active (each reads the call differently)."""
     return not (
-        torch.compiler.is_compiling()  # first: the rest is not for Dynamo to trace (ContextVar.get)
-        or _forced_backend.get() is not None or _ENV_BACKEND is not None
+        torch.compiler.is_compiling()  # first: the rest is not for Dynamo to trace
         or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0 or torch._C._is_tracing()
     )  # fmt: skip
+
+
+def _direct_call_allowed() -> bool:
+    """Whether an eager call may go straight to the CPU kernel: plain eager code
+    (``_eager_untransformed``) and no backend forced."""
+    return _eager_untransformed() and _forced_backend.get() is None and _ENV_BACKEND is None
 
 
 def cpu_inference_direct(x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool):
@@ -594,10 +598,7 @@ def eager_training_direct(
     or None, something requires grad (the caller checked). A forced backend is honoured by
     ``NormFunction`` itself.
     """
-    if (
-        torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-        or _forward_ad._current_level >= 0 or torch._C._is_tracing()
-    ):  # fmt: skip
+    if not _eager_untransformed():
         return None
     h_dtype = None if residual is None else x.dtype
     outs = NormFunction.apply(x, residual, weight, bias, eps, rms, h_dtype, 0.0, None, False, None, None, (x.numel() // n, n))
