@@ -177,9 +177,9 @@ def _not_traced(fn):
     """fn run outside Dynamo's sight, even where a frame Dynamo compiles calls it eagerly (vmap of
     a compiled function; forward-mode AD falling back from torch.compile to eager): traced,
     numba's and Triton's Python would fail. Inside compiled graphs the launchers run as the custom
-    ops' implementations, which Dynamo never traces. The guard costs about 0.5 us a call (the eager
-    training path; eager inference calls the backend directly). ``torch.compiler.disable`` is
-    applied at the first call: it imports Dynamo, which would add about 1.2 s to ``import normfuse``.
+    ops' implementations, which Dynamo never traces. Where no Dynamo frame callback is set (plain
+    eager code) fn is called without the guard. ``torch.compiler.disable`` is applied at the first
+    guarded call: it imports Dynamo, which would add about 1.2 s to ``import normfuse``.
     """
     guarded = None
 
