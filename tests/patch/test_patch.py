@@ -37,6 +37,24 @@ def _gemma():
     return transformers.GemmaForCausalLM(transformers.GemmaConfig(**DECODER, head_dim=16))
 
 
+def _hf(model_class: str, config_class: str, **config):
+    """A tiny model of a family this transformers may not have yet (skipped where it has not)."""
+    if not hasattr(transformers, model_class):
+        pytest.skip(f"this transformers has no {model_class}")
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+
+
+def _gemma4():
+    # Gemma 4's norms (with_scale, also weightless ones) in every block, beside its q/k/v norms
+    return _hf("Gemma4ForCausalLM", "Gemma4TextConfig", **DECODER, head_dim=16)
+
+
+def _llama4():
+    # Llama 4's text model: the Llama formula, and weightless norms on queries and keys
+    return _hf("Llama4ForCausalLM", "Llama4TextConfig", **DECODER, head_dim=16, intermediate_size_mlp=128,
+               num_local_experts=2)  # fmt: skip
+
+
 def _gpt2():
     return transformers.GPT2LMHeadModel(
         transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
@@ -70,9 +88,13 @@ class _Encoder(torch.nn.Module):
         return self.head(self.encoder(self.embed(input_ids)))
 
 
-MODELS = {"llama": _llama, "qwen2": _qwen2, "gemma": _gemma, "gpt2": _gpt2, "bert": _bert, "t5": _t5, "torch": _Encoder}
+MODELS = {
+    "llama": _llama, "qwen2": _qwen2, "gemma": _gemma, "gemma4": _gemma4, "llama4": _llama4, "gpt2": _gpt2,
+    "bert": _bert, "t5": _t5, "torch": _Encoder,
+}  # fmt: skip
 EXPECTED = {
-    "llama": {"llama": 5}, "qwen2": {"llama": 5}, "gemma": {"gemma": 5}, "gpt2": {"torch LayerNorm": 5},
+    "llama": {"llama": 5}, "qwen2": {"llama": 5}, "gemma": {"gemma": 5}, "gemma4": {"gemma4": 18},
+    "llama4": {"llama": 5, "weightless": 2}, "gpt2": {"torch LayerNorm": 5},
     "bert": {"torch LayerNorm": 6}, "t5": {"t5": 12}, "torch": {"torch LayerNorm": 4, "torch RMSNorm": 1},
 }  # fmt: skip
 
@@ -380,24 +402,86 @@ def test_fuse_residual_is_not_offered_where_the_norm_is_not_fusable():
     assert any("residual add not fused" in e.reason for e in report.skipped)
 
 
-@pytest.mark.parametrize(
-    "module,cls,formula",
-    [
-        ("mistral", "MistralRMSNorm", "llama"), ("mixtral", "MixtralRMSNorm", "llama"),
-        ("qwen3", "Qwen3RMSNorm", "llama"), ("qwen3_moe", "Qwen3MoeRMSNorm", "llama"),
-        ("phi3", "Phi3RMSNorm", "llama"), ("granite", "GraniteRMSNorm", "llama"),
-        ("olmo2", "Olmo2RMSNorm", "olmo2"), ("gemma2", "Gemma2RMSNorm", "gemma"),
-        ("gemma3", "Gemma3RMSNorm", "gemma"), ("mt5", "MT5LayerNorm", "t5"),
-    ],
-)  # fmt: skip
-def test_the_families_copies_are_recognized_by_what_they_compute(module, cls, formula):
+# (transformers module, class, the formula it computes, constructor arguments); None: a norm
+# whose forward or ``_norm`` helper computes something else, which must be left alone
+FAMILY_CLASSES = [
+    ("mistral", "MistralRMSNorm", "llama", (32,)), ("mixtral", "MixtralRMSNorm", "llama", (32,)),
+    ("qwen3", "Qwen3RMSNorm", "llama", (32,)), ("qwen3_moe", "Qwen3MoeRMSNorm", "llama", (32,)),
+    ("phi3", "Phi3RMSNorm", "llama", (32,)), ("granite", "GraniteRMSNorm", "llama", (32,)),
+    ("llama4", "Llama4TextRMSNorm", "llama", (32,)),
+    ("olmo2", "Olmo2RMSNorm", "olmo2", (32,)), ("helium", "HeliumRMSNorm", "olmo2", (32,)),
+    ("nemotron_h", "NemotronHRMSNorm", "olmo2", (32,)),
+    ("gemma2", "Gemma2RMSNorm", "gemma", (32,)), ("gemma3", "Gemma3RMSNorm", "gemma", (32,)),
+    ("gemma3n", "Gemma3nRMSNorm", "gemma4", (32,)), ("gemma4", "Gemma4RMSNorm", "gemma4", (32,)),
+    ("gemma4", "Gemma4RMSNorm", "gemma4", (32, 1e-6, False)),  # with_scale=False: no weight
+    ("moshi", "MoshiRMSNorm", "moshi", (32,)),
+    ("kyutai_speech_to_text", "KyutaiSpeechToTextRMSNorm", "moshi", (32,)),
+    ("ergo", "ErgoRMSNorm", "moshi", (32, 1e-6)),
+    ("llama4", "Llama4TextL2Norm", "weightless", ()),
+    ("falcon_mamba", "FalconMambaWeightlessRMSNorm", "weightless", (32,)),  # its weight is a dummy buffer
+    ("inkling2", "Inkling2UnweightedRMSNorm", "weightless", ()),
+    ("mt5", "MT5LayerNorm", "t5", (32,)),
+    ("dory", "DoryL2Norm", None, ()),  # the L2 norm: a sum of squares, not a mean
+    ("qwen4_exp", "Qwen4ExpTextRMSNorm", None, (32,)),  # its _norm may take groups of features
+]  # fmt: skip
+
+
+def _family_norm(module: str, cls: str, args: tuple) -> torch.nn.Module:
+    mod = pytest.importorskip(f"transformers.models.{module}.modeling_{module}")
+    norm_cls = getattr(mod, cls, None)
+    if norm_cls is None:
+        pytest.skip(f"this transformers has no {cls}")
+    return norm_cls(*args)
+
+
+@pytest.mark.parametrize("module,cls,formula,args", FAMILY_CLASSES)
+def test_the_families_copies_are_recognized_by_what_they_compute(module, cls, formula, args):
     from normfuse.patch.formulas import probe_agrees, recognize
 
-    mod = pytest.importorskip(f"transformers.models.{module}.modeling_{module}")
-    norm_cls = getattr(mod, cls)
-    found = recognize(norm_cls)
+    norm = _family_norm(module, cls, args)
+    found = recognize(type(norm))
+    if formula is None:
+        assert found is None
+        return
     assert found is not None and found.name == formula
-    assert probe_agrees(norm_cls(32), found) is None
+    assert probe_agrees(norm, found) is None
+
+
+@pytest.mark.parametrize("module,cls,formula,args", [c for c in FAMILY_CLASSES if c[2] is not None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patched_family_norms_give_the_classes_outputs_and_gradients(module, cls, formula, args, dtype):
+    torch.manual_seed(0)
+    norm = _family_norm(module, cls, args).to(dtype)
+    with torch.no_grad():
+        for param in norm.parameters():
+            param.normal_(0.5, 0.3)  # not the initial ones (or zeros): a wrong weight term shows
+    reference = copy.deepcopy(norm)
+    report = normfuse.patch(torch.nn.Sequential(norm))
+    assert [e.formula for e in report.patched] == [formula] and not report.skipped, str(report)
+    x = (torch.randn(3, 5, 32) * 2 + 0.5).to(dtype)
+    # a random projection: the square sum of a weightless norm's output is constant (zero gradient)
+    projection = torch.randn(3, 5, 32)
+    outs, grads = [], []
+    for module_ in (norm, reference):
+        x_ = x.clone().requires_grad_()
+        y = module_(x_)
+        outs.append(y)
+        params = list(module_.parameters())
+        grads.append(torch.autograd.grad((y.float() * projection).sum(), [x_, *params]))
+    (got, want), (got_grads, want_grads) = outs, grads
+    assert got.dtype == want.dtype and got.shape == want.shape
+    got, want = got.detach(), want.detach()
+    if dtype == torch.float32:
+        assert norm_err(got, want) <= 1e-6  # the row sums in another order
+    else:
+        # the same roundings in the same places give the same bits, bar an output whose fp32 value
+        # (row sums in another order) sits on a rounding boundary; a rounding moved elsewhere (the
+        # x-hat cast of the Llama formula, say) changes a quarter of them
+        assert (got != want).float().mean().item() <= 0.01
+    for g, rg in zip(got_grads, want_grads):
+        assert g.dtype == rg.dtype
+        # bf16: the class's autograd rounds its intermediate gradients to bf16 (2^-9 relative)
+        assert norm_err(g, rg) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_cohere_layer_norm_and_its_per_head_variant():

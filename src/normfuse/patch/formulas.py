@@ -3,9 +3,10 @@
 A class is recognized by what its ``forward`` computes, not by its name: its source, with
 comments, docstrings, blank space and the signature removed, must be one of the statement
 sequences below (the Llama formula is shared verbatim by Mistral, Mixtral, Qwen2/3, Phi-3,
-Granite and many others), and a numerical probe at patch time must then agree with normfuse
-in float32 and bfloat16. Anything else is left alone and reported. The formulas, in words, are
-in docs/model-families.md.
+Granite and many others), and so must the ``_norm`` helper's where the forward calls one (the
+same forward over a ``_norm`` that sums instead of averaging is an L2 norm, not an RMS one).
+A numerical probe at patch time must then agree with normfuse in float32 and bfloat16.
+Anything else is left alone and reported. The formulas, in words, are in docs/model-families.md.
 """
 
 from __future__ import annotations
@@ -24,22 +25,39 @@ from normfuse import functional
 
 
 @dataclass(frozen=True)
+class Body:
+    """One way of writing a formula that ``recognize`` accepts: the statements of a class's
+    ``forward`` and, where that forward calls ``self._norm``, the statements ``_norm`` must have
+    (whitespace removed, as ``body_statements`` gives them)."""
+
+    forward: tuple[str, ...]
+    norm: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Formula:
     name: str
     families: str
     eps_attr: str
     # the forward of a patched module: (module, input) -> output
     forward: Callable[[torch.nn.Module, Tensor], Tensor]
-    # the statements of a recognized forward body, whitespace removed (None: recognized by class)
-    body: tuple[str, ...] | None = None
+    # the forwards recognized as this formula (empty: recognized by class, torch's own norms)
+    bodies: tuple[Body, ...] = ()
     # (module, x, residual) -> (norm(residual + x), residual + x), fused; None: not offered
     add_forward: Callable[[torch.nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
     # which of patch()'s switches covers it: "layer" (layer_norm=) or "rms" (rms_norm=)
     kind: str = "rms"
+    # False: the formula scales by no weight (a module may still hold one it never uses)
+    weighted: bool = True
 
 
 def _n(module: torch.nn.Module) -> tuple[int, ...]:
     return (module.weight.shape[-1],)
+
+
+def _scale(module: torch.nn.Module) -> Tensor | None:
+    """The module's weight; None for a norm built without one (Gemma 3n/4's ``with_scale=False``)."""
+    return module.weight if getattr(module, "with_scale", True) else None
 
 
 def _llama(module, x):
@@ -61,6 +79,20 @@ def _olmo2(module, x):
     return functional.rms_norm(x, _n(module), module.weight, module.variance_epsilon)
 
 
+def _gemma4(module, x):
+    weight = _scale(module)
+    shape = _n(module) if weight is not None else (x.shape[-1],)
+    return functional.rms_norm(x, shape, weight, module.variance_epsilon)
+
+
+def _moshi(module, x):
+    return functional.rms_norm(x, _n(module), module.weight, module.eps)
+
+
+def _weightless(module, x):
+    return functional.rms_norm(x, (x.shape[-1],), None, module.variance_epsilon)
+
+
 def _gemma(module, x):
     return functional.rms_norm(x, _n(module), module.weight, module.eps, weight_offset=1.0)
 
@@ -78,67 +110,121 @@ def _cohere(module, x):
     return out.to(x.dtype)
 
 
+# the ``_norm`` helpers that the forwards below call: the plain RMS, r = rsqrt(mean(x²) + eps)
+_RMS = "returnx*torch.rsqrt(x.pow(2).mean(-1,keepdim=True)+self.{eps})"
+_RMS_EPS = (_RMS.format(eps="eps"),)
+_RMS_VARIANCE_EPSILON = (_RMS.format(eps="variance_epsilon"),)
+# Gemma 3n/4's: the same r written as a power (the ulp it may differ by is within the probe's bound)
+_RMS_POW = (
+    "mean_squared=hidden_states.pow(2).mean(-1,keepdim=True)+self.variance_epsilon",
+    "returnhidden_states*torch.pow(mean_squared,-0.5)",
+)
+# the float32 upcast and r of the Llama-style forwards, the first four statements of theirs
+_F32_RMS = (
+    "input_dtype=hidden_states.dtype",
+    "hidden_states=hidden_states.to(torch.float32)",
+    "variance=hidden_states.pow(2).mean(-1,keepdim=True)",
+    "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)",
+)
+
 HF_FORMULAS = (
     Formula(
-        "llama", "Llama, Mistral, Mixtral, Qwen2/3, Phi-3, Granite, ...: w * (f32(x) * r).to(x.dtype)",
+        "llama", "Llama 2/3/4, Mistral, Mixtral, Qwen2/3, Phi-3, Granite, ...: w * (f32(x) * r).to(x.dtype)",
         "variance_epsilon", _llama,
         (
-            "input_dtype=hidden_states.dtype",
-            "hidden_states=hidden_states.to(torch.float32)",
-            "variance=hidden_states.pow(2).mean(-1,keepdim=True)",
-            "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)",
-            "returnself.weight*hidden_states.to(input_dtype)",
+            Body((*_F32_RMS, "returnself.weight*hidden_states.to(input_dtype)")),
+            Body(("output=self._norm(x.float()).type_as(x)", "returnoutput*self.weight"), _RMS_VARIANCE_EPSILON),
         ),
         _llama_add,
     ),
     Formula(
-        "olmo2", "OLMo-2/3, GPT-OSS: (w * (f32(x) * r)).to(x.dtype)", "variance_epsilon", _olmo2,
+        "olmo2", "OLMo-2/3, GPT-OSS, Helium, Nemotron-H: (w * (f32(x) * r)).to(x.dtype)", "variance_epsilon", _olmo2,
         (
-            "input_dtype=hidden_states.dtype",
-            "hidden_states=hidden_states.to(torch.float32)",
-            "variance=hidden_states.pow(2).mean(-1,keepdim=True)",
-            "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)",
-            "return(self.weight*hidden_states).to(input_dtype)",
+            Body((*_F32_RMS, "return(self.weight*hidden_states).to(input_dtype)")),
+            Body((*_F32_RMS, "return(self.weight.to(torch.float32)*hidden_states).to(input_dtype)")),
         ),
+    ),
+    Formula(
+        "gemma4", "Gemma 3n and 4: (f32(x) * r * f32(w)).to(x.dtype), no weight where with_scale=False",
+        "variance_epsilon", _gemma4,
+        (
+            Body(
+                (
+                    "normed_output=self._norm(hidden_states.float())",
+                    "ifself.with_scale:",
+                    "normed_output=normed_output*self.weight.float()",
+                    "returnnormed_output.type_as(hidden_states)",
+                ),
+                _RMS_POW,
+            ),
+        ),
+    ),
+    Formula(
+        "moshi", "Moshi, Kyutai STT, Ergo: (f32(x) * r * f32(w)).to(x.dtype)", "eps", _moshi,
+        (
+            Body(
+                ("output=self._norm(x.float())", "output=output*self.weight.float()", "returnoutput.type_as(x)"), _RMS_EPS
+            ),
+            Body((
+                "output=F.rms_norm(hidden_states.float(),self.weight.shape,self.weight.float(),self.eps)",
+                "returnoutput.to(hidden_states.dtype)",
+            )),  # fmt: skip
+        ),
+    ),
+    Formula(
+        "weightless", "Llama 4's QK norm, FalconMamba's, Inkling 2's: (f32(x) * r).to(x.dtype), no weight",
+        "variance_epsilon", _weightless,
+        (
+            Body(("returnself._norm(x.float()).type_as(x)",), _RMS_VARIANCE_EPSILON),
+            Body((
+                "input_dtype=hidden_states.dtype",
+                "hidden_states=hidden_states.float()",
+                "hidden_states=hidden_states*torch.rsqrt(hidden_states.square().mean(-1,keepdim=True)"
+                "+self.variance_epsilon)",
+                "returnhidden_states.to(input_dtype)",
+            )),  # fmt: skip
+        ),
+        weighted=False,
     ),
     Formula(
         "gemma", "Gemma 1-3: (f32(x) * r * (1 + f32(w))).to(x.dtype)", "eps", _gemma,
         (
-            "output=self._norm(x.float())",
-            "output=output*(1.0+self.weight.float())",
-            "returnoutput.type_as(x)",
+            Body(
+                ("output=self._norm(x.float())", "output=output*(1.0+self.weight.float())", "returnoutput.type_as(x)"),
+                _RMS_EPS,
+            ),
         ),
         _gemma_add,
     ),
     Formula(
         "t5", "T5, Pix2Struct: w * (x * r).to(w.dtype if w is fp16/bf16)", "variance_epsilon", _t5,
         (
-            "variance=hidden_states.to(torch.float32).pow(2).mean(-1,keepdim=True)",
-            "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)",
-            "ifself.weight.dtypein[torch.float16,torch.bfloat16]:",
-            "hidden_states=hidden_states.to(self.weight.dtype)",
-            "returnself.weight*hidden_states",
+            Body((
+                "variance=hidden_states.to(torch.float32).pow(2).mean(-1,keepdim=True)",
+                "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)",
+                "ifself.weight.dtypein[torch.float16,torch.bfloat16]:",
+                "hidden_states=hidden_states.to(self.weight.dtype)",
+                "returnself.weight*hidden_states",
+            )),  # fmt: skip
         ),
     ),
-)
-HF_FORMULAS += (
     Formula(
         "cohere", "Cohere, Cohere2: LayerNorm without bias in float32, (f32(w) * x-hat).to(x.dtype)",
         "variance_epsilon", _cohere,
         (
-            "input_dtype=hidden_states.dtype",
-            "hidden_states=hidden_states.to(torch.float32)",
-            "mean=hidden_states.mean(-1,keepdim=True)",
-            "variance=(hidden_states-mean).pow(2).mean(-1,keepdim=True)",
-            "hidden_states=(hidden_states-mean)*torch.rsqrt(variance+self.variance_epsilon)",
-            "hidden_states=self.weight.to(torch.float32)*hidden_states",
-            "returnhidden_states.to(input_dtype)",
+            Body((
+                "input_dtype=hidden_states.dtype",
+                "hidden_states=hidden_states.to(torch.float32)",
+                "mean=hidden_states.mean(-1,keepdim=True)",
+                "variance=(hidden_states-mean).pow(2).mean(-1,keepdim=True)",
+                "hidden_states=(hidden_states-mean)*torch.rsqrt(variance+self.variance_epsilon)",
+                "hidden_states=self.weight.to(torch.float32)*hidden_states",
+                "returnhidden_states.to(input_dtype)",
+            )),  # fmt: skip
         ),
         kind="layer",
     ),
 )
-# Gemma's forward calls its own ``_norm``: that must be the plain RMS too.
-_GEMMA_NORM_BODY = ("returnx*torch.rsqrt(x.pow(2).mean(-1,keepdim=True)+self.eps)",)
 
 
 def body_statements(function) -> tuple[str, ...] | None:
@@ -170,31 +256,35 @@ def _flatten(statement: ast.stmt) -> list[str]:
 
 
 def recognize(cls: type) -> Formula | None:
-    """The formula a (non-torch) norm class computes, from its forward's statements."""
+    """The formula a (non-torch) norm class computes, from its forward's statements (and its
+    ``_norm`` helper's, where the forward calls one)."""
     body = body_statements(cls.forward)
     if body is None:
         return None
     for formula in HF_FORMULAS:
-        if body == formula.body:
-            if formula.name == "gemma" and body_statements(getattr(cls, "_norm", None)) != _GEMMA_NORM_BODY:
-                return None
-            return formula
+        for known in formula.bodies:
+            if body == known.forward and (
+                known.norm is None or body_statements(getattr(cls, "_norm", None)) == known.norm
+            ):
+                return formula
     return None
 
 
 def probe_agrees(module: torch.nn.Module, formula: Formula) -> str | None:
     """Run the module's own forward and normfuse's on random inputs in float32 and bfloat16 (with
     random weights on a copy): None if they agree to rounding, else what differed."""
+    scaled = formula.weighted and getattr(module, "with_scale", True)
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+    if scaled and (not isinstance(weight, torch.Tensor) or weight.dim() != 1):
         # e.g. Cohere's per-head query/key norms: a (heads, head_dim) weight over the last dim
         shape = None if weight is None else tuple(weight.shape)
         return f"weight of shape {shape}: normfuse's formulas take one weight per feature of the last dim"
     for dtype in (torch.float32, torch.bfloat16):
         probe = copy.deepcopy(module).to(device="cpu", dtype=dtype)
         with torch.no_grad():
-            probe.weight.normal_(0.5, 0.3)
-            n = probe.weight.shape[-1]
+            if scaled:
+                probe.weight.normal_(0.5, 0.3)
+            n = probe.weight.shape[-1] if scaled else 48  # a weightless norm takes any width
             x = (torch.randn(4, n, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
             want = type(module).forward(probe, x)
             got = formula.forward(probe, x)
