@@ -338,6 +338,41 @@ def test_layer_norm_subclass_keeps_its_own_forward():
     assert norm_err(module(x), want) < 1e-6
 
 
+class _OwnMathLayerNorm(torch.nn.LayerNorm):
+    """A LayerNorm subclass whose forward calls F.layer_norm itself (as VideoPrism's does)."""
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)
+
+
+class _ByNameLayerNorm(torch.nn.LayerNorm):
+    """Calls torch's forward by name (as SqueezeBERT's does): that skips whatever is below it."""
+
+    def forward(self, x):
+        return torch.nn.LayerNorm.forward(self, x.permute(0, 2, 1)).permute(0, 2, 1)
+
+
+class _ScaledRMSNorm(torch.nn.RMSNorm):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_torch_norm_subclasses_are_patched_only_where_their_forward_reaches_normfuse(monkeypatch):
+    model = torch.nn.Sequential(_OwnMathLayerNorm(8), _ByNameLayerNorm(8), _ChannelsFirstLayerNorm(8), _ScaledRMSNorm(8))
+    x = torch.randn(2, 8, 4, 4)
+    want_2, want_3 = model[2](x), model[3](x.permute(0, 2, 3, 1))
+    report = normfuse.patch(model)
+    assert [e.path for e in report.patched] == ["2", "3"]
+    assert [(e.path, e.class_name) for e in report.skipped] == [("0", "_OwnMathLayerNorm"), ("1", "_ByNameLayerNorm")]
+    assert all("does not go on through super().forward" in e.reason for e in report.skipped)
+    assert type(model[0]) is _OwnMathLayerNorm and type(model[1]) is _ByNameLayerNorm
+    # what is reported as patched runs normfuse: torch's functional norms are not called any more
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", None)
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", None)
+    assert norm_err(model[2](x), want_2) < 1e-6
+    assert norm_err(model[3](x.permute(0, 2, 3, 1)), want_3) < 1e-6
+
+
 class _UnknownRMSNorm(torch.nn.Module):
     def __init__(self, n):
         super().__init__()

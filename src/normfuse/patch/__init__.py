@@ -23,7 +23,9 @@ import torch
 from normfuse import modules
 import inspect
 
-from normfuse.patch.formulas import HF_FORMULAS, Formula, is_fusable_prenorm_layer, probe_agrees, recognize
+from normfuse.patch.formulas import (
+    HF_FORMULAS, Formula, body_statements, is_fusable_prenorm_layer, probe_agrees, recognize,
+)  # fmt: skip
 
 __all__ = ["PatchReport", "patch", "unpatch"]
 
@@ -123,6 +125,29 @@ def _torch_formula(module: torch.nn.Module) -> Formula | None:
     return None
 
 
+def _reaches_torch_forward(cls: type) -> str | None:
+    """None where every ``forward`` that a subclass of torch's LayerNorm or RMSNorm defines goes on
+    through ``super().forward`` (which, once normfuse's module is below the subclass in the method
+    resolution order, is normfuse's); else why normfuse would not run. A forward that calls
+    ``F.layer_norm`` itself, or ``nn.LayerNorm.forward(self, x)`` by name, never reaches it: the
+    swap would change nothing, and the report would say otherwise."""
+    for klass in cls.__mro__:
+        if klass in _TORCH_FORMULAS:
+            return None
+        if "forward" not in vars(klass):
+            continue
+        body = body_statements(klass.forward)
+        if body is None:
+            return f"{klass.__qualname__}.forward: no source to check that it calls super().forward"
+        calls = ("super().forward(", f"super({klass.__name__},self).forward(")
+        if not any(call in statement for statement in body for call in calls):
+            return (
+                f"{klass.__qualname__}.forward does not go on through super().forward "
+                "(normfuse, swapped in below it, would never run)"
+            )
+    return None
+
+
 def _looks_like_norm(module: torch.nn.Module) -> bool:
     name = type(module).__name__.lower()
     return "norm" in name and not isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm))
@@ -151,8 +176,7 @@ def patch(
         reason = None
         if formula is not None:
             wanted = layer_norm if isinstance(module, torch.nn.LayerNorm) else rms_norm
-            if not wanted:
-                reason = "not asked for"
+            reason = "not asked for" if not wanted else _reaches_torch_forward(cls)
         elif _looks_like_norm(module):
             formula = recognize(cls)
             if formula is None:
