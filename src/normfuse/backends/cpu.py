@@ -109,25 +109,34 @@ def _start_numba_pool() -> None:
         torch.set_num_threads(count)
 
 
+# What each calling thread last set numba's pool to (numba's count is per calling thread), by
+# torch's count it was set from. Asking numba its count costs 24 us once a kernel has emptied the
+# caches (``benchmarks/overhead_cpu.py``), a backward asks twice: it is asked only when torch's
+# count has changed since this thread last set it.
+_numba_threads_set = threading.local()
+
+
 def _use_threads(elements: int) -> bool:
     """Whether a kernel over this many elements takes numba's thread pool, and if so, sets the
     pool to torch's intra-op thread count (``torch.set_num_threads``; torchrun's and DataLoader
     workers' one thread): numba's own default is every core, whatever torch was told, and
-    several processes each running that many threads oversubscribe the machine. The count is
-    numba's per calling thread, hence read each time (well under a microsecond, against a
-    kernel of a quarter million elements or more). Results do not depend on it (fixed chunks).
+    several processes each running that many threads oversubscribe the machine. Both counts are
+    per calling thread; torch's is read each time, and numba's set again when torch's differs
+    from the one this thread last set it from (a count set with ``numba.set_num_threads`` itself
+    holds until then). Results do not depend on it (fixed chunks).
     Every launcher asks this before its kernel: the first time, it starts numba's pool
     (``_start_numba_pool``)."""
     if not _numba_pool_started:
         _start_numba_pool()
     if elements < _PARALLEL_MIN_ELEMENTS:
         return False
-    threads = min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)
-    if threads <= 1:
-        return False
-    if numba_get_num_threads() != threads:
-        numba_set_num_threads(threads)
-    return True
+    threads = torch.get_num_threads()
+    if getattr(_numba_threads_set, "torch_count", None) != threads:
+        count = min(threads, numba_config.NUMBA_NUM_THREADS)
+        if count > 1 and numba_get_num_threads() != count:
+            numba_set_num_threads(count)
+        _numba_threads_set.torch_count = threads
+    return threads > 1 and numba_config.NUMBA_NUM_THREADS > 1
 
 
 def _serial_after_fork() -> None:
@@ -820,11 +829,13 @@ def _is_none_value_overload(t):
 
 @njit(fastmath=_FASTMATH, cache=True, parallel=True, nogil=True)
 def _bwd(
-    dy_at, h_at, w_at, mean_at, rstd_at, dh_out_at, dx_at, dres_at, dw_part_at, db_part_at, n_rows, n,
+    dy_at, h_at, w_at, mean_at, rstd_at, dh_out_at, dx_at, dres_at, dw_part_at, db_part_at, dw_at, db_at, n_rows, n,
     rms, need_dw, need_db, pair_rows, drop, rows_per_chunk, n_chunks,
     dy_kind, h_kind, w_kind, acc_kind, dh_out_kind, dx_kind, dres_kind, parallel,
 ):  # fmt: skip
     """Chunk k of rows_per_chunk rows writes row k of the partial sums of dw and db; chunks in parallel.
+    Then dw and db (at dw_at, db_at) are the partial rows summed in chunk order; a partial row at
+    the address of its total (one chunk) is the total already.
 
     A kind of None means the operand is absent (dh_out, dx, dres); ``drop`` as in ``_fwd``.
     """
@@ -847,42 +858,33 @@ def _bwd(
                 dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_part[k], db_part[k],
                 rms, need_dw, need_db, pair_rows, r0, min(n_rows, r0 + rows_per_chunk),
             )  # fmt: skip
-        return
-    for k in prange(n_chunks):
-        r0 = k * rows_per_chunk
-        r1 = min(n_rows, r0 + rows_per_chunk)
-        _bwd_rows(
-            dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_part[k], db_part[k],
-            rms, need_dw, need_db, pair_rows, r0, r1,
-        )  # fmt: skip
+    else:
+        for k in prange(n_chunks):
+            r0 = k * rows_per_chunk
+            r1 = min(n_rows, r0 + rows_per_chunk)
+            _bwd_rows(
+                dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_part[k], db_part[k],
+                rms, need_dw, need_db, pair_rows, r0, r1,
+            )  # fmt: skip
+    # The sums in this kernel, not in one of their own: once a large kernel has emptied the
+    # caches, each further kernel call and its output's allocation cost tens of microseconds.
+    # On this thread: the partial rows hold at most about _PARTIAL_SUM_ELEMENTS + n elements.
+    if need_dw and dw_part_at != dw_at:
+        _sum_chunks(dw_part, _view(dw_at, 1, n, acc_kind)[0])
+    if need_db and db_part_at != db_at:
+        _sum_chunks(db_part, _view(db_at, 1, n, acc_kind)[0])
 
 
 @njit
-def _sum_chunk_columns(part, out, j0, j1):
-    # Loops over range(width) on slices from j0: an index from range(j0, j1) may be negative
-    # as far as numba knows, and its wraparound check kept the loop scalar (0.9 ns an element).
-    width = j1 - j0
-    dest = out[j0:j1]
-    first = part[0, j0:j1]
-    for j in range(width):
-        dest[j] = first[j]
-    for k in range(1, part.shape[0]):
-        row = part[k, j0:j1]
-        for j in range(width):
-            dest[j] += row[j]
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def _sum_chunks(part_at, out_at, n_chunks, n, cols_per_block, acc_kind):
+def _sum_chunks(part, out):
     """out[j] = part[0, j] + part[1, j] + ... in chunk order (fixed, whatever the thread count)."""
-    part = _view(part_at, n_chunks, n, acc_kind)
-    out = _view(out_at, 1, n, acc_kind)[0]
-    n_blocks = (n + cols_per_block - 1) // cols_per_block
-    if n_blocks == 1:
-        _sum_chunk_columns(part, out, np.int64(0), n)
-        return
-    for blk in prange(n_blocks):
-        _sum_chunk_columns(part, out, blk * cols_per_block, min(n, (blk + 1) * cols_per_block))
+    first = part[0]
+    for j in range(out.shape[0]):
+        out[j] = first[j]
+    for k in range(1, part.shape[0]):
+        row = part[k]
+        for j in range(out.shape[0]):
+            out[j] += row[j]
 
 
 # --- kernels compiled in this process are reloaded from numba's cache ------------------------
@@ -1234,43 +1236,38 @@ def norm_bwd(
     w = _param(weight, n, 1.0, acc)
     chunk = rows_per_chunk(n_rows, n)
     n_chunks = -(-n_rows // chunk)
-    # one partial row per chunk; with a single chunk the partial row is the result
-    dw_part = torch.empty((n_chunks, n), dtype=acc) if need_dweight else None
-    db_part = torch.empty((n_chunks, n), dtype=acc) if need_dbias else None
+    dweight = torch.empty(n, dtype=acc) if need_dweight else None
+    dbias = torch.empty(n, dtype=acc) if need_dbias else None
+    dw_at = dweight.data_ptr() if need_dweight else 0
+    db_at = dbias.data_ptr() if need_dbias else 0
+    if n_chunks == 1:
+        # one chunk: its partial row is the total
+        dw_part_at, db_part_at = dw_at, db_at
+    else:
+        # one partial row per chunk, dw's and db's in one allocation (each costs, see _bwd)
+        parts = torch.empty((int(need_dweight) + int(need_dbias), n_chunks, n), dtype=acc)
+        dw_part_at = parts.data_ptr() if need_dweight else 0
+        db_part_at = parts.data_ptr() + (n_chunks * n * parts.itemsize if need_dweight else 0) if need_dbias else 0
     dh_out = dresidual_out if add else None
     if dh_out is not None and not dh_out.is_contiguous():
         dh_out = dh_out.contiguous()
     drop = _drop_state(dropout_p, seed, acc) if add else None
+    parallel = _use_threads(n_rows * n)
     key = (dy.dtype, h.dtype, w.dtype, None if dh_out is None else dh_out.dtype, None if dx is None else dx.dtype,
            None if dres is None else dres.dtype, drop is None)  # fmt: skip
     _bwd_kernel[key](
         dy.data_ptr(), h.data_ptr(), w.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
         dh_out.data_ptr() if dh_out is not None else 0,
         dx.data_ptr() if dx is not None else 0, dres.data_ptr() if dres is not None else 0,
-        dw_part.data_ptr() if need_dweight else 0, db_part.data_ptr() if need_dbias else 0,
+        dw_part_at, db_part_at, dw_at, db_at,
         n_rows, n, bool(rms), bool(need_dweight), bool(need_dbias), n >= _PAIR_MIN_FEATURES,
         drop, chunk, n_chunks,
         _KIND[dy.dtype], _KIND[h.dtype], _KIND[w.dtype], _KIND[acc],
-        _kind(dh_out), _kind(dx), _kind(dres), _use_threads(n_rows * n),
+        _kind(dh_out), _kind(dx), _kind(dres), parallel,
     )  # fmt: skip
-    dweight = rounded(_total(dw_part, n_chunks, n, acc), dweight_dtype)
-    dbias = rounded(_total(db_part, n_chunks, n, acc), dbias_dtype)
-    return dx, dres, dweight, dbias
+    return dx, dres, rounded(dweight, dweight_dtype), rounded(dbias, dbias_dtype)
 
 
-def _total(part: torch.Tensor | None, n_chunks: int, n: int, acc: torch.dtype) -> torch.Tensor | None:
-    if part is None:
-        return None
-    if n_chunks == 1:
-        return part[0]
-    total = torch.empty(n, dtype=acc)
-    # one block of columns (no thread pool) when the partial sums are small or torch has one thread
-    cols_per_block = max(256, -(-n // 64)) if _use_threads(n_chunks * n) else n
-    _sum_chunks_kernel[acc](part.data_ptr(), total.data_ptr(), n_chunks, n, cols_per_block, _KIND[acc])
-    return total
-
-
-_compile_watch.kernels = (_fwd, _bwd, _sum_chunks)
+_compile_watch.kernels = (_fwd, _bwd)
 _fwd_kernel = _EntryPoints(_fwd)
 _bwd_kernel = _EntryPoints(_bwd)
-_sum_chunks_kernel = _EntryPoints(_sum_chunks)
