@@ -29,18 +29,7 @@ import torch
 import normfuse
 from normfuse import functional, ops
 from normfuse.backends import _buffers, cpu
-
-
-class _EmptyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        return torch.empty_like(x)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, w = ctx.saved_tensors
-        return torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
+from normfuse.cli.bench import AutogradFloor
 
 
 def main() -> None:
@@ -59,7 +48,7 @@ def main() -> None:
         "ops.NormFunction.apply": lambda: ops.NormFunction.apply(
             xl, None, wl, bl, 1e-5, False, None, 0.0, None, False, None, None, (rows, n)
         )[0],
-        "an empty autograd.Function": lambda: _EmptyFunction.apply(xl, wl, bl),
+        "an empty autograd.Function": lambda: AutogradFloor.apply(xl, wl, bl),
     }
     device = x.device
     pieces = {
@@ -84,7 +73,8 @@ def main() -> None:
         result = fn()
         return result, time.perf_counter() - start
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {rows}x{n} fp32, medians of {args.rounds}, us")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {rows}x{n} fp32, "
+          f"medians of {args.rounds}, us")  # fmt: skip
     for cold in (False, True):
         fwd: dict[str, list[float]] = {k: [] for k in (*layers, "backend calls alone")}
         bwd: dict[str, list[float]] = {k: [] for k in fwd}

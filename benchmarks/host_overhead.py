@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import normfuse
 from normfuse.backends import triton as tb
+from normfuse.cli.bench import AutogradFloor
 
 
 def _sync() -> None:
@@ -49,20 +50,6 @@ def per_call_us(fn, iters: int = 300) -> float:
         _sync()
         samples.append((time.perf_counter() - start) / iters * 1e6)
     return statistics.median(samples)
-
-
-class _Empty(torch.autograd.Function):
-    """The floor of any autograd.Function: saves two tensors, allocates its outputs, launches nothing."""
-
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        return torch.empty_like(x)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        return torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
 
 
 class _BwdLaunches(torch.autograd.Function):
@@ -145,7 +132,9 @@ def main() -> None:
         "bare _fwd_rows[grid](...)": lambda: tb._fwd_rows[grid](*launch_args, num_warps=warps, **consts),
         "F.layer_norm f+b (autograd.grad)": torch_fb,
         "normfuse.layer_norm f+b (autograd.grad)": normfuse_fb,
-        "empty autograd.Function f+b (the floor)": lambda: torch.autograd.grad(_Empty.apply(xg, wg, bg), (xg, wg, bg), dy),
+        "empty autograd.Function f+b (the floor)": lambda: torch.autograd.grad(
+            AutogradFloor.apply(xg, wg, bg), (xg, wg, bg), dy
+        ),
         "triton backend norm_fwd + norm_bwd": backend_fb,
         "triton backend norm_bwd": lambda: tb.norm_bwd(dy, x, w, mean, rstd, False, True, True, True),
         "dweight.to(bf16) (one cast)": lambda: mean.to(torch.bfloat16),

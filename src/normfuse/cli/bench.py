@@ -58,6 +58,22 @@ def reexec_with_malloc_tunables(warm_first: bool = True) -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
+class AutogradFloor(torch.autograd.Function):
+    """The floor of any Python autograd op, for the host-time benchmarks (``benchmarks/
+    host_overhead.py``, ``benchmarks/cold_costs_cpu.py``): saves two tensors, allocates its outputs
+    (x-shaped, and two w-shaped gradients), computes nothing."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
+
+
 def interleaved_medians(
     contenders: dict[str, Callable[[], object]], reps: int, inner: int, sync: Callable[[], None] = lambda: None
 ) -> dict[str, float]:
