@@ -97,6 +97,40 @@ def test_forward_row_pairs_with_non_finite_rows(dtype, with_residual):
         assert max_rel_err(out[finite], ref[finite]) <= FWD_TOL[dtype]
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_next_pair_hints_never_change_the_bits(monkeypatch, with_residual):
+    """Whether row pairs hint the next pair into cache depends on the host's L2 size
+    (``_PREFETCH_PAIR_MAX_ROW_BYTES``); forward outputs and every gradient are the same bits
+    with the hints on and off (rows of 16436 fp32 features: hinted only on a host with 2 MiB
+    or more of L2, so both ways are run here by setting the limit)."""
+    rows, n = 11, 4 * 4096 + 52
+    torch.manual_seed(5)
+    x, dy, r, dr = (torch.randn(rows, n) for _ in range(4))
+    w, b = torch.randn(n), torch.randn(n)
+    kwargs = dict(residual=r, residual_out_dtype=torch.float32) if with_residual else {}
+    results = []
+    for limit in (0, 1 << 30):
+        monkeypatch.setattr(cpu, "_PREFETCH_PAIR_MAX_ROW_BYTES", limit)
+        out, h, mean, rstd, _ = cpu.norm_fwd(x, w, b, 1e-5, False, **kwargs)
+        h = x if h is None else h
+        grads = cpu.norm_bwd(dy, h, w, mean, rstd, False, True, True, True, add=with_residual,
+                             dresidual_out=dr if with_residual else None, need_dresidual=with_residual)  # fmt: skip
+        results.append([out, mean, rstd, *(g for g in grads if g is not None)])
+    for off, on in zip(*results):
+        assert torch.equal(off, on)
+
+
+@pytest.mark.parametrize(
+    ("l2", "row_bytes"),
+    [(None, 32 << 10), (512 << 10, 32 << 10), (1 << 20, 32 << 10), (2 << 20, 128 << 10), (4 << 20, 256 << 10)],
+)
+def test_next_pair_hint_limit_follows_the_l2_size(l2, row_bytes):
+    """32 KiB rows up to a 1 MiB L2 (measured on the AMD hosts), an L2 sixteenth above it
+    (measured on a 2 MiB one); sysfs sizes read as bytes."""
+    assert cpu._pair_hint_max_row_bytes(l2) == row_bytes
+    assert [cpu._cache_size_bytes(t) for t in ("2048K", "1M", "512")] == [2 << 20, 1 << 20, 512]
+
+
 @pytest.mark.parametrize("rows", [2, 7, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_backward_pairs_rows_with_and_without_non_finite_rows(rows, dtype):
@@ -370,7 +404,7 @@ def test_key_check_catches_a_key_that_stands_for_two_signatures(monkeypatch):
         kind = cpu._KIND[x.dtype]
         cpu._fwd_kernel[key](
             0, 0, 0, x.data_ptr(), w.data_ptr(), w.data_ptr(), out.data_ptr(), 0, 0, 2, 64, np.float32(1e-5), False,
-            False, None, None, None, None, kind, cpu._KIND[w.dtype], kind, None, 2, False,
+            False, None, None, None, None, kind, cpu._KIND[w.dtype], kind, None, 2, False, False,
         )  # fmt: skip
 
     cpu._fwd_kernel.forget()

@@ -343,10 +343,53 @@ def _row_finite_overload(a, i):
 # 1-10% on the third session's host (RESULTS.md). Measured in `benchmarks/prefetch_bwd_probe.py` and
 # `benchmarks/ab_cpu.py` (RESULTS.md, thirteenth and fourteenth sessions).
 _BLOCK = 64
-# Rows in pairs hint the next pair (two rows) ahead. Up to a row of this many bytes: at 16384
-# fp32 features (64 KiB rows) the next pair's 384 KiB beside the current pair's overflowed what
-# L2 keeps, and the backward's hints cost 8-19% (`benchmarks/ab_cpu.py`); bf16 at 16384 gained 1.2x.
-_PREFETCH_PAIR_MAX_ROW_BYTES = 32 * 1024
+# Rows in pairs hint the next pair (two rows) ahead while the next pair, the current one and
+# the parameter rows stay in L2 together. How wide that is was measured per host
+# (`benchmarks/bench_cpu.py`, RESULTS.md): on the AMD hosts (512 KiB and 1 MiB of L2 a core) up
+# to 32 KiB rows: at 16384 fp32 features (64 KiB rows) the next pair's 384 KiB beside the
+# current pair's overflowed what L2 keeps, and the backward's hints cost 8-19%
+# (`benchmarks/ab_cpu.py`); bf16 at 16384 gained 1.2x. On an Intel host with 2 MiB of L2,
+# 64 and 128 KiB rows gained as much (fp32 forward at 16384 and 32768 features: 1.2-1.3x,
+# forward+backward 1.15-1.25x), so the limit grows with L2 beyond 1 MiB: an L2 sixteenth.
+_PAIR_HINT_MIN_ROW_BYTES = 32 * 1024
+
+
+def _l2_cache_bytes() -> int | None:
+    """The per-core L2 (data or unified) cache's size as Linux reports it; None where unknown."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(base)):
+            level = _read_text(os.path.join(base, index, "level"))
+            kind = _read_text(os.path.join(base, index, "type"))
+            if level == "2" and kind in ("Data", "Unified"):
+                return _cache_size_bytes(_read_text(os.path.join(base, index, "size")))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _cache_size_bytes(text: str) -> int:
+    """sysfs's cache size ("2048K", "1M", "512") in bytes."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def _pair_hint_max_row_bytes(l2_bytes: int | None) -> int:
+    """The widest row (bytes) whose pairs hint the next pair: 32 KiB up to a 1 MiB L2, an
+    L2 sixteenth above (see ``_PAIR_HINT_MIN_ROW_BYTES``)."""
+    if l2_bytes is None or l2_bytes <= 1 << 20:
+        return _PAIR_HINT_MIN_ROW_BYTES
+    return max(_PAIR_HINT_MIN_ROW_BYTES, l2_bytes // 16)
+
+
+# Read once, at import; a runtime argument of the kernels, not a constant compiled into them
+# (numba's cache would keep the value of the host that compiled them).
+_PREFETCH_PAIR_MAX_ROW_BYTES = _pair_hint_max_row_bytes(_l2_cache_bytes())
 
 
 def _prefetch_block(a, i, j0, for_write):
@@ -486,10 +529,10 @@ def _fwd_row_out(x, res, h, w, b, out, xhat_like, params_finite, i, m1, c, r):
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _fwd_row_pair_out(x, res, h, w, b, out, xhat_like, i, m1a, ca, ra, m1b, cb, rb):
+def _fwd_row_pair_out(x, res, h, w, b, out, xhat_like, hint_next_pair, i, m1a, ca, ra, m1b, cb, rb):
     """Rows i and i + 1's outputs, neither with a NaN, in one sweep: w and b read once for both."""
     n = h.shape[1]
-    ahead = i + 3 < h.shape[0] and n * h.itemsize <= _PREFETCH_PAIR_MAX_ROW_BYTES
+    ahead = hint_next_pair and i + 3 < h.shape[0]
     n_blocks = n // _BLOCK
     for k in range(n_blocks):
         j0 = k * _BLOCK
@@ -565,13 +608,14 @@ def _widen_overload(p, like):
 @njit(fastmath=_FASTMATH, cache=True, parallel=True, nogil=True)
 def _fwd(
     x_at, res_at, mask_at, h_at, w_at, b_at, out_at, mean_at, rstd_at, n_rows, n, eps, rms, store_stats, drop,
-    x_kind, res_kind, mask_kind, h_kind, w_kind, out_kind, xhat_kind, rows_per_block, pair_rows,
+    x_kind, res_kind, mask_kind, h_kind, w_kind, out_kind, xhat_kind, rows_per_block, pair_rows, hint_next_pair,
 ):  # fmt: skip
     """Rows are independent: blocks of rows go to the threads (one block: no thread pool).
 
     A kind of None means the operand is absent: x (no residual add: h is the input), the
     residual, the mask output, the x-hat rounding. ``drop`` is None or (threshold, scale,
-    seed_lo, seed_hi).
+    seed_lo, seed_hi). ``pair_rows``: rows go in pairs; ``hint_next_pair``: each pair hints the
+    next pair's rows into cache (rows of up to ``_PREFETCH_PAIR_MAX_ROW_BYTES``).
     """
     x = _opt_view(x_at, n_rows, n, x_kind)
     res = _opt_view(res_at, n_rows, n, res_kind)
@@ -591,13 +635,13 @@ def _fwd(
         # code a second time for this call site (4 s a specialization, a quarter of the tests' time)
         _fwd_block(
             x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, pair_rows,
-            np.int64(0), n_rows,
+            hint_next_pair, np.int64(0), n_rows,
         )  # fmt: skip
     else:
         for k in prange(n_blocks):
             _fwd_block(
                 x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite,
-                pair_rows, k * rows_per_block, min(n_rows, (k + 1) * rows_per_block),
+                pair_rows, hint_next_pair, k * rows_per_block, min(n_rows, (k + 1) * rows_per_block),
             )  # fmt: skip
 
 
@@ -605,7 +649,8 @@ def _fwd(
 # specialization halves its compile time, and the call costs once per block, not per row.
 @njit(fastmath=_FASTMATH)
 def _fwd_block(
-    x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, pair_rows, r0, r1,
+    x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, pair_rows,
+    hint_next_pair, r0, r1,
 ):  # fmt: skip
     i = r0
     while i < r1:
@@ -614,7 +659,7 @@ def _fwd_block(
         if pair_rows and finite_a and i + 1 < r1:
             m1b, cb, rb = _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats, i + 1)
             if np.isfinite(m1b + cb) and np.isfinite(rb):
-                _fwd_row_pair_out(x, res, h, w, b, out, xhat_like, i, m1a, ca, ra, m1b, cb, rb)
+                _fwd_row_pair_out(x, res, h, w, b, out, xhat_like, hint_next_pair, i, m1a, ca, ra, m1b, cb, rb)
                 i += 2
                 continue
         # one row: not pairing, the last of an odd count, or a row with a NaN or Inf (row i + 1
@@ -743,7 +788,7 @@ def _bwd_row(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, need_d, need_dw, 
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _bwd_row_pair(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, stats_a, stats_b):
+def _bwd_row_pair(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, hint_next_pair, i, stats_a, stats_b):
     """Rows i and i + 1 of the training case, both not NaN, in one sweep.
 
     dw_acc and db_acc are read and written once for the two rows: in the one-row loop those
@@ -752,7 +797,7 @@ def _bwd_row_pair(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, stats_a, 
     n = h.shape[1]
     key_a = _row_key(drop, i)
     key_b = _row_key(drop, i + 1)
-    ahead = i + 3 < h.shape[0] and n * h.itemsize <= _PREFETCH_PAIR_MAX_ROW_BYTES
+    ahead = hint_next_pair and i + 3 < h.shape[0]
     n_blocks = n // _BLOCK
     for k in range(n_blocks):
         j0 = k * _BLOCK
@@ -787,7 +832,10 @@ def _bwd_pair_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, ke
 
 # Not inlined into ``_bwd``'s two call sites (compile time); called once per chunk of rows.
 @njit(fastmath=_FASTMATH)
-def _bwd_rows(dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_acc, db_acc, rms, need_dw, need_db, pair_rows, r0, r1):
+def _bwd_rows(
+    dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_acc, db_acc, rms, need_dw, need_db, pair_rows,
+    hint_next_pair, r0, r1,
+):  # fmt: skip
     """Rows [r0, r1): write dx (and dres), set dw_acc, db_acc to the chunk's sums of dy*xhat and dy.
 
     With a residual add, the input's gradient is ``dh = (norm's gradient) + dh_out`` (the
@@ -795,7 +843,8 @@ def _bwd_rows(dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_acc, db
     forward's mask. Without one, dx gets the norm's gradient (dh_out, dres and drop are None).
     With ``pair_rows``, training (every gradient asked for) takes rows in pairs, each pair's
     terms added to the sums together; the pairing is fixed by the chunk and the values, so the
-    sums stay bitwise the same whatever the thread count.
+    sums stay bitwise the same whatever the thread count. ``hint_next_pair``: each pair hints the
+    next pair's rows into cache (rows of up to ``_PREFETCH_PAIR_MAX_ROW_BYTES``).
     """
     need_d = not (_is_none_value(dx) and _is_none_value(dres))
     training = pair_rows and need_d and need_dw and need_db
@@ -807,7 +856,7 @@ def _bwd_rows(dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_acc, db
         if training and i + 1 < r1 and stats_a[5]:
             stats_b = _bwd_row_stats(dy, h, w, w_finite, mean, rstd, dh_out, rms, i + 1)
             if stats_b[5]:
-                _bwd_row_pair(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, stats_a, stats_b)
+                _bwd_row_pair(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, hint_next_pair, i, stats_a, stats_b)
                 i += 2
                 continue
         # one row: the last of an odd count, a row with a NaN or Inf (row i + 1 then pairs with
@@ -830,7 +879,7 @@ def _is_none_value_overload(t):
 @njit(fastmath=_FASTMATH, cache=True, parallel=True, nogil=True)
 def _bwd(
     dy_at, h_at, w_at, mean_at, rstd_at, dh_out_at, dx_at, dres_at, dw_part_at, db_part_at, dw_at, db_at, n_rows, n,
-    rms, need_dw, need_db, pair_rows, drop, rows_per_chunk, n_chunks,
+    rms, need_dw, need_db, pair_rows, hint_next_pair, drop, rows_per_chunk, n_chunks,
     dy_kind, h_kind, w_kind, acc_kind, dh_out_kind, dx_kind, dres_kind, parallel,
 ):  # fmt: skip
     """Chunk k of rows_per_chunk rows writes row k of the partial sums of dw and db; chunks in parallel.
@@ -856,7 +905,7 @@ def _bwd(
             r0 = k * rows_per_chunk
             _bwd_rows(
                 dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_part[k], db_part[k],
-                rms, need_dw, need_db, pair_rows, r0, min(n_rows, r0 + rows_per_chunk),
+                rms, need_dw, need_db, pair_rows, hint_next_pair, r0, min(n_rows, r0 + rows_per_chunk),
             )  # fmt: skip
     else:
         for k in prange(n_chunks):
@@ -864,7 +913,7 @@ def _bwd(
             r1 = min(n_rows, r0 + rows_per_chunk)
             _bwd_rows(
                 dy, h, w, w_finite, mean, rstd, dh_out, drop, dx, dres, dw_part[k], db_part[k],
-                rms, need_dw, need_db, pair_rows, r0, r1,
+                rms, need_dw, need_db, pair_rows, hint_next_pair, r0, r1,
             )  # fmt: skip
     # The sums in this kernel, not in one of their own: once a large kernel has emptied the
     # caches, each further kernel call and its output's allocation cost tens of microseconds.
@@ -1104,7 +1153,7 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         x_at, res_at, mask_at, h_at, w.data_ptr(), b.data_ptr(), out.data_ptr(), mean_at, rstd_at, n_rows, n,
         _eps_scalar(eps, x.dtype is torch.float64), bool(rms), store_stats, drop, x_kind, res_kind, mask_kind,
         _KIND[h_dtype], _KIND[w.dtype], _KIND[out_dtype], _kind(xhat_dtype), _rows_per_block(n_rows, n),
-        n >= _PAIR_MIN_FEATURES,
+        n >= _PAIR_MIN_FEATURES, n * h_dtype.itemsize <= _PREFETCH_PAIR_MAX_ROW_BYTES,
     )  # fmt: skip
 
 
@@ -1261,7 +1310,7 @@ def norm_bwd(
         dx.data_ptr() if dx is not None else 0, dres.data_ptr() if dres is not None else 0,
         dw_part_at, db_part_at, dw_at, db_at,
         n_rows, n, bool(rms), bool(need_dweight), bool(need_dbias), n >= _PAIR_MIN_FEATURES,
-        drop, chunk, n_chunks,
+        n * h.itemsize <= _PREFETCH_PAIR_MAX_ROW_BYTES, drop, chunk, n_chunks,
         _KIND[dy.dtype], _KIND[h.dtype], _KIND[w.dtype], _KIND[acc],
         _kind(dh_out), _kind(dx), _kind(dres), parallel,
     )  # fmt: skip
