@@ -101,8 +101,8 @@ def test_forward_row_pairs_with_non_finite_rows(dtype, with_residual):
 def test_next_pair_hints_never_change_the_bits(monkeypatch, with_residual):
     """Whether row pairs hint the next pair into cache depends on the host's L2 size
     (``_PREFETCH_PAIR_MAX_ROW_BYTES``); forward outputs and every gradient are the same bits
-    with the hints on and off (rows of 16436 fp32 features: hinted only on a host with 2 MiB
-    or more of L2, so both ways are run here by setting the limit)."""
+    with the hints on and off (rows of 16436 fp32 features: hinted only where L2 is over 1 MiB,
+    so both ways are run here by setting the limit)."""
     rows, n = 11, 4 * 4096 + 52
     torch.manual_seed(5)
     x, dy, r, dr = (torch.randn(rows, n) for _ in range(4))

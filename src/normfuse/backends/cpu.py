@@ -349,8 +349,10 @@ _BLOCK = 64
 # to 32 KiB rows: at 16384 fp32 features (64 KiB rows) the next pair's 384 KiB beside the
 # current pair's overflowed what L2 keeps, and the backward's hints cost 8-19%
 # (`benchmarks/ab_cpu.py`); bf16 at 16384 gained 1.2x. On an Intel host with 2 MiB of L2,
-# 64 and 128 KiB rows gained as much (fp32 forward at 16384 and 32768 features: 1.2-1.3x,
-# forward+backward 1.15-1.25x), so the limit grows with L2 beyond 1 MiB: an L2 sixteenth.
+# 64 and 128 KiB rows gained too (fp32 forward at 16384 and 32768 features 1.2-1.4x faster,
+# forward+backward 1.13-1.32x; `benchmarks/ab_cpu.py`'s small working set showed nothing: the
+# hints pay where the output's lines come from memory), so the limit grows with L2 beyond 1 MiB:
+# an L2 sixteenth.
 _PAIR_HINT_MIN_ROW_BYTES = 32 * 1024
 
 
