@@ -97,6 +97,27 @@ def test_forward_row_pairs_with_non_finite_rows(dtype, with_residual):
         assert max_rel_err(out[finite], ref[finite]) <= FWD_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", ["far-from-zero", "nearly-equal"])
+def test_16_bit_rows_centred_on_the_rounded_mean_keep_torch_s_accuracy(dtype, rows):
+    """bf16/fp16 rows are centred on the float32 mean in one subtraction (``_centred``): rows far
+    from zero, and wide rows of equal values but one in 997 (a spread far under the values'
+    spacing), keep the dtype's forward tolerance against float64 and torch's error at most."""
+    torch.manual_seed(11)
+    if rows == "far-from-zero":
+        x = (300 + 4 * torch.randn(64, 2048, dtype=torch.float64)).to(dtype)
+    else:
+        x = torch.full((4, 65536), 300.0, dtype=torch.float64)
+        x[:, ::997] = 302.0  # the next bf16 value (fp16: a few steps up)
+        x = x.to(dtype)
+    n = x.shape[1]
+    w, b = (1 + 0.1 * torch.randn(n)).to(dtype), (0.1 * torch.randn(n)).to(dtype)
+    out = cpu.norm_fwd(x, w, b, 1e-5, False)[0]
+    want = reference.layer_norm(x, (n,), w, b, 1e-5)
+    torch_err = max_rel_err(torch.nn.functional.layer_norm(x, (n,), w, b, 1e-5), want)
+    assert max_rel_err(out, want) <= max(torch_err, FWD_TOL[dtype])
+
+
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_next_pair_hints_never_change_the_bits(monkeypatch, with_residual):
     """Whether row pairs hint the next pair into cache depends on the host's L2 size
