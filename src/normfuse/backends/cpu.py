@@ -520,7 +520,7 @@ def _centred_overload(h, v, m1, c):
     # bits: the mean rounded once to float32 is off by at most 2^-17 (fp16: 2^-14) of their
     # spacing, which the output's own rounding to 8 or 11 bits hides but in rows of nearly equal
     # values, so one subtraction of it serves, and the bf16 forward's output loop is one vector
-    # operation shorter (1.05x, `benchmarks/ab_cpu.py --forward`; RESULTS.md, eighteenth
+    # operation shorter (1.01-1.12x, `benchmarks/ab_cpu.py --forward`; RESULTS.md, eighteenth
     # session). RMSNorm's m1 and c are 0: the same bits either way.
     if h.dtype.bitwidth == 16:
         return lambda h, v, m1, c: v - (m1 + c)
