@@ -152,6 +152,17 @@ def test_next_pair_hint_limit_follows_the_l2_size(l2, row_bytes):
     assert [cpu._cache_size_bytes(t) for t in ("2048K", "1M", "512")] == [2 << 20, 1 << 20, 512]
 
 
+@pytest.mark.parametrize(
+    ("cpu_name", "bits"),
+    [("rocketlake", 512), ("sapphirerapids", 512), ("icelake-server", 512), ("graniterapids", 512),
+     ("skylake-avx512", 0), ("cascadelake", 0), ("znver3", 0), ("haswell", 0), ("generic", 0)],
+)  # fmt: skip
+def test_row_loops_ask_for_512_bit_vectors_from_ice_lake_on(cpu_name, bits):
+    """Intel's AVX-512 CPUs from Ice Lake on (measured on one); LLVM's choice elsewhere: 256 bits
+    on Skylake-SP and Cascade Lake, whose clocks drop for 512-bit work; none untested."""
+    assert cpu._row_loop_vector_bits(cpu_name) == bits
+
+
 @pytest.mark.parametrize("rows", [2, 7, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_backward_pairs_rows_with_and_without_non_finite_rows(rows, dtype):

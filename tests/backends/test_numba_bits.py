@@ -5,7 +5,7 @@ import pytest
 import torch
 from numba import njit
 
-from normfuse.backends._numba_bits import load, prefetch_line, store
+from normfuse.backends._numba_bits import load, prefer_vector_width, prefetch_line, store
 
 
 @njit
@@ -96,3 +96,40 @@ def test_prefetch_line_wants_literal_flags():
 
     with pytest.raises(Exception, match="prefetch_line"):
         runtime_flag(np.zeros(4, np.float32), True)
+
+
+@njit
+def _scaled_512(a, out):
+    prefer_vector_width(512)
+    for i in range(a.shape[0]):
+        out[i] = a[i] * np.float32(2.0)
+
+
+@njit
+def _scaled_default(a, out):
+    prefer_vector_width(0)
+    for i in range(a.shape[0]):
+        out[i] = a[i] * np.float32(2.0)
+
+
+def test_prefer_vector_width_sets_the_function_attribute_only_when_asked():
+    a = np.arange(100, dtype=np.float32)
+    for kernel in (_scaled_512, _scaled_default):
+        out = np.empty_like(a)
+        kernel(a, out)
+        np.testing.assert_array_equal(out, a * 2)
+    asked = next(iter(_scaled_512.inspect_llvm().values()))
+    default = next(iter(_scaled_default.inspect_llvm().values()))
+    assert '"prefer-vector-width"="512"' in asked
+    assert "prefer-vector-width" not in default
+    if "avx512f" in _cpu_flags() and "x86" in asked:  # the wide registers themselves
+        assert "zmm" in next(iter(_scaled_512.inspect_asm().values()))
+
+
+def test_prefer_vector_width_wants_a_literal():
+    @njit
+    def runtime_width(bits):
+        prefer_vector_width(bits)
+
+    with pytest.raises(Exception, match="prefer_vector_width"):
+        runtime_width(512)

@@ -288,3 +288,23 @@ def select(typingctx, condition, if_true, if_false):
         return builder.select(*args)
 
     return if_true(condition, if_true, if_false), codegen
+
+
+@intrinsic
+def prefer_vector_width(typingctx, bits):
+    """Ask LLVM to vectorize the calling function's loops ``bits`` wide (a compile-time literal;
+    0: LLVM's choice for the CPU): the function attribute ``"prefer-vector-width"``, on this
+    function alone, where numba's target options would set it for every function in the process.
+    """
+    if not isinstance(bits, types.IntegerLiteral):
+        return None
+    width = bits.literal_value
+
+    def codegen(context, builder, signature, args):
+        if width:
+            # llvmlite's attribute set takes only the names it knows; a string attribute goes
+            # in through set.add and is printed as written
+            set.add(builder.function.attributes, f'"prefer-vector-width"="{width}"')
+        return context.get_dummy_value()
+
+    return types.none(bits), codegen

@@ -63,6 +63,7 @@ from normfuse.backends._numba_bits import (
     address_as_pointer,
     keep_bit,
     load,
+    prefer_vector_width,
     prefetch_line,
     round_as,
     select,
@@ -394,6 +395,36 @@ def _pair_hint_max_row_bytes(l2_bytes: int | None) -> int:
 _PREFETCH_PAIR_MAX_ROW_BYTES = _pair_hint_max_row_bytes(_l2_cache_bytes())
 
 
+# --- vector width -----------------------------------------------------------------------------
+# LLVM tunes Intel's AVX-512 CPUs to vectorize 256 bits wide ("prefer-256-bit": on Skylake-SP and
+# Cascade Lake, 512-bit arithmetic lowers the clock). The row loops (``_fwd_block``,
+# ``_bwd_rows``) ask for 512 bits on the CPUs where that cost is small, from Ice Lake on: on an
+# Intel host of that kind the bf16 forward and backward kernels ran 1.08-1.21x faster, fp32
+# 1.02-1.06x (`benchmarks/ab_cpu.py`, RESULTS.md, nineteenth session). Per function (an LLVM
+# function attribute), not numba's target options, which would apply to every numba function in
+# the process. A constant compiled into the kernels: numba's cache keys its entries by CPU name.
+_WIDE_VECTOR_CPUS = frozenset({
+    "icelake-client", "icelake-server", "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids",
+    "graniterapids", "graniterapids-d", "diamondrapids",
+})  # fmt: skip
+
+
+def _row_loop_vector_bits(cpu_name: str) -> int:
+    """The vector width (bits) the row loops ask LLVM for on a CPU of that LLVM name; 0: LLVM's own."""
+    return 512 if cpu_name in _WIDE_VECTOR_CPUS else 0
+
+
+def _target_cpu_name() -> str:
+    """The CPU numba compiles for: ``NUMBA_CPU_NAME`` where set (``generic`` for portable caches),
+    else the host's."""
+    from llvmlite import binding as llvm
+
+    return numba_config.CPU_NAME or llvm.get_host_cpu_name()
+
+
+_ROW_LOOP_VECTOR_BITS = _row_loop_vector_bits(_target_cpu_name())
+
+
 def _prefetch_block(a, i, j0, for_write):
     """Hint a[i, j0:j0 + _BLOCK] into cache (a None: nothing)."""
 
@@ -672,6 +703,7 @@ def _fwd_block(
     x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, pair_rows,
     hint_next_pair, r0, r1,
 ):  # fmt: skip
+    prefer_vector_width(_ROW_LOOP_VECTOR_BITS)
     i = r0
     while i < r1:
         m1a, ca, ra = _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats, i)
@@ -866,6 +898,7 @@ def _bwd_rows(
     sums stay bitwise the same whatever the thread count. ``hint_next_pair``: each pair hints the
     next pair's rows into cache (rows of up to ``_PREFETCH_PAIR_MAX_ROW_BYTES``).
     """
+    prefer_vector_width(_ROW_LOOP_VECTOR_BITS)
     need_d = not (_is_none_value(dx) and _is_none_value(dres))
     training = pair_rows and need_d and need_dw and need_db
     dw_acc[:] = 0
