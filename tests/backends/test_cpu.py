@@ -11,6 +11,7 @@ import numba
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import normfuse
 from normfuse import reference
@@ -353,6 +354,7 @@ import torch
 torch.randn(256, 256) @ torch.randn(256, 256)  # a torch op first: torch has read its count
 before = torch.get_num_threads()
 import normfuse
+import torch.nn.functional as F
 x = torch.randn(512, 1024, requires_grad=True)  # above the parallel threshold
 normfuse.layer_norm(x, (1024,)).sum().backward()
 normfuse.rms_norm(torch.randn(8, 64), (64,))
@@ -446,3 +448,30 @@ def test_key_check_catches_a_key_that_stands_for_two_signatures(monkeypatch):
     with pytest.raises(AssertionError, match="stands for"):
         launch(x16, out16, "one key")
     cpu._fwd_kernel.forget()
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("nan_bits", [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC08000])
+def test_add_keeps_nan_whose_rounding_to_bf16_would_carry(nan_bits, rms):
+    """A float32 NaN whose low mantissa bits carry when rounded to bf16 the fast way (0x7FFFFFFF
+    would come out -0.0, 0xFFFFFFFF +0.0) must still be NaN in the bf16 sum h: the add's
+    vectorizable store does not check, the row's non-finite sums send it to the careful store."""
+    rows, n = 6, 200
+    torch.manual_seed(0)
+    x, r = torch.randn(rows, n), torch.randn(rows, n)
+    nan = torch.tensor([nan_bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x[1, 5] = nan
+    x[3, n - 1] = nan
+    r[4, 0] = float("inf")
+    w, b = torch.randn(n), torch.randn(n)
+    out, h, _, _, _ = cpu.norm_fwd(x, w, None if rms else b, 1e-5, rms, residual=r,
+                                         residual_out_dtype=torch.bfloat16)  # fmt: skip
+    expected_h = (x + r).to(torch.bfloat16)
+    assert torch.equal(torch.isnan(h), torch.isnan(expected_h))
+    finite = torch.isfinite(expected_h)
+    assert torch.equal(h[finite], expected_h[finite])
+    assert torch.equal(h.isinf(), expected_h.isinf())
+    # the rows with a NaN or Inf normalize as torch's do (NaN, or for RMSNorm over an Inf, 0s)
+    expected = F.rms_norm(h.float(), (n,), w) if rms else F.layer_norm(h.float(), (n,), w, b)
+    assert torch.isnan(out[[1, 3, 4]]).any(dim=1).all()
+    torch.testing.assert_close(out.float(), expected, equal_nan=True)

@@ -295,18 +295,23 @@ def _add_row_overload(x, res, drop, mask_out, h, i):
     if _is_none(x):
         return lambda x, res, drop, mask_out, h, i: None
 
+    # Only bf16's vectorizable store differs from the careful one: it can round a NaN to Inf or
+    # +-0. Its row is stored again the careful way where the plain sum of the values is not
+    # finite (a NaN or Inf among them, or an overflow, after which the careful store gives the
+    # same bits): one vector add a block, and whatever order LLVM sums in, the same decision
+    # but for the overflows. Other dtypes' sums are dead code, dropped.
+    check = h.dtype == types.uint16
+
     def impl(x, res, drop, mask_out, h, i):
         key = _row_key(drop, i)
-        # The vectorizable store first, with a NaN/Inf detector (v * 0 sums to 0 or NaN in any
-        # order: deterministic); a row that had one is stored again the careful way.
-        poisoned = acc_scalar(h, 0.0)
+        total = acc_scalar(h, 0.0)
         for j in range(h.shape[1]):
             keep = _kept(drop, key, j)
             _put_keep(mask_out, i, j, keep)
             v = _plus(res, _dropped(drop, load(x, i, j), keep), i, j)
             store_not_nan(h, i, j, v)
-            poisoned += v * 0
-        if poisoned != 0:
+            total += v
+        if check and not np.isfinite(total):
             for j in range(h.shape[1]):
                 store(h, i, j, _plus(res, _dropped(drop, load(x, i, j), _kept(drop, key, j)), i, j))
 
