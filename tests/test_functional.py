@@ -373,8 +373,8 @@ def test_direct_inference_path_declines_what_it_does_not_check(monkeypatch):
         "two normalized dims": lambda: normfuse.layer_norm(x.view(4, 4, 8), (4, 8), w.view(4, 8), b.view(4, 8)),
         "non-contiguous": lambda: normfuse.layer_norm(x.t().contiguous().t(), (32,), w, b),
         "x requires grad, list shape": lambda: normfuse.layer_norm(x.clone().requires_grad_(), [32], w, b),
-        "weight requires grad, bf16 x": lambda: normfuse.layer_norm(x.bfloat16(), (32,), torch.nn.Parameter(w), b),
-        "fp32 weight, bf16 x": lambda: normfuse.layer_norm(x.bfloat16(), (32,), w, b),
+        "fp32 weight, bf16 bias": lambda: normfuse.layer_norm(x.bfloat16(), (32,), w, b.bfloat16()),
+        "fp32 weight, fp64 x": lambda: normfuse.layer_norm(x.double(), (32,), w, b),
         "int eps": lambda: normfuse.layer_norm(x, (32,), w, b, 1),
         "weight shape": lambda: normfuse.layer_norm(x, (32,), w[:16], b),
         "rms weight_offset": lambda: normfuse.rms_norm(x, (32,), w, weight_offset=1.0),
@@ -386,12 +386,42 @@ def test_direct_inference_path_declines_what_it_does_not_check(monkeypatch):
         try:
             call()
         except RuntimeError:
-            assert name == "weight shape"  # torch's error, from the general path's checks
+            # torch's errors, from the general path's checks
+            assert name in ("weight shape", "fp32 weight, bf16 bias", "fp32 weight, fp64 x"), name
         assert len(calls) == before + 1, name
     with torch.no_grad():
         normfuse.layer_norm(x, (32,), torch.nn.Parameter(w), b)  # no grad mode: nothing requires grad
         normfuse.rms_norm(x, (32,), w, weight_offset=0.0)
     assert len(calls) == len(declined)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_direct_paths_take_float32_parameters_of_half_input(dtype, requires_grad, monkeypatch):
+    """bf16/fp16 input with float32 weight and bias (torch's mixed-dtype case) takes the direct
+    paths too, inference and training: the general path's bits, output in the input's dtype."""
+    shape, n = (3, 5, 96), 96
+    x, w, b = _make(shape, (n,), torch.float32)
+    x = x.to(dtype)
+    dy = torch.randn(shape).to(dtype)
+
+    def run(norm_shape):
+        leaves = [t.clone().requires_grad_(requires_grad) for t in (x, w, b)]
+        outs = [normfuse.layer_norm(leaves[0], norm_shape, leaves[1], leaves[2]),
+                normfuse.rms_norm(leaves[0], norm_shape, leaves[1])]  # fmt: skip
+        if not requires_grad:
+            return outs
+        grads = [torch.autograd.grad(outs[0], leaves, dy), torch.autograd.grad(outs[1], leaves[:2], dy)]
+        return [*outs, *grads[0], *grads[1]]
+
+    general = run([n])  # a list shape takes the general path
+    calls = _count_general_checks(monkeypatch)
+    direct = run((n,))
+    assert calls == []
+    assert direct[0].dtype == dtype and direct[1].dtype == dtype
+    for got, want in zip(direct, general):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    torch.testing.assert_close(direct[0].float(), F.layer_norm(x, (n,), w, b).float())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

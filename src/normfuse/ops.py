@@ -578,7 +578,8 @@ def cpu_inference_direct(x: Tensor, n: int, weight: Tensor | None, bias: Tensor 
     general way (``_direct_call_allowed``).
 
     For the front end's token-sized path: x is a contiguous CPU tensor of (*, n), weight and bias
-    (n,) in its dtype or None, nothing requires grad (the caller checked).
+    (n,) in its dtype (or both float32 for bf16/fp16 x) or None, nothing requires grad (the caller
+    checked).
     """
     if not _direct_call_allowed():
         return None
@@ -595,7 +596,7 @@ def eager_training_direct(
     or ``torch.jit.trace`` (each reads the call differently).
 
     x (and the residual) is a contiguous CPU tensor of (*, n), weight and bias (n,) in its dtype
-    or None, something requires grad (the caller checked). A forced backend is honoured by
+    (or both float32 for bf16/fp16 x) or None, something requires grad (the caller checked). A forced backend is honoured by
     ``NormFunction`` itself.
     """
     if not _eager_untransformed():
