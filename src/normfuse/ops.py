@@ -596,8 +596,8 @@ def eager_training_direct(
     or ``torch.jit.trace`` (each reads the call differently).
 
     x (and the residual) is a contiguous CPU tensor of (*, n), weight and bias (n,) in its dtype
-    (or both float32 for bf16/fp16 x) or None, something requires grad (the caller checked). A forced backend is honoured by
-    ``NormFunction`` itself.
+    (or both float32 for bf16/fp16 x) or None, something requires grad (the caller checked). A
+    forced backend is honoured by ``NormFunction`` itself.
     """
     if not _eager_untransformed():
         return None

@@ -354,7 +354,6 @@ import torch
 torch.randn(256, 256) @ torch.randn(256, 256)  # a torch op first: torch has read its count
 before = torch.get_num_threads()
 import normfuse
-import torch.nn.functional as F
 x = torch.randn(512, 1024, requires_grad=True)  # above the parallel threshold
 normfuse.layer_norm(x, (1024,)).sum().backward()
 normfuse.rms_norm(torch.randn(8, 64), (64,))
@@ -455,7 +454,8 @@ def test_key_check_catches_a_key_that_stands_for_two_signatures(monkeypatch):
 def test_add_keeps_nan_whose_rounding_to_bf16_would_carry(nan_bits, rms):
     """A float32 NaN whose low mantissa bits carry when rounded to bf16 the fast way (0x7FFFFFFF
     would come out -0.0, 0xFFFFFFFF +0.0) must still be NaN in the bf16 sum h: the add's
-    vectorizable store does not check, the row's non-finite sums send it to the careful store."""
+    vectorizable store does not check, the row's non-finite plain sum sends it to the careful
+    store (a check on the stored row would miss the -0.0)."""
     rows, n = 6, 200
     torch.manual_seed(0)
     x, r = torch.randn(rows, n), torch.randn(rows, n)
@@ -465,7 +465,7 @@ def test_add_keeps_nan_whose_rounding_to_bf16_would_carry(nan_bits, rms):
     r[4, 0] = float("inf")
     w, b = torch.randn(n), torch.randn(n)
     out, h, _, _, _ = cpu.norm_fwd(x, w, None if rms else b, 1e-5, rms, residual=r,
-                                         residual_out_dtype=torch.bfloat16)  # fmt: skip
+                                   residual_out_dtype=torch.bfloat16)  # fmt: skip
     expected_h = (x + r).to(torch.bfloat16)
     assert torch.equal(torch.isnan(h), torch.isnan(expected_h))
     finite = torch.isfinite(expected_h)
