@@ -303,8 +303,12 @@ def prefer_vector_width(typingctx, bits):
     def codegen(context, builder, signature, args):
         if width:
             # llvmlite's attribute set takes only the names it knows; a string attribute goes
-            # in through set.add and is printed as written
-            set.add(builder.function.attributes, f'"prefer-vector-width"="{width}"')
+            # in through set.add and is printed as written (an llvmlite whose attributes are no
+            # set gets LLVM's own width: slower, never wrong)
+            try:
+                set.add(builder.function.attributes, f'"prefer-vector-width"="{width}"')
+            except TypeError:
+                pass
         return context.get_dummy_value()
 
     return types.none(bits), codegen
