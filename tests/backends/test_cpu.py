@@ -103,7 +103,9 @@ def test_forward_row_pairs_with_non_finite_rows(dtype, with_residual):
 def test_16_bit_rows_centred_on_the_rounded_mean_keep_torch_s_accuracy(dtype, rows):
     """bf16/fp16 rows are centred on the float32 mean in one subtraction (``_centred``): rows far
     from zero, and wide rows of equal values but one in 997 (a spread far under the values'
-    spacing), keep the dtype's forward tolerance against float64 and torch's error at most."""
+    spacing), keep the dtype's forward tolerance against float64 and torch's error at most; the
+    backward centres x-hat the same way, its gradients against float64 no worse than torch's
+    (float32 parameters, so that dγ is not rounded to the dtype)."""
     torch.manual_seed(11)
     if rows == "far-from-zero":
         x = (300 + 4 * torch.randn(64, 2048, dtype=torch.float64)).to(dtype)
@@ -117,6 +119,16 @@ def test_16_bit_rows_centred_on_the_rounded_mean_keep_torch_s_accuracy(dtype, ro
     want = reference.layer_norm(x, (n,), w, b, 1e-5)
     torch_err = max_rel_err(torch.nn.functional.layer_norm(x, (n,), w, b, 1e-5), want)
     assert max_rel_err(out, want) <= max(torch_err, FWD_TOL[dtype])
+
+    w32, b32 = w.float(), b.float()
+    dy = torch.randn(x.shape).to(dtype)
+    _, _, mean, rstd, _ = cpu.norm_fwd(x, w32, b32, 1e-5, False)
+    dx, _, dw, db = cpu.norm_bwd(dy, x, w32, mean, rstd, False, True, True, True)
+    want_grads = reference.layer_norm_backward(dy, x, (n,), w32, 1e-5)
+    xt, wt, bt = (t.clone().requires_grad_() for t in (x, w32, b32))
+    torch_grads = torch.autograd.grad(torch.nn.functional.layer_norm(xt, (n,), wt, bt, 1e-5), (xt, wt, bt), dy)
+    for got, theirs, want in zip((dx, dw, db), torch_grads, want_grads):
+        assert norm_err(got, want) <= max(norm_err(theirs, want), 1e-6)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

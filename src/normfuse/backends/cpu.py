@@ -759,9 +759,10 @@ def _bwd_row_stats(dy, h, w, w_finite, mean, rstd, dh_out, rms, i):
 
 
 @njit(fastmath=_FASTMATH, inline="always")
-def _dh(dy_v, h_v, w_v, m, cm, r, mean_xhat_g, mean_g):
-    """The normalization's own gradient with respect to its input h, and x-hat: (dh, xhat)."""
-    xhat = ((h_v - m) - cm) * r
+def _dh(h, dy_v, h_v, w_v, m, cm, r, mean_xhat_g, mean_g):
+    """The normalization's own gradient with respect to its input h (h_v an element of the array
+    h, whose dtype picks the centring: ``_centred``), and x-hat: (dh, xhat)."""
+    xhat = _centred(h, h_v, m, cm) * r
     return r * (dy_v * w_v - xhat * mean_xhat_g - mean_g), xhat
 
 
@@ -770,7 +771,7 @@ def _bwd_train_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, k
     """Element (i, j) of the training case in a row known not NaN: dx (and dres), dw and db terms."""
     m, cm, r, mean_xhat_g, mean_g, _ = stats
     dy_v = load(dy, i, j)
-    d, xhat = _dh(dy_v, load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)
+    d, xhat = _dh(h, dy_v, load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)
     dh = _plus(dh_out, d, i, j)
     _put_not_nan(dres, i, j, dh)
     _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
@@ -782,7 +783,7 @@ def _bwd_train_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, k
 def _bwd_dx_element(dy, h, w, dh_out, drop, dx, dres, i, j, key, stats):
     """Element (i, j) of dx (and dres) alone, in a row known not NaN."""
     m, cm, r, mean_xhat_g, mean_g, _ = stats
-    dh = _plus(dh_out, _dh(load(dy, i, j), load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)[0], i, j)
+    dh = _plus(dh_out, _dh(h, load(dy, i, j), load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)[0], i, j)
     _put_not_nan(dres, i, j, dh)
     _put_not_nan(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
 
@@ -811,7 +812,7 @@ def _bwd_row(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, need_d, need_dw, 
         else:
             for j in range(n):
                 dy_v = load(dy, i, j)
-                d, xhat = _dh(dy_v, load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)
+                d, xhat = _dh(h, dy_v, load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)
                 dh = _plus(dh_out, d, i, j)
                 _put(dres, i, j, dh)
                 _put(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
@@ -833,12 +834,13 @@ def _bwd_row(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, need_d, need_dw, 
                 _bwd_dx_element(dy, h, w, dh_out, drop, dx, dres, i, j, key, stats)
         else:
             for j in range(n):
-                dh = _plus(dh_out, _dh(load(dy, i, j), load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)[0], i, j)
+                d = _dh(h, load(dy, i, j), load(h, i, j), w[j], m, cm, r, mean_xhat_g, mean_g)[0]
+                dh = _plus(dh_out, d, i, j)
                 _put(dres, i, j, dh)
                 _put(dx, i, j, _dropped(drop, dh, _kept(drop, key, j)))
     if need_dw:
         for j in range(n):
-            dw_acc[j] += load(dy, i, j) * (((load(h, i, j) - m) - cm) * r)
+            dw_acc[j] += load(dy, i, j) * (_centred(h, load(h, i, j), m, cm) * r)
     if need_db:
         for j in range(n):
             db_acc[j] += load(dy, i, j)
@@ -875,8 +877,8 @@ def _bwd_pair_element(dy, h, w, dh_out, drop, dx, dres, dw_acc, db_acc, i, j, ke
     w_v = w[j]
     dy_a = load(dy, i, j)
     dy_b = load(dy, i + 1, j)
-    d_a, xhat_a = _dh(dy_a, load(h, i, j), w_v, ma, cma, ra, mean_xhat_ga, mean_ga)
-    d_b, xhat_b = _dh(dy_b, load(h, i + 1, j), w_v, mb, cmb, rb, mean_xhat_gb, mean_gb)
+    d_a, xhat_a = _dh(h, dy_a, load(h, i, j), w_v, ma, cma, ra, mean_xhat_ga, mean_ga)
+    d_b, xhat_b = _dh(h, dy_b, load(h, i + 1, j), w_v, mb, cmb, rb, mean_xhat_gb, mean_gb)
     dh_a = _plus(dh_out, d_a, i, j)
     dh_b = _plus(dh_out, d_b, i + 1, j)
     _put_not_nan(dres, i, j, dh_a)
