@@ -391,7 +391,6 @@ def _fx_node(fn, args: tuple, **kwargs):
 
 _PARAM_TYPES = (Tensor, torch.nn.Parameter)
 _SHAPE_TYPES = (tuple, torch.Size)
-_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 _GENERAL, _INFERENCE, _TRAINING = 0, 1, 2
@@ -417,7 +416,7 @@ def _direct_path(x: object, shape: object, weight: object, bias: object) -> int:
                 return _GENERAL
             if param_dtype is None:
                 param_dtype = p.dtype
-                if not (param_dtype is dtype or (param_dtype is torch.float32 and dtype in _HALF_DTYPES)):
+                if not (param_dtype is dtype or (param_dtype is torch.float32 and dtype in _LOW_PRECISION)):
                     return _GENERAL
             elif p.dtype is not param_dtype:  # torch's "mixed dtype" error, the general way
                 return _GENERAL
