@@ -403,9 +403,10 @@ _PREFETCH_PAIR_MAX_ROW_BYTES = _pair_hint_max_row_bytes(_l2_cache_bytes())
 # --- vector width -----------------------------------------------------------------------------
 # LLVM tunes Intel's AVX-512 CPUs to vectorize 256 bits wide ("prefer-256-bit": on Skylake-SP and
 # Cascade Lake, 512-bit arithmetic lowers the clock). The row loops (``_fwd_block``,
-# ``_bwd_rows``) ask for 512 bits on the CPUs where that cost is small, from Ice Lake on: on an
-# Intel host of that kind the bf16 forward and backward kernels ran 1.08-1.21x faster, fp32
-# 1.02-1.06x (`benchmarks/ab_cpu.py`, RESULTS.md, nineteenth session). Per function (an LLVM
+# ``_bwd_rows``) ask for 512 bits on Intel's CPUs from Ice Lake on, where that cost is said to be
+# small: on one host of that kind (LLVM name ``rocketlake``; the others are not measured) the
+# bf16 forward and backward kernels ran 1.08-1.21x faster, fp32 1.02-1.06x
+# (`benchmarks/ab_cpu.py`, RESULTS.md, nineteenth session). Per function (an LLVM
 # function attribute), not numba's target options, which would apply to every numba function in
 # the process. A constant compiled into the kernels: numba's cache keys its entries by CPU name.
 _WIDE_VECTOR_CPUS = frozenset({
