@@ -98,6 +98,44 @@ def test_forward_row_pairs_with_non_finite_rows(dtype, with_residual):
         assert max_rel_err(out[finite], ref[finite]) <= FWD_TOL[dtype]
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("n", [33, cpu._PAIR_MIN_FEATURES + 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_finite_rows_whose_squares_overflow_give_torch_s_result(dtype, n, with_residual):
+    """A finite row whose centred squares overflow the accumulation type (1e30 among N(0, 1) in
+    float32) has a variance past its range: rstd is 0 and every output the bias, as torch gives
+    (its variance overflows too), never NaN. The rounding residue of the centred sum is ~1e23 there,
+    whose square overflows as well; ``var = sum_sq - c * c`` was inf - inf, and every output of
+    the row NaN. The gradients match torch's (dx and dγ 0 on those rows)."""
+    torch.manual_seed(5)
+    big = 1e200 if dtype == torch.float64 else 1e30
+    x = torch.randn(4, n, dtype=torch.float64)
+    x[1, 5], x[2, n - 3], x[3, 0], x[3, 1] = big, -big, big, -big
+    x = x.to(dtype)
+    residual = torch.randn(4, n).to(dtype) if with_residual else None
+    w, b, dy = torch.randn(n).to(dtype), torch.randn(n).to(dtype), torch.randn(4, n).to(dtype)
+    kwargs = dict(residual=residual, residual_out_dtype=dtype) if with_residual else {}
+    out, h, mean, rstd, _ = cpu.norm_fwd(x, w, b, 1e-5, False, **kwargs)
+    normalized = h if with_residual else x
+    expected, t_mean, t_rstd = torch.ops.aten.native_layer_norm(normalized, [n], w, b, 1e-5)
+    assert torch.equal(rstd[1:], torch.zeros(3, dtype=rstd.dtype))
+    assert torch.equal(out[1:], b.expand(3, n))
+    # torch agrees wherever its own variance is not inf - inf (in float64 its row of +1e200 next
+    # to -1e200 at 2148 features gives rstd NaN, every output NaN)
+    torch_overflowed = t_rstd.flatten() == 0
+    assert torch_overflowed[1:3].all()
+    assert torch.equal(out[torch_overflowed], expected[torch_overflowed])
+    assert max_rel_err(out[0], expected[0]) <= FWD_TOL[dtype]
+    dx, _, dw, db = cpu.norm_bwd(dy, normalized, w, mean, rstd, False, True, True, True)
+    t_dx, t_dw, t_db = torch.ops.aten.native_layer_norm_backward(dy, normalized, [n], t_mean, t_rstd, w, b, [True] * 3)
+    assert torch.equal(dx[1:], torch.zeros_like(dx[1:]))
+    assert torch.equal(t_dx[torch_overflowed], torch.zeros_like(t_dx[torch_overflowed]))
+    assert max_rel_err(dx[0], t_dx[0]) <= 10 * FWD_TOL[dtype]
+    ref_dx, ref_dw, ref_db = reference.layer_norm_backward(dy[:1], normalized[:1], (n,), w, 1e-5)
+    assert norm_err(dw, ref_dw) <= 10 * FWD_TOL[dtype]  # rows 1-3 add nothing to dγ (x-hat 0)
+    assert norm_err(db, dy.double().sum(0)) <= 10 * FWD_TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", ["far-from-zero", "nearly-equal"])
 def test_16_bit_rows_centred_on_the_rounded_mean_keep_torch_s_accuracy(dtype, rows):

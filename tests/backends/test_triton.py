@@ -90,6 +90,22 @@ def test_large_mean_rows(n):
     assert norm_err(dx.cpu(), rdx) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [33, WIDE])
+def test_finite_rows_whose_squares_overflow_give_the_bias(dtype, n):
+    """A finite row whose centred squares overflow float32 (1e30 among N(0, 1)): rstd 0 and
+    every output the bias, as torch gives. The fused forward's c * c overflowed with the squares'
+    sum; inf - inf clamped to 0 scaled the row by 1 / sqrt(eps), outputs of 3e32."""
+    torch.manual_seed(5)
+    x, w, b, dy = _inputs(3, n, dtype)
+    x[1, 5], x[2, n - 3] = 1e30, -1e30
+    out, _, mean, rstd, _ = triton_backend.norm_fwd(x, w, b, 1e-5, False)
+    assert torch.equal(rstd[1:].cpu(), torch.zeros(2)) and torch.equal(out[1:].cpu(), b.cpu().expand(2, n))
+    assert max_rel_err(out[0].cpu(), reference.layer_norm(x[:1].cpu(), (n,), w.cpu(), b.cpu())[0]) <= FWD_TOL[dtype]
+    dx, _, _, _ = triton_backend.norm_bwd(dy, x, w, mean, rstd, False, True, True, True)
+    assert torch.equal(dx[1:].cpu(), torch.zeros(2, n, dtype=dtype))
+
+
 def test_nan_row_stays_in_its_row():
     x, w, b, _ = _inputs(4, 50, torch.float32)
     x[2, 7] = float("nan")

@@ -520,7 +520,13 @@ def _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats,
     sd, sdd = _centred_sums(h, i, m1)
     c = acc_scalar(h, 0.0) if rms else sd * inv_n
     var = sdd * inv_n - c * c
-    if not rms and not c * c <= var:
+    if sdd == np.inf and np.isfinite(sd):
+        # A finite row whose squares overflow (|h - mean| past 1.8e19 in float32): its variance
+        # is past the accumulation type's range, so rstd is 0, as torch's overflowing variance
+        # gives it (every output is then the bias). c * c may overflow as well here, and inf - inf
+        # must not leave a NaN for the outputs of a row without one.
+        var = sdd
+    elif not rms and not c * c <= var:
         m1 = m1 + c
         sd, sdd = _centred_sums(h, i, m1)
         c = sd * inv_n

@@ -174,7 +174,11 @@ if triton is not None:
             c = tl.zeros((BLOCK_M,), dtype=ACC)
         else:
             c = tl.sum(d, axis=1) / n
-        var = tl.maximum(tl.sum(d * d, axis=1) / n - c * c, 0.0)
+        sum_sq = tl.sum(d * d, axis=1) / n
+        # A finite row whose squares overflow (|x - mean| past 1.8e19 in float32) keeps an
+        # infinite variance, so rstd is 0 as in torch; c * c can overflow too there, and
+        # inf - inf clamped to 0 would scale the row by 1 / sqrt(eps) instead
+        var = tl.where(sum_sq < float("inf"), tl.maximum(sum_sq - c * c, 0.0), sum_sq)
         rstd = 1.0 / tl.sqrt(var + eps)
         if STORE_STATS:
             tl.store(MEAN + rows, m1 + c, mask=row_ok)
@@ -224,7 +228,9 @@ if triton is not None:
                 total = seen + count
                 delta = chunk_mean - mean
                 mean += delta * (count / total)
-                m2 += tl.sum(d * d, axis=0) + delta * delta * (seen * count / total)
+                # the weight before the second delta: on the first chunk it is 0, and a delta
+                # past 1.8e19 (a chunk mean that large) squared first is inf, inf * 0 NaN
+                m2 += tl.sum(d * d, axis=0) + delta * (seen * count / total) * delta
         rstd = 1.0 / tl.sqrt(tl.maximum(m2 / n, 0.0) + eps)
         if STORE_STATS:
             tl.store(MEAN + row, mean)
