@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -308,6 +309,11 @@ ERROR_CASES = {
     "normalized_shape bool element": lambda f: f(_x, (True,)),
     "weight not a tensor": lambda f: f(_x, (5,), 3),
     "eps None": lambda f: f(_x, (5,), None, None, None),
+    "eps a string": lambda f: f(_x, (5,), None, None, "0.1"),
+    "eps a 1-element 1-dim tensor": lambda f: f(_x, (5,), None, None, torch.tensor([0.1])),
+    "eps a tensor that requires grad": lambda f: f(_x, (5,), None, None, torch.tensor(0.1, requires_grad=True)),
+    "eps a complex tensor": lambda f: f(_x, (5,), None, None, torch.tensor(1 + 1j)),
+    "eps a meta tensor": lambda f: f(_x, (5,), None, None, torch.tensor(0.1, device="meta")),
     "weight on another device": lambda f: f(_x, (5,), torch.ones(5, device="meta")),
     "bias on another device": lambda f: f(_x, (5,), None, torch.ones(5, device="meta")),
 }
@@ -323,6 +329,10 @@ def test_accepted_argument_forms_match_torch():
     for shape in ((5,), [5], torch.Size([5]), (torch.tensor(5),)):
         assert torch.equal(normfuse.layer_norm(x, shape), normfuse.layer_norm(x, (5,)))
     assert max_rel_err(normfuse.layer_norm(x, (5,), eps=1), F.layer_norm(x, (5,), eps=1)) < 1e-6
+    # what torch's parser takes for a float: bool, numpy scalars, 0-dim tensors not requiring grad
+    for eps in (True, np.float32(0.5), np.int64(2), np.bool_(True), torch.tensor(0.5), torch.tensor(2), torch.tensor(0.5).bfloat16()):
+        assert torch.equal(normfuse.layer_norm(x, (5,), eps=eps), normfuse.layer_norm(x, (5,), eps=float(eps))), eps
+        assert max_rel_err(normfuse.layer_norm(x, (5,), eps=eps), F.layer_norm(x, (5,), eps=eps)) < 1e-6, eps
 
 
 # --- the direct paths: token-sized inference, eager training (functional._direct_path) -----------

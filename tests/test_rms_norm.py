@@ -74,6 +74,8 @@ def test_eps_none_is_the_computation_dtypes_epsilon():
         xd = x.to(dtype)
         assert max_rel_err(normfuse.rms_norm(xd, (8,)), F.rms_norm(xd, (8,))) <= 2 * FWD_TOL[dtype]
     assert max_rel_err(normfuse.rms_norm(x, (8,), eps=1e-3), F.rms_norm(x, (8,), eps=1e-3)) <= 2 * FWD_TOL[torch.float32]
+    for eps in (True, torch.tensor(1e-3), torch.tensor(1)):  # torch's parser takes these for a float
+        assert max_rel_err(normfuse.rms_norm(x, (8,), eps=eps), F.rms_norm(x, (8,), eps=eps)) <= 2 * FWD_TOL[torch.float32]
 
 
 @st.composite
@@ -180,6 +182,8 @@ ERROR_CASES = {
     "normalized_shape float element": lambda f: f(_x, (5.0,)),
     "weight not a tensor": lambda f: f(_x, (5,), 3),
     "eps a string": lambda f: f(_x, (5,), None, "a"),
+    "eps a 1-element 1-dim tensor": lambda f: f(_x, (5,), None, torch.tensor([0.1])),
+    "eps a tensor that requires grad": lambda f: f(_x, (5,), None, torch.tensor(0.1, requires_grad=True)),
     "weight on another device": lambda f: f(_x, (5,), torch.ones(5, device="meta")),
     "int input, weight on another device": lambda f: f(_x.long(), (5,), torch.ones(5, device="meta")),
 }

@@ -230,10 +230,23 @@ def _check_optional_tensor(fn: str, name: str, value: object, position: int) -> 
         raise TypeError(f"{fn}(): argument '{name}' (position {position}) must be Tensor, not {type(value).__name__}")
 
 
+def _is_torch_double(value: object) -> bool:
+    """Whether torch's argument parser takes ``value`` for a ``float`` argument: a Python int or
+    float (bool included), a numpy scalar, a SymInt/SymFloat, or a 0-dim tensor that does not
+    require grad (read with ``float()``, which raises as torch does for a complex value with an
+    imaginary part and for a meta tensor)."""
+    if isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        return True
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and not value.requires_grad
+    # numpy's scalars (numpy's bool is no numbers.Number), without importing numpy here
+    return type(value).__module__ == "numpy" and (isinstance(value, numbers.Number) or type(value).__name__ == "bool")
+
+
 def _check_eps(fn: str, eps: object, position: int) -> None:
     if type(eps) is float:
         return
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    if not _is_torch_double(eps):
         raise TypeError(f"{fn}(): argument 'eps' (position {position}) must be float, not {type(eps).__name__}")
 
 
@@ -636,8 +649,7 @@ def _rms_eps(x: Tensor, eps: float | None) -> float:
 
 
 def _check_rms_eps(fn: str, eps: object, position: int) -> None:
-    # torch's parser takes bools and ints for a ``float?``
-    if eps is not None and not isinstance(eps, numbers.Real):
+    if eps is not None and not _is_torch_double(eps):
         raise TypeError(f"{fn}(): argument 'eps' (position {position}) must be float, not {type(eps).__name__}")
 
 
