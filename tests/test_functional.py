@@ -307,6 +307,11 @@ ERROR_CASES = {
     "normalized_shape str": lambda f: f(_x, "5"),
     "normalized_shape float element": lambda f: f(_x, (5.0,)),
     "normalized_shape bool element": lambda f: f(_x, (True,)),
+    "normalized_shape numpy array": lambda f: f(_x, np.array([5])),
+    "normalized_shape numpy bool element": lambda f: f(_x, (np.bool_(True),)),
+    "normalized_shape float tensor element": lambda f: f(_x, (torch.tensor(5.0),)),
+    "normalized_shape bool tensor element": lambda f: f(_x, (torch.tensor(True),)),
+    "normalized_shape 2-element tensor element": lambda f: f(_x, (torch.tensor([5, 5]),)),
     "weight not a tensor": lambda f: f(_x, (5,), 3),
     "eps None": lambda f: f(_x, (5,), None, None, None),
     "eps a string": lambda f: f(_x, (5,), None, None, "0.1"),
@@ -326,7 +331,10 @@ def test_errors_match_torch(case):
 
 def test_accepted_argument_forms_match_torch():
     x = torch.randn(3, 5)
-    for shape in ((5,), [5], torch.Size([5]), (torch.tensor(5),)):
+    int_subclass = type("Size", (int,), {})
+    for shape in ((5,), [5], torch.Size([5]), (torch.tensor(5),), (np.int64(5),), [np.uint8(5)], (torch.tensor([[5]], dtype=torch.uint8),),
+                  (int_subclass(5),)):  # fmt: skip
+        assert torch.equal(F.layer_norm(x, shape), F.layer_norm(x, (5,))), shape
         assert torch.equal(normfuse.layer_norm(x, shape), normfuse.layer_norm(x, (5,)))
     assert max_rel_err(normfuse.layer_norm(x, (5,), eps=1), F.layer_norm(x, (5,), eps=1)) < 1e-6
     # what torch's parser takes for a float: bool, numpy scalars, 0-dim tensors not requiring grad

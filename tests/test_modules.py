@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,15 @@ def test_same_parameters_state_and_repr_as_torch(kwargs):
         assert (a is None) == (b is None)
         if a is not None:
             assert isinstance(a, torch.nn.Parameter) and a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("module", ["LayerNorm", "RMSNorm"])
+def test_numpy_integer_sizes_work_as_in_torch(module):
+    """torch's modules keep a numpy integer in normalized_shape, and its functional ops take it."""
+    ours, theirs = getattr(normfuse, module)(np.int64(6)), getattr(torch.nn, module)(np.int64(6))
+    assert ours.normalized_shape == theirs.normalized_shape and repr(ours) == repr(theirs)
+    x = torch.randn(3, 6)
+    assert max_rel_err(ours(x).detach(), theirs(x).detach()) <= FWD_TOL[torch.float32]
 
 
 def test_reset_parameters_gives_ones_and_zeros():

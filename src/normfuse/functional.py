@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Sequence
 
@@ -218,16 +219,54 @@ def _check_int_tuple(fn: str, value: object, position: int) -> tuple[int, ...]:
         return value  # the common case, without the general checks' cost (token-sized calls)
     prefix = f"{fn}(): argument 'normalized_shape' (position {position}) must be tuple of ints"
     if not isinstance(value, (tuple, list, torch.Size)):
-        raise TypeError(f"{prefix}, not {type(value).__name__}")
+        raise TypeError(f"{prefix}, not {_type_name(value)}")
+    shape = []
     for pos, item in enumerate(value):
-        if isinstance(item, bool) or not isinstance(item, (int, torch.SymInt, Tensor)):
-            raise TypeError(f"{prefix}, but found element of type {type(item).__name__} at pos {pos}")
-    return tuple(int(item) for item in value)
+        size = _shape_item(item)
+        if size is None:
+            raise TypeError(f"{prefix}, but found element of type {_type_name(item)} at pos {pos}")
+        shape.append(size)
+    return tuple(shape)
+
+
+def _shape_item(item: object) -> int | torch.SymInt | None:
+    """An element of an ``int[]`` as torch's parser takes it, or None where it refuses it: an
+    int or SymInt (not a bool), an integer tensor of one element, anything with ``__index__``
+    (numpy's integers; not numpy's bool)."""
+    if isinstance(item, bool):
+        return None
+    if isinstance(item, (int, torch.SymInt)):
+        return int(item)
+    if isinstance(item, Tensor):
+        if item.numel() != 1 or item.is_floating_point() or item.is_complex():
+            return None
+        if item.dtype == torch.bool:  # the parser takes it; the conversion refuses it
+            raise RuntimeError(
+                "Expected scalar.isIntegral( false) to be true, but got false.  (Could this error message be "
+                "improved?  If so, please report an enhancement request to PyTorch.)"
+            )
+        return int(item)
+    try:
+        return operator.index(item)
+    except TypeError:
+        return None
+
+
+def _type_name(value: object) -> str:
+    """A type's name as torch's errors print it (CPython's ``tp_name``): a class defined in Python
+    by its name, a builtin by its name, a C extension's type with its module (``numpy.ndarray``)."""
+    cls = type(value)
+    if cls.__flags__ & _HEAP_TYPE or cls.__module__ == "builtins":
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
 
 
 def _check_optional_tensor(fn: str, name: str, value: object, position: int) -> None:
     if value is not None and not isinstance(value, Tensor):
-        raise TypeError(f"{fn}(): argument '{name}' (position {position}) must be Tensor, not {type(value).__name__}")
+        raise TypeError(f"{fn}(): argument '{name}' (position {position}) must be Tensor, not {_type_name(value)}")
 
 
 def _is_torch_double(value: object) -> bool:
@@ -247,7 +286,7 @@ def _check_eps(fn: str, eps: object, position: int) -> None:
     if type(eps) is float:
         return
     if not _is_torch_double(eps):
-        raise TypeError(f"{fn}(): argument 'eps' (position {position}) must be float, not {type(eps).__name__}")
+        raise TypeError(f"{fn}(): argument 'eps' (position {position}) must be float, not {_type_name(eps)}")
 
 
 def _check_same_device(x: Tensor, param: Tensor | None) -> None:
@@ -650,7 +689,7 @@ def _rms_eps(x: Tensor, eps: float | None) -> float:
 
 def _check_rms_eps(fn: str, eps: object, position: int) -> None:
     if eps is not None and not _is_torch_double(eps):
-        raise TypeError(f"{fn}(): argument 'eps' (position {position}) must be float, not {type(eps).__name__}")
+        raise TypeError(f"{fn}(): argument 'eps' (position {position}) must be float, not {_type_name(eps)}")
 
 
 def _rms_weight(x: Tensor, weight: Tensor | None, weight_offset: float) -> Tensor | None:
