@@ -200,6 +200,7 @@ RESIDUAL_ERRORS = {
     "residual_dtype int": (lambda fn: fn(_x, None, (5,), residual_dtype=torch.int32), TypeError, "residual_dtype must be a floating point"),
     "residual_dtype f16 for f32": (lambda fn: fn(_x, None, (5,), residual_dtype=torch.float16), RuntimeError, "residual_dtype torch.float16 does not go with x"),
     "residual not a tensor": (lambda fn: fn(_x, 3, (5,)), TypeError, "argument 'residual' must be Tensor or None"),
+    "x not a tensor": (lambda fn: fn([[1.0] * 5], _x, (5,)), TypeError, r"argument 'x' \(position 1\) must be Tensor, not list"),
     "trailing shape": (lambda fn: fn(_x, _x, (4,)), RuntimeError, "expected input with shape"),
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numba
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,6 +183,9 @@ ERROR_CASES = {
     "normalized_shape float element": lambda f: f(_x, (5.0,)),
     "weight not a tensor": lambda f: f(_x, (5,), 3),
     "eps a string": lambda f: f(_x, (5,), None, "a"),
+    "input a numpy array": lambda f: f(np.ones((3, 5)), (5,)),
+    "input None": lambda f: f(None, (5,)),
+    "input a list": lambda f: f([[1.0] * 5], (5,)),
     "eps a 1-element 1-dim tensor": lambda f: f(_x, (5,), None, torch.tensor([0.1])),
     "eps a tensor that requires grad": lambda f: f(_x, (5,), None, torch.tensor(0.1, requires_grad=True)),
     "weight on another device": lambda f: f(_x, (5,), torch.ones(5, device="meta")),

@@ -264,6 +264,11 @@ def _type_name(value: object) -> str:
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
 
 
+def _check_tensor(fn: str, name: str, value: object, position: int) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{fn}(): argument '{name}' (position {position}) must be Tensor, not {_type_name(value)}")
+
+
 def _check_optional_tensor(fn: str, name: str, value: object, position: int) -> None:
     if value is not None and not isinstance(value, Tensor):
         raise TypeError(f"{fn}(): argument '{name}' (position {position}) must be Tensor, not {_type_name(value)}")
@@ -374,7 +379,7 @@ def _check_residual(fn: str, x: Tensor, residual: Tensor | None, residual_dtype:
     """The residual stream's checks, before any kernel: same shape and device as x, a float dtype."""
     if residual is not None:
         if not isinstance(residual, Tensor):
-            raise TypeError(f"{fn}(): argument 'residual' must be Tensor or None, not {type(residual).__name__}")
+            raise TypeError(f"{fn}(): argument 'residual' must be Tensor or None, not {_type_name(residual)}")
         if residual.shape != x.shape:
             raise RuntimeError(
                 f"{fn}(): residual of shape {_shape_list(residual.shape)} does not match x of shape "
@@ -655,7 +660,8 @@ def layer_norm(
         node := _fx_node(layer_norm, (input, normalized_shape, weight, bias, eps))
     ) is not None:  # fmt: skip
         return node
-    if isinstance(input, Tensor) and input.is_nested and not all(isinstance(d, int) for d in normalized_shape):
+    _check_tensor("layer_norm", "input", input, 1)
+    if input.is_nested and not all(isinstance(d, int) for d in normalized_shape):
         _torch_computes("layer_norm")  # a norm over the ragged dim (its size is a symbol, j1)
         return torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _check_int_tuple("layer_norm", normalized_shape, 2)
@@ -776,6 +782,7 @@ def rms_norm(
         rms_norm, (input, normalized_shape, weight, eps), weight_offset=weight_offset, xhat_dtype=xhat_dtype
     )) is not None:  # fmt: skip
         return node
+    _check_tensor("rms_norm", "input", input, 1)
     shape = _check_int_tuple("rms_norm", normalized_shape, 2)
     _check_optional_tensor("rms_norm", "weight", weight, 3)
     _check_rms_eps("rms_norm", eps, 4)
@@ -860,6 +867,7 @@ def add_layer_norm(
         residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask,
     )) is not None:  # fmt: skip
         return node
+    _check_tensor("add_layer_norm", "x", x, 1)
     shape = _check_int_tuple("add_layer_norm", normalized_shape, 3)
     _check_optional_tensor("add_layer_norm", "weight", weight, 4)
     _check_optional_tensor("add_layer_norm", "bias", bias, 5)
@@ -934,6 +942,7 @@ def add_rms_norm(
         xhat_dtype=xhat_dtype,
     )) is not None:  # fmt: skip
         return node
+    _check_tensor("add_rms_norm", "x", x, 1)
     shape = _check_int_tuple("add_rms_norm", normalized_shape, 3)
     _check_optional_tensor("add_rms_norm", "weight", weight, 4)
     _check_rms_eps("add_rms_norm", eps, 5)
