@@ -1,12 +1,13 @@
 """The CPU kernels against an earlier version of themselves, and torch's, in one process.
 
     git show 3eeb6db:src/normfuse/backends/cpu.py > /tmp/cpu_before.py
-    python benchmarks/ab_cpu.py /tmp/cpu_before.py [--forward [--add]] [--rms] [--shapes 4096x1024,1024x4096]
+    python benchmarks/ab_cpu.py /tmp/cpu_before.py [--forward] [--add] [--rms] [--shapes 4096x1024,1024x4096]
 
 Loads the given copy of ``backends/cpu.py`` as a second module beside the installed one and
 times, interleaved, the backend backward (dx, dweight, dbias), or with ``--forward`` the
-training forward (output, mean, rstd; ``--add``: of the residual add + norm), of LayerNorm
-(``--rms``: RMSNorm): torch
+training forward (output, mean, rstd), of LayerNorm
+(``--rms``: RMSNorm; ``--add``: of the residual add + norm, the backward with the residual
+output's incoming gradient): torch
 (``aten.native_layer_norm[_backward]``; ``F.rms_norm``), the earlier kernel and the current one; medians of
 rounds of medians, ms. Run it twice and read the second run: a numba kernel compiled in the
 running process runs slower than the same kernel loaded from the cache (see
@@ -47,10 +48,9 @@ def main() -> None:
     parser.add_argument("--forward", action="store_true", help="time the forward instead of the backward")
     parser.add_argument("--rms", action="store_true", help="RMSNorm instead of LayerNorm")
     parser.add_argument("--add", action="store_true",
-                        help="with --forward: the residual add + norm (torch: x + r, then the norm)")
+                        help="the residual add + norm (torch: x + r, then the norm); its backward also takes the "
+                             "residual output's incoming gradient and returns dresidual")  # fmt: skip
     args = parser.parse_args()
-    if args.add and not args.forward:
-        parser.error("--add times the add+norm forward: give --forward too")
     # a quiet allocator, as bench.py; this script times outside interleaved_medians, so no
     # warm-up pass (run it twice instead, as the docstring says)
     reexec_with_malloc_tunables(warm_first=False)
@@ -91,6 +91,18 @@ def main() -> None:
                     "torch": torch_fwd,
                     "before": lambda: before.norm_fwd(x, w, None if args.rms else b, 1e-5, args.rms),
                     "now": lambda: cpu.norm_fwd(x, w, None if args.rms else b, 1e-5, args.rms),
+                }
+            elif args.add:
+                # torch: the norm's backward; the add's gradient (dh + dresidual_out, returned as
+                # dx and dresidual) is one more elementwise op
+                dres_out = torch.randn(rows, n).to(dtype)
+                add_kwargs = dict(add=True, dresidual_out=dres_out, need_dresidual=True, x_dtype=dtype,
+                                  residual_dtype=dtype, dweight_dtype=dtype, dbias_dtype=dtype)  # fmt: skip
+                contenders = {
+                    "torch": lambda: torch.ops.aten.native_layer_norm_backward(dy, x, [n], mean, rstd, w, b, [True] * 3)[0]
+                    + dres_out,
+                    "before": lambda: before.norm_bwd(dy, x, w, nf_mean, nf_rstd, args.rms, True, True, True, **add_kwargs),
+                    "now": lambda: cpu.norm_bwd(dy, x, w, nf_mean, nf_rstd, args.rms, True, True, True, **add_kwargs),
                 }
             else:
                 contenders = {
