@@ -668,7 +668,7 @@ def layer_norm(
     _check_optional_tensor("layer_norm", "weight", weight, 3)
     _check_optional_tensor("layer_norm", "bias", bias, 4)
     _check_eps("layer_norm", eps, 5)
-    if isinstance(input, Tensor) and input.is_nested:
+    if input.is_nested:
         # torch's checks on nested tensors first (its dims, the batch dim), then the values'
         if input.layout == torch.jagged and input.dim() > 2 and _jagged_rows_normalizable(input, shape):
             return _like_nested(layer_norm(input.values(), shape, weight, bias, eps), input)
@@ -787,7 +787,7 @@ def rms_norm(
     _check_optional_tensor("rms_norm", "weight", weight, 3)
     _check_rms_eps("rms_norm", eps, 4)
     _check_family_options("rms_norm", weight_offset, xhat_dtype)
-    if isinstance(input, Tensor) and input.is_nested:
+    if input.is_nested:
         if input.layout == torch.jagged:
             if not _jagged_rows_normalizable(input, shape):
                 raise ValueError("rms_norm(): Normalization over the ragged dim not supported for nested tensors")
@@ -873,7 +873,7 @@ def add_layer_norm(
     _check_optional_tensor("add_layer_norm", "bias", bias, 5)
     _check_eps("add_layer_norm", eps, 6)
     p = _check_dropout_p(dropout_p)
-    if isinstance(x, Tensor) and x.is_nested:
+    if x.is_nested:
         _check_nested_add("add_layer_norm", x, residual, shape, residual_dtype)
         outs = add_layer_norm(
             x.values(), _values(residual), shape, weight, bias, eps, dropout_p=p, training=training,
@@ -948,7 +948,7 @@ def add_rms_norm(
     _check_rms_eps("add_rms_norm", eps, 5)
     _check_family_options("add_rms_norm", weight_offset, xhat_dtype)
     p = _check_dropout_p(dropout_p)
-    if isinstance(x, Tensor) and x.is_nested:
+    if x.is_nested:
         _check_nested_add("add_rms_norm", x, residual, shape, residual_dtype)
         outs = add_rms_norm(
             x.values(), _values(residual), shape, weight, eps, dropout_p=p, training=training,
