@@ -5,11 +5,10 @@
 
 Loads the given copy of ``backends/cpu.py`` as a second module beside the installed one and
 times, interleaved, the backend backward (dx, dweight, dbias), or with ``--forward`` the
-training forward (output, mean, rstd), of LayerNorm
-(``--rms``: RMSNorm; ``--add``: of the residual add + norm, the backward with the residual
-output's incoming gradient): torch
-(``aten.native_layer_norm[_backward]``; ``F.rms_norm``), the earlier kernel and the current one; medians of
-rounds of medians, ms. Run it twice and read the second run: a numba kernel compiled in the
+training forward (output, mean, rstd), of LayerNorm (``--rms``: RMSNorm; ``--add``: the residual
+add + norm, whose backward also takes the residual output's incoming gradient): torch
+(``aten.native_layer_norm[_backward]``; ``F.rms_norm``), the earlier kernel and the current one;
+medians of rounds of medians, ms. Run it twice and read the second run: a numba kernel compiled in the
 running process runs slower than the same kernel loaded from the cache (see
 ``normfuse.backends.cpu``), so the first run only fills the cache for both versions.
 """

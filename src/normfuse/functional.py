@@ -270,8 +270,8 @@ def _check_tensor(fn: str, name: str, value: object, position: int) -> None:
 
 
 def _check_optional_tensor(fn: str, name: str, value: object, position: int) -> None:
-    if value is not None and not isinstance(value, Tensor):
-        raise TypeError(f"{fn}(): argument '{name}' (position {position}) must be Tensor, not {_type_name(value)}")
+    if value is not None:
+        _check_tensor(fn, name, value, position)
 
 
 def _is_torch_double(value: object) -> bool:
