@@ -9,7 +9,8 @@ zero, rows holding NaN, Inf, 0 or 1e30, eps from 0 to 0.5, with and without grad
 call runs through normfuse and through torch (``F.layer_norm``, ``F.rms_norm``, ``x + r`` before
 them); where the two differ beyond the dtype's tolerance both are measured against torch in
 float64 on the same (rounded) inputs, and the case is reported only where normfuse is the worse
-of the two (more than twice torch's error and over the tolerance), where their NaNs differ, where
+of the two (more than twice torch's error and over the tolerance; gradients where torch's own error
+is past 100% are left out as ill-conditioned), where their NaNs differ, where
 normfuse raises and torch does not, or where an input changed. Cases where only torch is off (its
 fp16/bf16 output at large row means, its CPU backward at large means, its NaN for some finite
 rows whose squares overflow, its backward error for fp16 input with only an fp32 bias) are
@@ -185,7 +186,9 @@ def check(case: Case) -> tuple[list[str], list[str]]:
         a, t = (g if g is not None else torch.zeros_like(like) for g in (a, t))
         ref = ref if ref is not None else torch.zeros_like(like, dtype=torch.float64)
         ours_err, torch_err = _norm_err(a, ref), _norm_err(t, ref)
-        if ours_err > max(10 * TOL[case.dtype], 2 * torch_err) and case.dtype != torch.float64:
+        # torch's error past 1: a gradient that is a rounding residue (two features and eps 1e-12:
+        # x-hat is ±1 whatever x, and dx cancels to ~1e-11), where neither float32 result means much
+        if ours_err > max(10 * TOL[case.dtype], 2 * torch_err) and case.dtype != torch.float64 and torch_err < 1:
             problems.append(f"d{('x', 'residual', 'weight', 'bias')[k]}: error {ours_err:.3g} against float64, "
                             f"torch's {torch_err:.3g}")  # fmt: skip
     return problems, torch_off
