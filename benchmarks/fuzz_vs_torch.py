@@ -10,8 +10,8 @@ call runs through normfuse and through torch (``F.layer_norm``, ``F.rms_norm``, 
 them); where the two differ beyond the dtype's tolerance both are measured against torch in
 float64 on the same (rounded) inputs, and the case is reported only where normfuse is the worse
 of the two (more than twice torch's error and over the tolerance; gradients where torch's own error
-is past 100% are left out as ill-conditioned), where their NaNs differ, where
-normfuse raises and torch does not, or where an input changed. Cases where only torch is off (its
+is past 100% are left out as ill-conditioned), where normfuse gives NaN in more elements than
+torch, where normfuse raises and torch does not, or where an input changed. Cases where only torch is off (its
 fp16/bf16 output at large row means, its CPU backward at large means, its NaN for some finite
 rows whose squares overflow, its backward error for fp16 input with only an fp32 bias) are
 counted, not reported. ``--compile-cases`` also compiles that many random calls with
