@@ -694,8 +694,8 @@ def _rms_eps(x: Tensor, eps: float | None) -> float:
 
 
 def _check_rms_eps(fn: str, eps: object, position: int) -> None:
-    if eps is not None and not _is_torch_double(eps):
-        raise TypeError(f"{fn}(): argument 'eps' (position {position}) must be float, not {_type_name(eps)}")
+    if eps is not None:
+        _check_eps(fn, eps, position)
 
 
 def _rms_weight(x: Tensor, weight: Tensor | None, weight_offset: float) -> Tensor | None:
