@@ -1,6 +1,6 @@
 """A differential fuzz of normfuse's functional ops against torch's, judged by a float64 oracle.
 
-    python benchmarks/fuzz_vs_torch.py [--seed 0] [--cases 400] [--compile-cases 0]
+    python benchmarks/fuzz_vs_torch.py [--seed 0] [--cases 400] [--compile-cases 0] [--extras 0]
 
 Draws random calls of ``layer_norm``, ``rms_norm``, ``add_layer_norm`` and ``add_rms_norm``: every
 dtype, float32 parameters under bf16/fp16 input, one or two normalized dims, zero to two leading
@@ -18,9 +18,22 @@ counted, not reported. ``--compile-cases`` also compiles that many random calls 
 ``torch.compile(fullgraph=True)`` (static and dynamic shapes) and compares them, gradients
 included, with the eager calls.
 
+``--extras N`` draws N calls with the options no torch function has: dropout (p from 0 to 1, in
+training and eval mode), a float32 residual stream under bf16/fp16, no residual, the family
+formulas of ``rms_norm`` and ``add_rms_norm`` (Gemma's ``1 + w``, Llama's and T5's x-hat rounded
+before the weight), and the modules' ``residual=`` path. They are judged against a float64
+transcription of what the option means, through the dropout mask normfuse returns (a wrong mask
+in the backward shows as a wrong dx), and against the same transcription as plain torch ops in
+float32, which tells rounding residues from faults as torch's own results do above; the keep
+rate is held to binomial bounds, the output dtypes to the documented rules, and a module to the
+functional op it calls, bit for bit under one seed. With ``--compile-cases`` as many of these
+calls are also compiled and judged the same way.
+
 Not a test (it takes minutes and its verdicts need reading); what it found is in the tests. The
 twentieth session's runs found the rows whose squares overflow (NaN on the CPU, outputs of 1e32
-from the Triton kernels; see the README's Numerics).
+from the Triton kernels; see the README's Numerics); the options' cases, added in the
+twenty-first, found nothing of normfuse's (a backward given the wrong dropout seed on purpose
+fails 14 of 150 of them).
 """
 
 from __future__ import annotations
@@ -93,14 +106,26 @@ class Case:
             self.norm_shape = (self.norm_shape[0], 3)
         lead = tuple(rng.choice([0, 1, 2, 3, 5, 17]) for _ in range(rng.randint(0, 2)))
         self.shape = lead + self.norm_shape
-        self.layout = rng.choice(["contiguous", "contiguous", "transposed", "strided", "expanded", "far from zero", "special"])
+        self.layout = rng.choice(
+            ["contiguous", "contiguous", "transposed", "strided", "expanded", "far from zero", "special"]
+        )
         low = self.dtype in (torch.bfloat16, torch.float16)
         param_dtype = torch.float32 if low and rng.random() < 0.2 else self.dtype
         rms = "rms" in self.op
         self.x = _values(rng, self.shape, self.dtype, self.layout)
-        self.residual = _values(rng, self.shape, self.dtype, rng.choice(["contiguous", "strided"])) if "add" in self.op else None
-        self.weight = (1 + 0.5 * torch.randn(self.norm_shape, dtype=torch.float64)).to(param_dtype) if rng.random() < 0.8 else None
-        self.bias = torch.randn(self.norm_shape, dtype=torch.float64).to(param_dtype) if not rms and rng.random() < 0.7 else None
+        self.residual = (
+            _values(rng, self.shape, self.dtype, rng.choice(["contiguous", "strided"])) if "add" in self.op else None
+        )
+        self.weight = (
+            (1 + 0.5 * torch.randn(self.norm_shape, dtype=torch.float64)).to(param_dtype)
+            if rng.random() < 0.8
+            else None
+        )
+        self.bias = (
+            torch.randn(self.norm_shape, dtype=torch.float64).to(param_dtype)
+            if not rms and rng.random() < 0.7
+            else None
+        )
         self.eps = rng.choice([1e-5, 1e-6, 0.0, 0.1, None]) if rms else rng.choice([1e-5, 1e-12, 0.5])
         self.grad = rng.random() < 0.6
         self.text = (f"case {index}: {self.op} {self.dtype} params {param_dtype} shape {self.shape} normalized "
@@ -131,7 +156,9 @@ class Case:
         eps = self.eps
         if rms and eps is None:  # eps=None: the machine epsilon of the computation dtype
             eps = torch.finfo(torch.float64 if self.dtype == torch.float64 else torch.float32).eps
-        out = F.rms_norm(h, self.norm_shape, weight, eps) if rms else F.layer_norm(h, self.norm_shape, weight, bias, eps)
+        out = (
+            F.rms_norm(h, self.norm_shape, weight, eps) if rms else F.layer_norm(h, self.norm_shape, weight, bias, eps)
+        )
         return [out] if residual is None else [out, h]
 
 
@@ -164,7 +191,8 @@ def check(case: Case) -> tuple[list[str], list[str]]:
             continue
         if not torch.equal(a.isnan(), t.isnan()):
             (problems if a.isnan().sum() > t.isnan().sum() else torch_off).append(
-                f"{name}: NaN at {int(a.isnan().sum())} elements, torch's at {int(t.isnan().sum())}")
+                f"{name}: NaN at {int(a.isnan().sum())} elements, torch's at {int(t.isnan().sum())}"
+            )
             continue
         ours_err, torch_err = _rel_err(a, ref), _rel_err(t, ref)
         if _rel_err(a, t) > tol:
@@ -230,11 +258,254 @@ def check_compiled(rng: random.Random, index: int) -> list[str]:
     return problems
 
 
+# --- the options around the norms: dropout, the residual stream's dtype, family formulas, modules ---
+# No torch function takes these options, so the judge is a float64 transcription of what each
+# option means (dropout with the mask normfuse returns; Gemma's 1 + w; Llama's and T5's rounding of
+# x-hat before the weight), outputs within the dtype's tolerance of it and gradients within ten
+# times that (norm-wise), as the cases above. Modules are held to the functional op they call:
+# bit for bit, under the same seed.
+
+
+def _family_out(
+    h: torch.Tensor,
+    shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    eps: float,
+    weight_offset: float,
+    xhat_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """The family formula in h's dtype with its one rounding of x-hat."""  # fmt: skip
+    dims = tuple(range(-len(shape), 0))
+    xhat = h * torch.rsqrt(h.pow(2).mean(dims, keepdim=True) + eps)
+    if xhat_dtype is not None:  # rounded, with a straight-through gradient (a cast would round it too)
+        xhat = xhat + (xhat.detach().to(xhat_dtype).to(h.dtype) - xhat.detach())
+    if weight is None:
+        return xhat
+    return xhat * (weight + weight_offset)
+
+
+class ExtrasCase:
+    def __init__(self, rng: random.Random, index: int) -> None:
+        self.op = rng.choice(("add_layer_norm", "add_rms_norm", "rms_norm", "module"))
+        self.rms = self.op != "add_layer_norm" and (self.op != "module" or rng.random() < 0.5)
+        self.dtype = rng.choice(DTYPES)
+        low = self.dtype in (torch.bfloat16, torch.float16)
+        self.norm_shape = (rng.choice([1, 2, 7, 64, 100, 768, 1025]),)
+        if rng.random() < 0.2:
+            self.norm_shape = (rng.choice([2, 3]),) + self.norm_shape
+        self.shape = tuple(rng.choice([0, 1, 3, 17]) for _ in range(rng.randint(0, 2))) + self.norm_shape
+        self.layout = rng.choice(["contiguous", "contiguous", "transposed", "strided", "far from zero"])
+        self.x = _values(rng, self.shape, self.dtype, self.layout)
+        residual_dtype_of_tensor = torch.float32 if low and rng.random() < 0.3 else self.dtype
+        self.residual = None
+        if self.op != "rms_norm" and rng.random() < 0.85:
+            self.residual = _values(rng, self.shape, residual_dtype_of_tensor, rng.choice(["contiguous", "strided"]))
+        self.residual_dtype = (
+            rng.choice([None, None, torch.float32, self.dtype]) if low else rng.choice([None, self.dtype])
+        )
+        self.p = rng.choice([0.0, 0.0, 0.1, 0.5, 0.9, 1.0])
+        self.training = rng.random() < 0.8
+        self.weight_offset, self.xhat_dtype = 0.0, None
+        if self.rms and self.op != "module" and rng.random() < 0.6:
+            family = rng.choice(["gemma", "llama", "t5"])
+            self.weight_offset = 1.0 if family == "gemma" else 0.0
+            self.xhat_dtype = {"gemma": None, "llama": self.dtype, "t5": rng.choice([self.dtype, torch.float32])}[
+                family
+            ]
+        param_dtype = torch.float32 if low and rng.random() < 0.3 else self.dtype
+        self.weight = (0.5 * torch.randn(self.norm_shape, dtype=torch.float64)
+                       + (0.0 if self.weight_offset else 1.0)).to(param_dtype) if rng.random() < 0.85 else None  # fmt: skip
+        self.bias = (
+            torch.randn(self.norm_shape, dtype=torch.float64).to(param_dtype)
+            if not self.rms and rng.random() < 0.7
+            else None
+        )
+        self.eps = rng.choice([1e-5, 1e-6, None]) if self.rms else rng.choice([1e-5, 1e-12])
+        self.grad = rng.random() < 0.6
+        self.text = (f"extras case {index}: {self.op}{' rms' if self.rms else ''} {self.dtype} params {param_dtype} "
+                     f"shape {self.shape} normalized {self.norm_shape} {self.layout} residual "
+                     f"{None if self.residual is None else self.residual.dtype} residual_dtype {self.residual_dtype} "
+                     f"p {self.p} training {self.training} weight_offset {self.weight_offset} xhat_dtype "
+                     f"{self.xhat_dtype} weight {self.weight is not None} bias {self.bias is not None} eps {self.eps} "
+                     f"grad {self.grad}")  # fmt: skip
+
+    def leaves(self) -> list[torch.Tensor | None]:
+        return [None if t is None else t.detach().clone().requires_grad_(self.grad)
+                for t in (self.x, self.residual, self.weight, self.bias)]  # fmt: skip
+
+    def functional(self, x, residual, weight, bias) -> list[torch.Tensor]:
+        """normfuse's functional call: [out] or [out, residual_out, mask]."""
+        family = {"weight_offset": self.weight_offset, "xhat_dtype": self.xhat_dtype}
+        if self.op == "rms_norm":
+            return [normfuse.rms_norm(x, self.norm_shape, weight, self.eps, **family)]
+        common = {"dropout_p": self.p, "training": self.training, "residual_dtype": self.residual_dtype,
+                  "return_dropout_mask": True}  # fmt: skip
+        if self.rms:
+            return list(normfuse.add_rms_norm(x, residual, self.norm_shape, weight, self.eps, **common, **family))
+        return list(normfuse.add_layer_norm(x, residual, self.norm_shape, weight, bias, self.eps, **common))
+
+    def oracle(self, outs: list[torch.Tensor], leaves: list[torch.Tensor | None],
+               compute: torch.dtype = torch.float64) -> list[torch.Tensor]:  # fmt: skip
+        """The transcription in ``compute`` (float64: the oracle; the computation dtype: what plain
+        torch ops would give), through the mask normfuse returned, in ``compute``."""
+        x, residual, weight, bias = (None if t is None else t.to(compute) for t in leaves)
+        h = x
+        if self.op != "rms_norm":
+            if self.training and self.p > 0:
+                h = torch.where(outs[2], h * (0.0 if self.p >= 1 else 1 / (1 - self.p)), 0.0)
+            if residual is not None:
+                h = h + residual
+            # the residual stream's rounding, straight-through for the gradients
+            stream = self.residual_dtype or (self.residual.dtype if self.residual is not None else self.dtype)
+            h = h + (h.detach().to(stream).to(compute) - h.detach())
+        eps = self.eps
+        if eps is None:
+            eps = torch.finfo(torch.float64 if self.dtype == torch.float64 else torch.float32).eps
+        if self.rms:
+            out = _family_out(h, self.norm_shape, weight, eps, self.weight_offset, self.xhat_dtype)
+        else:
+            out = F.layer_norm(h, self.norm_shape, weight, bias, eps)
+        return [out] if self.op == "rms_norm" else [out, h]
+
+
+def _conditioning(case: ExtrasCase, h: torch.Tensor) -> float:
+    """For a LayerNorm of float64 input, whose oracle is no more precise than normfuse: the largest
+    |h| / std of a row of the normalized tensor h (an offset of 1e4 over a spread of 1e-3 leaves
+    1e-9 of float64's digits); else 1."""
+    if case.dtype != torch.float64 or not h.numel() or case.rms:
+        return 1.0
+    rows = h.reshape(-1, math.prod(case.norm_shape))
+    return max(1.0, (rows.abs().amax(1) / rows.std(1, correction=0).clamp(min=1e-300)).nan_to_num(1.0).max().item())
+
+
+def _expected_dtypes(case: ExtrasCase) -> list[torch.dtype]:
+    out = case.dtype
+    if case.xhat_dtype is not None:
+        out = case.xhat_dtype if case.weight is None else torch.promote_types(case.xhat_dtype, case.weight.dtype)
+    if case.op == "rms_norm":
+        return [out]
+    stream = case.residual_dtype or (case.residual.dtype if case.residual is not None else case.dtype)
+    return [out, stream, torch.bool]
+
+
+def check_extras(case: ExtrasCase, dynamic: bool | None = None) -> list[str]:
+    """Problems of normfuse's on one call with the options (empty: none); ``dynamic`` not None:
+    the call compiled with ``torch.compile(fullgraph=True, dynamic=dynamic)``."""
+    problems = []
+    if case.op == "module":
+        return check_module(case)
+    leaves = case.leaves()
+    before = [None if t is None else t.detach().clone() for t in leaves]
+    call = case.functional
+    if dynamic is not None:
+        torch._dynamo.reset()
+        call = torch.compile(case.functional, fullgraph=True, dynamic=dynamic)
+    try:
+        outs = list(call(*leaves))
+    except Exception as error:  # noqa: BLE001 - any exception is the finding
+        return [f"normfuse raises {type(error).__name__}: {error}"]
+    if any(t is not None and not torch.equal(t.detach(), b) for t, b in zip(leaves, before)):
+        problems.append("an input changed")
+    got = [o.dtype for o in outs]
+    if got != _expected_dtypes(case):
+        return problems + [f"dtypes {got}, expected {_expected_dtypes(case)}"]
+    if case.op != "rms_norm":
+        mask = outs[2]
+        if mask.shape != case.shape or (not (case.training and case.p > 0) and not mask.all()):
+            problems.append(f"mask of shape {tuple(mask.shape)}, {int((~mask).sum())} dropped, without dropout")
+        if case.training and case.p >= 1 and mask.any():
+            problems.append("p = 1 keeps elements")
+        if case.training and 0 < case.p < 1 and mask.numel() >= 2000:
+            kept, n = int(mask.sum()), mask.numel()
+            sd = math.sqrt(n * case.p * (1 - case.p))
+            if abs(kept - n * (1 - case.p)) > 6 * sd:
+                problems.append(f"kept {kept} of {n} at p {case.p}")
+    # the oracle in float64, and the same transcription as plain torch ops in float32 (the
+    # computation dtype but for float64 input, where it only tells a gradient that is a rounding
+    # residue): normfuse is at fault only where it is worse than the tolerance and twice the plain ops
+    compute = torch.float32
+    oracle_in, plain_in = ([None if t is None else t.detach().clone().requires_grad_(case.grad) for t in leaves]
+                           for _ in range(2))  # fmt: skip
+    oracle, plain = case.oracle(outs, oracle_in), case.oracle(outs, plain_in, compute)
+    tol = TOL[case.dtype] * _conditioning(case, oracle[-1].detach())
+    for k, (a, ref, t) in enumerate(zip(outs, oracle, plain)):
+        name = ("out", "residual_out")[k]
+        if not torch.equal(a.isnan(), ref.to(a.dtype).isnan()):
+            problems.append(f"{name}: NaN at {int(a.isnan().sum())} elements, the oracle's at {int(ref.isnan().sum())}")
+        elif (err := _rel_err(a, ref)) > max(tol, 2 * _rel_err(t.to(a.dtype), ref) * (case.dtype != torch.float64)):
+            problems.append(
+                f"{name}: error {err:.3g} against float64, plain torch's {_rel_err(t.to(a.dtype), ref):.3g}"
+            )
+    if not (case.grad and case.x.numel()) or problems:
+        return problems
+    grads_out = [torch.randn_like(o, dtype=torch.float64).to(o.dtype) for o in outs[: len(oracle)]]
+    present = [k for k, t in enumerate(leaves) if t is not None]
+    ours_g = torch.autograd.grad(outs[: len(oracle)], [leaves[k] for k in present], grads_out, allow_unused=True)
+    oracle_g = torch.autograd.grad(oracle, [oracle_in[k] for k in present], [g.double() for g in grads_out],
+                                   allow_unused=True)  # fmt: skip
+    plain_g = torch.autograd.grad(plain, [plain_in[k] for k in present], [g.to(compute) for g in grads_out],
+                                  allow_unused=True)  # fmt: skip
+    # x-hat rounded to a coarser dtype than x's: its gradient is the straight-through one only up
+    # to that rounding
+    coarse = case.xhat_dtype if case.xhat_dtype is not None and TOL[case.xhat_dtype] > TOL[case.dtype] else case.dtype
+    for k, a, ref, t in zip(present, ours_g, oracle_g, plain_g):
+        name = f"d{('x', 'residual', 'weight', 'bias')[k]}"
+        if a is None or ref is None:
+            if (a is None) != (ref is None or not ref.any()):
+                problems.append(f"{name}: None where the oracle has one")
+            continue
+        ours_err, plain_err = _norm_err(a, ref), _norm_err(t.to(a.dtype), ref)
+        # plain torch past 100% (float64 input: float32 past 1%): a gradient that is a rounding
+        # residue (one feature; a row constant in its dtype), where neither result means much
+        if case.dtype == torch.float64:
+            plain_err = 0.0 if plain_err < 1e-2 else math.inf
+        if ours_err > max(10 * TOL[coarse], 2 * plain_err) and plain_err < 1:
+            problems.append(f"{name}: error {ours_err:.3g} against float64, plain torch's {plain_err:.3g}")
+    return problems
+
+
+def check_module(case: ExtrasCase) -> list[str]:
+    """A module's residual path against the functional op it calls, bit for bit under one seed."""
+    cls = normfuse.RMSNorm if case.rms else normfuse.LayerNorm
+    kwargs = {"eps": case.eps} if case.rms else {"eps": case.eps, "bias": case.bias is not None}
+    module = cls(case.norm_shape, **kwargs, elementwise_affine=case.weight is not None, dtype=case.dtype,
+                 dropout_p=case.p, residual_dtype=case.residual_dtype)  # fmt: skip
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(module, name, None) is not None:
+                getattr(module, name).copy_(getattr(case, name) if getattr(case, name) is not None else 0)
+    module.train(case.training)
+    x, residual, *_ = case.leaves()
+    if residual is None:
+        residual = torch.zeros_like(x)
+    try:
+        torch.manual_seed(1234)
+        got = module(x, residual=residual)
+        torch.manual_seed(1234)
+        fn = normfuse.add_rms_norm if case.rms else normfuse.add_layer_norm
+        params = (module.weight,) if case.rms else (module.weight, module.bias)
+        want = fn(x.detach(), residual.detach(), case.norm_shape, *[None if p is None else p.detach() for p in params],
+                  module.eps, dropout_p=case.p, training=case.training, residual_dtype=case.residual_dtype)  # fmt: skip
+    except Exception as error:  # noqa: BLE001
+        return [f"raises {type(error).__name__}: {error}"]
+    if len(got) != 2 or any(a.dtype != b.dtype or not torch.equal(a.nan_to_num(), b.nan_to_num())
+                            for a, b in zip(got, want)):  # fmt: skip
+        return ["the module's residual path differs from the functional op's"]
+    plain = module(x)
+    fn_plain = normfuse.rms_norm if case.rms else normfuse.layer_norm
+    if not torch.equal(plain.nan_to_num(), fn_plain(x.detach(), case.norm_shape, *params, module.eps).nan_to_num()):
+        return ["the module's plain forward differs from the functional op's"]
+    return []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", type=int, default=400)
     parser.add_argument("--compile-cases", type=int, default=0)
+    parser.add_argument(
+        "--extras", type=int, default=0, help="cases of dropout, residual dtypes, family options, modules"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     rng = random.Random(args.seed)
@@ -253,7 +524,24 @@ def main() -> None:
         for line in check_compiled(rng, index):
             n_problems += 1
             print(line)
-    print(f"seed {args.seed}: {args.cases} cases, {args.compile_cases} compiled; {n_problems} with a problem of "
+        if args.extras:  # the options compiled too, judged as in eager mode
+            case = ExtrasCase(rng, index)
+            case.op = "add_rms_norm" if case.op == "module" and case.rms else case.op
+            case.op = "add_layer_norm" if case.op == "module" else case.op
+            dynamic = rng.random() < 0.5
+            if problems := check_extras(case, dynamic):
+                n_problems += 1
+                print(f"{case.text} (compiled, dynamic={dynamic})")
+                for line in problems:
+                    print("   ", line)
+    for index in range(args.extras):
+        case = ExtrasCase(rng, index)
+        if problems := check_extras(case):
+            n_problems += 1
+            print(case.text)
+            for line in problems:
+                print("   ", line)
+    print(f"seed {args.seed}: {args.cases} cases, {args.compile_cases} compiled, {args.extras} with options; {n_problems} with a problem of "
           f"normfuse's, {n_torch_off} where only torch was off")  # fmt: skip
     raise SystemExit(1 if n_problems else 0)
 
