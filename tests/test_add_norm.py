@@ -159,6 +159,19 @@ def test_p_one_drops_everything(kind):
     assert torch.equal(out, _fused(kind, torch.zeros_like(x), r, 64, w, b)[0])
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropped_nan_and_inf_take_no_part_in_the_sum(kind, dtype):
+    """The mask selects (``F.dropout`` multiplies by 0, which keeps a NaN and makes an Inf NaN)."""
+    x = torch.tensor([math.nan, math.inf, -math.inf, 1.0] * 32, dtype=dtype).reshape(4, 32)
+    r = torch.randn(4, 32, dtype=dtype)
+    w, b = _params(kind, 32, dtype)
+    for p in (0.5, 1.0):
+        _, h, mask = _fused(kind, x, r, 32, w, b, dropout_p=p, return_dropout_mask=True)
+        assert not mask.all() and torch.equal(h[~mask], r[~mask])
+        assert torch.equal(h[mask].isnan(), x[mask].isnan())
+
+
 @pytest.mark.parametrize("p", [-0.1, 1.5])
 def test_dropout_p_outside_unit_interval_is_refused_like_torch(p):
     with pytest.raises(ValueError) as theirs:
