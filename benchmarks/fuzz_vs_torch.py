@@ -1,7 +1,7 @@
 """A differential fuzz of normfuse's functional ops against torch's, judged by a float64 oracle.
 
     python benchmarks/fuzz_vs_torch.py [--seed 0] [--cases 400] [--compile-cases 0] [--extras 0]
-                                       [--backend auto|cpu|triton|reference]
+                                       [--backend auto|cpu|triton|reference] [--wide-paths]
 
 Draws random calls of ``layer_norm``, ``rms_norm``, ``add_layer_norm`` and ``add_rms_norm``: every
 dtype, float32 parameters under bf16/fp16 input, one or two normalized dims, zero to two leading
@@ -33,7 +33,9 @@ calls are also compiled and judged the same way.
 ``--backend`` forces one backend for every call (``normfuse.use_backend``). The Triton kernels
 run without a GPU under ``TRITON_INTERPRET=1`` (some 2 cases a second); there the interpreter's
 fp32-to-bf16 cast, which truncates, is made to round to nearest even as a GPU's does, or rows far
-from zero would read as faults of the kernels.
+from zero would read as faults of the kernels. ``--wide-paths`` lowers the Triton backend's row limits and chunks to 64 features, so that the
+wide-row kernels (the looped forward, the split and the looped backward, alternating) run on the
+fuzz's small rows.
 
 Not a test (it takes minutes and its verdicts need reading); what it found is in the tests. The
 twentieth session's runs found the rows whose squares overflow (NaN on the CPU, outputs of 1e32
@@ -525,6 +527,27 @@ def _interpreter_rounds_to_bf16_as_gpus_do() -> None:
     interpreter.InterpreterBuilder.cast_impl = rounding_cast
 
 
+def _wide_paths_from_64_features() -> None:
+    """The Triton backend's wide-row kernels (looped forward, split or looped backward, chunked
+    sums) for rows from 65 features, in chunks of 64: the paths that rows of 16K-32K features and
+    more take, on the fuzz's small shapes. The backward's two wide kernels alternate by call."""
+    from normfuse.backends import triton as triton_backend
+
+    triton_backend.MAX_FUSED_N = triton_backend.MAX_FUSED_N_FP32 = triton_backend.MAX_FUSED_N_BWD = 64
+    for key in ("loop_block_n", "sums_block_n", "split_block_n", "bwd_loop_block_n"):
+        triton_backend.TUNING[key] = 64
+    triton_backend.clear_config_caches()
+    norm_bwd = triton_backend.norm_bwd
+    calls = iter(range(1 << 62))
+
+    def alternating_norm_bwd(*args, **kwargs):
+        triton_backend.TUNING["bwd_wide"] = ("split", "looped")[next(calls) % 2]
+        triton_backend.clear_config_caches()
+        return norm_bwd(*args, **kwargs)
+
+    triton_backend.norm_bwd = alternating_norm_bwd
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
@@ -537,9 +560,15 @@ def main() -> None:
         "--backend", choices=["auto", *ops.BACKENDS], default="auto",
         help="force a backend (triton without a GPU: TRITON_INTERPRET=1, and few cases: the interpreter is slow)",
     )  # fmt: skip
+    parser.add_argument(
+        "--wide-paths", action="store_true",
+        help="Triton: row limits and chunks of 64 features, so rows from 65 features take the wide-row kernels",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         _interpreter_rounds_to_bf16_as_gpus_do()
+    if args.wide_paths:
+        _wide_paths_from_64_features()
     with normfuse.use_backend(None if args.backend == "auto" else args.backend):
         run(args)
 
