@@ -6,18 +6,18 @@
 Draws random calls of ``layer_norm``, ``rms_norm``, ``add_layer_norm`` and ``add_rms_norm``: every
 dtype, float32 parameters under bf16/fp16 input, one or two normalized dims, zero to two leading
 dims (zero rows included), contiguous, transposed, strided and expanded inputs, rows far from
-zero, rows holding NaN, Inf, 0 or 1e30, eps from 0 to 0.5, with and without gradients. Each
-call runs through normfuse and through torch (``F.layer_norm``, ``F.rms_norm``, ``x + r`` before
-them); where the two differ beyond the dtype's tolerance both are measured against torch in
-float64 on the same (rounded) inputs, and the case is reported only where normfuse is the worse
-of the two (more than twice torch's error and over the tolerance; gradients where torch's own error
-is past 100% are left out as ill-conditioned), where normfuse gives NaN in more elements than
-torch, where normfuse raises and torch does not, or where an input changed. Cases where only torch is off (its
-fp16/bf16 output at large row means, its CPU backward at large means, its NaN for some finite
-rows whose squares overflow, its backward error for fp16 input with only an fp32 bias) are
-counted, not reported. ``--compile-cases`` also compiles that many random calls with
-``torch.compile(fullgraph=True)`` (static and dynamic shapes) and compares them, gradients
-included, with the eager calls.
+zero, rows holding NaN, Inf, 0 or 1e30, finite rows whose squares overflow, eps from 0 to 0.5,
+with and without gradients. Each call runs through normfuse and through torch (``F.layer_norm``,
+``F.rms_norm``, ``x + r`` before them); where the two differ beyond the dtype's tolerance both are
+measured against torch in float64 on the same (rounded) inputs, and the case is reported only
+where normfuse is the worse of the two (more than twice torch's error and over the tolerance;
+gradients where torch's own error is past 100% are left out as ill-conditioned), where normfuse
+gives NaN in more elements than torch, where normfuse raises and torch does not, or where an
+input changed. Cases where only torch is off (its fp16/bf16 output at large row means, its CPU
+backward at large means, its NaN for some finite rows whose squares overflow, its backward error
+for fp16 input with only an fp32 bias) are counted, not reported. ``--compile-cases`` also
+compiles that many random calls with ``torch.compile(fullgraph=True)`` (static and dynamic
+shapes) and compares them, gradients included, with the eager calls.
 
 ``--extras N`` draws N calls with the options no torch function has: dropout (p from 0 to 1, in
 training and eval mode), a float32 residual stream under bf16/fp16, no residual, the family
@@ -71,6 +71,12 @@ def _values(rng: random.Random, shape: tuple[int, ...], dtype: torch.dtype, layo
         flat = t.view(-1)
         for _ in range(rng.randint(1, 3)):
             flat[rng.randrange(flat.numel())] = rng.choice([math.nan, math.inf, -math.inf, 1e30, 0.0])
+    elif layout == "huge" and t.numel():
+        # finite values whose squares overflow the accumulation dtype (fp16: its largest values)
+        big = {torch.float64: 1e200, torch.float16: 6e4}.get(dtype, 1e30)
+        flat = t.view(-1)
+        for _ in range(rng.randint(1, 3)):
+            flat[rng.randrange(flat.numel())] = rng.choice([big, -big, big / 7])
     t = t.to(dtype)
     if layout == "transposed" and len(shape) >= 2:
         t = t.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -117,7 +123,7 @@ class Case:
         lead = tuple(rng.choice([0, 1, 2, 3, 5, 17]) for _ in range(rng.randint(0, 2)))
         self.shape = lead + self.norm_shape
         self.layout = rng.choice(
-            ["contiguous", "contiguous", "transposed", "strided", "expanded", "far from zero", "special"]
+            ["contiguous", "contiguous", "transposed", "strided", "expanded", "far from zero", "special", "huge"]
         )
         low = self.dtype in (torch.bfloat16, torch.float16)
         param_dtype = torch.float32 if low and rng.random() < 0.2 else self.dtype
@@ -210,7 +216,7 @@ def check(case: Case) -> tuple[list[str], list[str]]:
                 problems.append(f"{name}: error {ours_err:.3g} against float64, torch's {torch_err:.3g}")
             else:
                 torch_off.append(f"{name}: torch's error {torch_err:.3g}, normfuse's {ours_err:.3g}")
-    if not (case.grad and case.x.numel()) or case.layout == "special":
+    if not (case.grad and case.x.numel()) or case.layout in ("special", "huge"):
         return problems, torch_off
     grads_out = [torch.randn_like(t) for t in theirs]
     present = [k for k, t in enumerate(theirs_in) if t is not None]
