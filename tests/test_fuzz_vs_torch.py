@@ -30,14 +30,14 @@ def test_core_cases_find_nothing(fuzz):
     torch.manual_seed(3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        found = {case.text: fuzz.check(case)[0] for case in (fuzz.Case(rng, i) for i in range(40))}
+        found = {case.text: fuzz.check(case)[0] for case in (fuzz.Case(rng, i) for i in range(16))}
     assert {text: problems for text, problems in found.items() if problems} == {}
 
 
 def test_option_cases_find_nothing(fuzz):
     rng = random.Random(3)
     torch.manual_seed(3)
-    found = {case.text: fuzz.check_extras(case) for case in (fuzz.ExtrasCase(rng, i) for i in range(40))}
+    found = {case.text: fuzz.check_extras(case) for case in (fuzz.ExtrasCase(rng, i) for i in range(16))}
     assert {text: problems for text, problems in found.items() if problems} == {}
 
 
@@ -56,6 +56,6 @@ def test_option_cases_catch_a_backward_with_another_dropout_mask(fuzz, monkeypat
     torch.manual_seed(4)
     cases = [case for case in (fuzz.ExtrasCase(rng, i) for i in range(200))
              if case.op in ("add_layer_norm", "add_rms_norm") and case.p > 0 and case.training and case.grad
-             and case.x.numel() > 0 and case.p < 1][:6]  # fmt: skip
-    assert len(cases) == 6
+             and case.x.numel() > 0 and case.p < 1][:3]  # fmt: skip
+    assert len(cases) == 3
     assert all(fuzz.check_extras(case) for case in cases)
