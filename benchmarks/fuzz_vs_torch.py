@@ -32,10 +32,11 @@ calls are also compiled and judged the same way.
 
 ``--backend`` forces one backend for every call (``normfuse.use_backend``). The Triton kernels
 run without a GPU under ``TRITON_INTERPRET=1`` (some 2 cases a second); there the interpreter's
-fp32-to-bf16 cast, which truncates, is made to round to nearest even as a GPU's does, or rows far
-from zero would read as faults of the kernels. ``--wide-paths`` lowers the Triton backend's row limits and chunks to 64 features, so that the
-wide-row kernels (the looped forward, the split and the looped backward, alternating) run on the
-fuzz's small rows.
+fp32-to-bf16 cast, which truncates, is made to round to nearest even as a GPU's does
+(``interpreter_rounds_bf16_like_gpus``, as in the test suite), or rows far from zero would read
+as faults of the kernels. ``--wide-paths`` lowers the Triton backend's row limits and chunks to
+64 features, so that the wide-row kernels (the looped forward, the split and the looped
+backward, alternating) run on the fuzz's small rows.
 
 Not a test (it takes minutes and its verdicts need reading); what it found is in the tests. The
 twentieth session's runs found the rows whose squares overflow (NaN on the CPU, outputs of 1e32
@@ -514,25 +515,6 @@ def check_module(case: ExtrasCase) -> list[str]:
     return []
 
 
-def _interpreter_rounds_to_bf16_as_gpus_do() -> None:
-    """Triton's interpreter casts fp32 to bf16 by dropping the low 16 bits, where a GPU (and
-    torch) rounds to nearest even; a case whose rows are far from zero then reads as a fault of
-    the kernels. Under the fuzz, the interpreter's cast rounds as a GPU does (torch's conversion)."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    cast_impl = interpreter.InterpreterBuilder.cast_impl
-
-    def rounding_cast(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
-            return interpreter.TensorHandle(bits.view(np.uint16), dst_type.scalar)
-        return cast_impl(self, src, dst_type)
-
-    interpreter.InterpreterBuilder.cast_impl = rounding_cast
-
-
 def _wide_paths_from_64_features() -> None:
     """The Triton backend's wide-row kernels (looped forward, split or looped backward, chunked
     sums) for rows from 65 features, in chunks of 64: the paths that rows of 16K-32K features and
@@ -572,7 +554,10 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        _interpreter_rounds_to_bf16_as_gpus_do()
+        from normfuse.backends import triton as triton_backend
+
+        if not triton_backend.interpreter_rounds_bf16_like_gpus():
+            print("this Triton's interpreter truncates fp32 to bf16: rows far from zero may read as faults")
     if args.wide_paths:
         _wide_paths_from_64_features()
     with normfuse.use_backend(None if args.backend == "auto" else args.backend):
