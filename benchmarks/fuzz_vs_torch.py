@@ -278,9 +278,10 @@ def check_compiled(rng: random.Random, index: int) -> list[str]:
 # --- the options around the norms: dropout, the residual stream's dtype, family formulas, modules ---
 # No torch function takes these options, so the judge is a float64 transcription of what each
 # option means (dropout with the mask normfuse returns; Gemma's 1 + w; Llama's and T5's rounding of
-# x-hat before the weight), outputs within the dtype's tolerance of it and gradients within ten
-# times that (norm-wise), as the cases above. Modules are held to the functional op they call:
-# bit for bit, under the same seed.
+# x-hat before the weight): outputs within the dtype's tolerance of it and gradients within ten
+# times that (norm-wise), unless the same transcription as plain torch ops in float32 is off by
+# more than half as much (then it is the problem's conditioning, not normfuse). Modules are held
+# to the functional op they call: bit for bit, under the same seed.
 
 
 def _family_out(
@@ -291,7 +292,7 @@ def _family_out(
     weight_offset: float,
     xhat_dtype: torch.dtype | None,
 ) -> torch.Tensor:
-    """The family formula in h's dtype with its one rounding of x-hat."""  # fmt: skip
+    """The family formula in h's dtype with its one rounding of x-hat."""
     dims = tuple(range(-len(shape), 0))
     xhat = h * torch.rsqrt(h.pow(2).mean(dims, keepdim=True) + eps)
     if xhat_dtype is not None:  # rounded, with a straight-through gradient (a cast would round it too)
