@@ -59,3 +59,20 @@ def test_option_cases_catch_a_backward_with_another_dropout_mask(fuzz, monkeypat
              and case.x.numel() > 0 and case.p < 1][:3]  # fmt: skip
     assert len(cases) == 3
     assert all(fuzz.check_extras(case) for case in cases)
+
+
+def test_cases_through_the_triton_kernels_find_nothing(fuzz):
+    """The same judges over the Triton backend (the interpreter without a GPU, rounding bf16 as a
+    GPU does: ``tests/conftest.py``)."""
+    import normfuse
+    from normfuse.backends import triton as triton_backend
+
+    if not triton_backend.available():
+        pytest.skip("triton is not installed, or no CUDA GPU and TRITON_INTERPRET is not 1")
+    rng = random.Random(5)
+    torch.manual_seed(5)
+    with normfuse.use_backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = {case.text: fuzz.check(case)[0] for case in (fuzz.Case(rng, i) for i in range(5))}
+        found.update({case.text: fuzz.check_extras(case) for case in (fuzz.ExtrasCase(rng, i) for i in range(5))})
+    assert {text: problems for text, problems in found.items() if problems} == {}
