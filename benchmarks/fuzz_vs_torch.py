@@ -64,6 +64,11 @@ DTYPES = list(TOL)
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 
 
+def _machine_eps(dtype: torch.dtype) -> float:
+    """RMSNorm's eps=None: the machine epsilon of the computation dtype (float32 but for float64)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 def _values(rng: random.Random, shape: tuple[int, ...], dtype: torch.dtype, layout: str) -> torch.Tensor:
     t = torch.randn(shape, dtype=torch.float64)
     if layout == "far from zero":
@@ -172,7 +177,7 @@ class Case:
         h = x + residual if residual is not None else x
         eps = self.eps
         if rms and eps is None:  # eps=None: the machine epsilon of the computation dtype
-            eps = torch.finfo(torch.float64 if self.dtype == torch.float64 else torch.float32).eps
+            eps = _machine_eps(self.dtype)
         out = (
             F.rms_norm(h, self.norm_shape, weight, eps) if rms else F.layer_norm(h, self.norm_shape, weight, bias, eps)
         )
@@ -347,6 +352,10 @@ class ExtrasCase:
                      f"{self.xhat_dtype} weight {self.weight is not None} bias {self.bias is not None} eps {self.eps} "
                      f"grad {self.grad}")  # fmt: skip
 
+    def stream_dtype(self) -> torch.dtype:
+        """residual_out's dtype: residual_dtype, else the residual's, else x's."""
+        return self.residual_dtype or (self.residual.dtype if self.residual is not None else self.dtype)
+
     def leaves(self) -> list[torch.Tensor | None]:
         return [None if t is None else t.detach().clone().requires_grad_(self.grad)
                 for t in (self.x, self.residual, self.weight, self.bias)]  # fmt: skip
@@ -374,11 +383,10 @@ class ExtrasCase:
             if residual is not None:
                 h = h + residual
             # the residual stream's rounding, straight-through for the gradients
-            stream = self.residual_dtype or (self.residual.dtype if self.residual is not None else self.dtype)
-            h = h + (h.detach().to(stream).to(compute) - h.detach())
+            h = h + (h.detach().to(self.stream_dtype()).to(compute) - h.detach())
         eps = self.eps
         if eps is None:
-            eps = torch.finfo(torch.float64 if self.dtype == torch.float64 else torch.float32).eps
+            eps = _machine_eps(self.dtype)
         if self.rms:
             out = _family_out(h, self.norm_shape, weight, eps, self.weight_offset, self.xhat_dtype)
         else:
@@ -402,8 +410,7 @@ def _expected_dtypes(case: ExtrasCase) -> list[torch.dtype]:
         out = case.xhat_dtype if case.weight is None else torch.promote_types(case.xhat_dtype, case.weight.dtype)
     if case.op == "rms_norm":
         return [out]
-    stream = case.residual_dtype or (case.residual.dtype if case.residual is not None else case.dtype)
-    return [out, stream, torch.bool]
+    return [out, case.stream_dtype(), torch.bool]
 
 
 def check_extras(case: ExtrasCase, dynamic: bool | None = None) -> list[str]:
@@ -450,10 +457,10 @@ def check_extras(case: ExtrasCase, dynamic: bool | None = None) -> list[str]:
         name = ("out", "residual_out")[k]
         if not torch.equal(a.isnan(), ref.to(a.dtype).isnan()):
             problems.append(f"{name}: NaN at {int(a.isnan().sum())} elements, the oracle's at {int(ref.isnan().sum())}")
-        elif (err := _rel_err(a, ref)) > max(tol, 2 * _rel_err(t.to(a.dtype), ref) * (case.dtype != torch.float64)):
-            problems.append(
-                f"{name}: error {err:.3g} against float64, plain torch's {_rel_err(t.to(a.dtype), ref):.3g}"
-            )
+            continue
+        err, plain_err = _rel_err(a, ref), _rel_err(t.to(a.dtype), ref)
+        if err > max(tol, 2 * plain_err * (case.dtype != torch.float64)):
+            problems.append(f"{name}: error {err:.3g} against float64, plain torch's {plain_err:.3g}")
     if not (case.grad and case.x.numel()) or problems:
         return problems
     grads_out = [torch.randn_like(o, dtype=torch.float64).to(o.dtype) for o in outs[: len(oracle)]]
