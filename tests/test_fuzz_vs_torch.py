@@ -68,7 +68,8 @@ def test_cases_through_the_triton_kernels_find_nothing(fuzz):
     from normfuse.backends import triton as triton_backend
 
     if not triton_backend.available():
-        pytest.skip("triton is not installed, or no CUDA GPU and TRITON_INTERPRET is not 1")
+        pytest.skip("triton is not installed, or no CUDA GPU and no interpreter that runs on CPU tensors "
+                    "(TRITON_INTERPRET=1 with Triton 3.2 or newer)")  # fmt: skip
     rng = random.Random(5)
     torch.manual_seed(5)
     with normfuse.use_backend("triton"), warnings.catch_warnings():

@@ -96,6 +96,17 @@ def test_forced_reference_backend_runs_and_agrees():
     assert max_rel_err(x.grad, rdx) < 1e-5 and max_rel_err(w.grad, rdw) < 1e-5
 
 
+def test_forced_triton_backend_where_it_cannot_run_raises(monkeypatch):
+    """Forced where its kernels cannot run (no triton, no GPU and no interpreter, or Triton 3.1's
+    interpreter, which writes nothing back to CPU tensors), the Triton backend says so before a
+    kernel runs, instead of returning outputs that were never written."""
+    triton_backend = pytest.importorskip("normfuse.backends.triton")
+    monkeypatch.setattr(triton_backend, "available", lambda: False)
+    monkeypatch.setattr(ops, "_loaded_backends", {})
+    with normfuse.use_backend("triton"), pytest.raises(RuntimeError, match="Triton 3.2 or newer"):
+        normfuse.layer_norm(torch.randn(3, 8), (8,))
+
+
 def test_no_kernel_falls_back_to_reference_and_warns_once():
     ops._warned_fallbacks.clear()
     x = torch.empty(2, 3, dtype=torch.float8_e4m3fn)  # a dtype without a kernel

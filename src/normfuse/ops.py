@@ -90,6 +90,13 @@ def _import_backend(name: str) -> ModuleType:
     if name == "triton":
         from normfuse.backends import triton as triton_backend
 
+        if not triton_backend.available():
+            # forced (use_backend, NORMFUSE_BACKEND) where the kernels cannot run: say so at once,
+            # not with outputs that were never written
+            raise RuntimeError(
+                "normfuse's Triton backend needs triton and a CUDA GPU, or TRITON_INTERPRET=1 with Triton 3.2 "
+                "or newer (an older interpreter writes nothing back to CPU tensors)"
+            )
         return triton_backend
     return reference
 

@@ -24,7 +24,9 @@ Kernels, one per pass (after Triton's layer-norm tutorial):
   dtype. No atomics: the same inputs give the same bits on every run.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: the interpreter of Triton 3.2 (and older) finds
+# a kernel's constexpr parameters by their evaluated annotations, where the string "tl.constexpr"
+# does not count, and then hands the kernel its block sizes as tensors.
 
 import functools
 import os
@@ -94,10 +96,19 @@ TUNING = {
 
 
 def available() -> bool:
-    """True where the kernels can run: triton imports and a CUDA device (or the interpreter)."""
+    """True where the kernels can run: triton imports and a CUDA device (or the interpreter, on
+    CPU tensors from Triton 3.2 on)."""
     if triton is None:
         return False
-    return torch.cuda.is_available() or interpreting()
+    return torch.cuda.is_available() or (interpreting() and interpreter_writes_cpu_tensors())
+
+
+def interpreter_writes_cpu_tensors() -> bool:
+    """Whether this Triton's interpreter writes a kernel's stores back to CPU tensors: Triton 3.1's
+    runs the kernel on host copies and copies them back to GPU tensors only, so a CPU tensor came
+    back unchanged (seen with torch 2.5.1, which pins it); 3.2 writes them back."""
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 2)
 
 
 def interpreting() -> bool:
