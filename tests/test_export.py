@@ -10,7 +10,7 @@ import torch
 
 import normfuse
 from normfuse import reference
-from tests._helpers import max_rel_err
+from tests._helpers import max_rel_err, skip_where_older_torch_differs
 
 N = 48
 
@@ -101,7 +101,13 @@ def _export(model, args, dynamo: bool, **kwargs) -> bytes:
         warnings.simplefilter("ignore")
         if dynamo:
             pytest.importorskip("onnxscript", reason="onnxscript is not installed (the exporter built on torch.export)")
-            torch.onnx.export(model, args, buf, dynamo=True, verbose=False, **kwargs)
+            try:
+                torch.onnx.export(model, args, buf, dynamo=True, verbose=False, **kwargs)
+            except Exception as error:
+                # torch 2.5's exporter does not flag its export while torch.export traces, so the
+                # custom op reached it untranslated ("No ONNX function found for normfuse.norm_fwd")
+                skip_where_older_torch_differs(True, f"cannot export this with dynamo=True ({str(error)[:200]})")
+                raise
         else:
             torch.onnx.export(model, args, buf, dynamo=False, **kwargs)
     return buf.getvalue()

