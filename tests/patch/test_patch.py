@@ -14,9 +14,19 @@ import pytest
 import torch
 
 import normfuse
-from tests._helpers import norm_err
+from tests._helpers import norm_err, skip_where_older_torch_differs
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install normfuse[hf])")
+# The formulas table and the models' expected counts are those of transformers 5 (5.25 in CI).
+# transformers 4 writes some classes otherwise (4.57's Gemma3nRMSNorm divides by the root, its
+# Llama4 norms go through a helper): patch leaves such a class alone and reports it, and the
+# tests that expect it patched skip, saying so, where transformers 4 runs.
+OLDER_TRANSFORMERS = int(transformers.__version__.split(".")[0]) < 5
+
+
+def _skip_where_transformers_4_is_left_alone(left_alone: bool, what: str) -> None:
+    if left_alone and OLDER_TRANSFORMERS:
+        pytest.skip(f"transformers {transformers.__version__} writes {what} otherwise than transformers 5: left alone")
 
 VOCAB = 97
 DECODER = dict(
@@ -130,6 +140,7 @@ def test_patched_model_gives_the_same_logits_and_gradients(name, dtype):
     counts: dict[str, int] = {}
     for entry in report.patched:
         counts[entry.formula] = counts.get(entry.formula, 0) + 1
+    _skip_where_transformers_4_is_left_alone(counts != EXPECTED[name], f"{name}'s norms ({report})")
     assert counts == EXPECTED[name], str(report)
     assert not report.skipped, str(report)
     inputs = _inputs(name)
@@ -296,6 +307,9 @@ def test_torch_save_of_a_whole_patched_model_loads_patched_in_a_new_process(name
 def test_onnx_export_of_a_patched_model_gives_its_logits():
     pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install normfuse[test])")
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install normfuse[test])")
+    # not tried there: the export fails inside transformers' vmap-built masks, patched or not, and
+    # leaves functorch's vmap state behind for every later test of the process
+    skip_where_older_torch_differs(True, "does not export this model to ONNX, patched or not (torch 2.5.1, transformers 4.57)")
     model = _build("llama").eval()
     reference = copy.deepcopy(model)
     normfuse.patch(model, fuse_residual=True)
@@ -430,6 +444,28 @@ def test_fuse_residual_gives_the_same_results_as_the_unfused_patch(name, dtype):
     assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
 
 
+def test_fused_layer_takes_its_arguments_as_the_layer_does():
+    """The fused forward binds the layer's arguments itself (no inspect.Signature, which Dynamo
+    before torch 2.6 cannot trace): positional or by keyword, defaults filled in, and the
+    layer's TypeErrors for arguments it cannot take."""
+    model = _build("llama").eval()
+    original = copy.deepcopy(model)
+    normfuse.patch(model, fuse_residual=True)
+    layer, twin = model.model.layers[0], original.model.layers[0]
+    h = torch.randn(2, 5, twin.input_layernorm.weight.numel())
+    position = torch.arange(5).expand(2, 5)
+    embeddings = original.model.rotary_emb(h, position)
+    want = twin(h, None, position, position_embeddings=embeddings)
+    got = layer(h, None, position, position_embeddings=embeddings)
+    want, got = (t[0] if isinstance(t, tuple) else t for t in (want, got))
+    assert norm_err(got, want) <= 1e-5
+    for fn in (twin, layer):
+        with pytest.raises(TypeError, match="multiple values for argument 'attention_mask'"):
+            fn(h, None, attention_mask=None)
+    with pytest.raises(TypeError, match="positional arguments"):
+        layer(h, *([None] * 20))
+
+
 def test_fuse_residual_is_not_offered_where_the_norm_is_not_fusable():
     model = _build("llama")
     report = normfuse.patch(model, rms_norm=False, fuse_residual=True)
@@ -475,6 +511,7 @@ def test_the_families_copies_are_recognized_by_what_they_compute(module, cls, fo
 
     norm = _family_norm(module, cls, args)
     found = recognize(type(norm))
+    _skip_where_transformers_4_is_left_alone(formula is not None and found is None, cls)
     if formula is None:
         assert found is None
         return
@@ -492,6 +529,7 @@ def test_patched_family_norms_give_the_classes_outputs_and_gradients(module, cls
             param.normal_(0.5, 0.3)  # not the initial ones (or zeros): a wrong weight term shows
     reference = copy.deepcopy(norm)
     report = normfuse.patch(torch.nn.Sequential(norm))
+    _skip_where_transformers_4_is_left_alone(not report.patched, cls)
     assert [e.formula for e in report.patched] == [formula] and not report.skipped, str(report)
     x = (torch.randn(3, 5, 32) * 2 + 0.5).to(dtype)
     # a random projection: the square sum of a weightless norm's output is constant (zero gradient)

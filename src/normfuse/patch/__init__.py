@@ -199,15 +199,27 @@ def patch(
 
 def _fused_layer_forward(self, hidden_states, *args, **kwargs):
     """The Llama-family decoder layer with ``residual + h`` and the post-attention norm fused."""
-    bound = self._normfuse_signature.bind(self, hidden_states, *args, **kwargs)
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    arguments.pop(next(iter(arguments)))  # self
-    arguments.pop("hidden_states")
-    extra = arguments.pop(self._normfuse_var_keyword, {}) if self._normfuse_var_keyword else {}
+    # The layer's own arguments, as ``inspect.Signature.bind`` would give them, from names and
+    # defaults read once per class: Dynamo before torch 2.6 cannot trace a Signature, so a
+    # compiled or exported model (torch.export, ONNX) broke at every fused layer there.
+    names = self._normfuse_arg_names
+    if len(args) > len(names):
+        raise TypeError(f"forward() takes {len(names) + 2} positional arguments but {len(args) + 2} were given")
+    arguments = dict(zip(names, args))
+    for name, value in kwargs.items():
+        if name in arguments or name == "hidden_states":
+            raise TypeError(f"forward() got multiple values for argument '{name}'")
+        if not self._normfuse_var_keyword and name not in self._normfuse_known:
+            raise TypeError(f"forward() got an unexpected keyword argument '{name}'")
+        arguments[name] = value
+    for name, default in self._normfuse_defaults:
+        arguments.setdefault(name, default)
+    missing = [name for name in names if name not in arguments]
+    if missing:
+        raise TypeError(f"forward() missing required argument(s): {', '.join(missing)}")
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(hidden_states=hidden_states, **arguments, **extra)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, **arguments)
     norm = self.post_attention_layernorm
     hidden_states, residual = type(norm)._normfuse_formula.add_forward(norm, hidden_states, residual)
     hidden_states = self.mlp(hidden_states)
@@ -234,11 +246,16 @@ def _fused_class(cls: type) -> type:
     key = (cls, _FUSED)
     fused = _generated.get(key)
     if fused is None:
-        signature = inspect.signature(cls.forward)
-        var_keyword = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        parameters = list(inspect.signature(cls.forward).parameters.values())[2:]  # after self, hidden_states
+        named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         fused = type(f"NormfuseFused{cls.__name__}", (cls,), {
-            **_generated_namespace(cls, _FUSED), "_normfuse_signature": signature,
-            "_normfuse_var_keyword": var_keyword, "forward": _fused_layer_forward,
+            **_generated_namespace(cls, _FUSED),
+            "_normfuse_arg_names": tuple(p.name for p in named if p.kind is p.POSITIONAL_OR_KEYWORD),
+            # tuples: Dynamo before torch 2.6 reads no dict or set from a class either
+            "_normfuse_known": tuple(p.name for p in named),
+            "_normfuse_defaults": tuple((p.name, p.default) for p in named if p.default is not p.empty),
+            "_normfuse_var_keyword": any(p.kind is p.VAR_KEYWORD for p in parameters),
+            "forward": _fused_layer_forward,
         })  # fmt: skip
         _generated[key] = fused
     return fused
