@@ -36,12 +36,12 @@ def without_dres(grads: tuple) -> tuple:
 
 
 # normfuse's contract is that of torch 2.13, the torch CI runs. An older torch of normfuse's range
-# (torch>=2.5) answers a few of the tests' questions otherwise (README, "Older torch and Triton"):
-# its rms_norm is a composite of elementwise ops (float32 out for a bf16 input with a float32
-# weight, eps=None the input dtype's epsilon, other shape errors), it raises RuntimeError where
-# 2.13 raises NotImplementedError, its overflowing variance gives NaN. Where a test asks torch
-# itself and such a torch answers otherwise, the test skips, saying what differed; on torch 2.13
-# and newer any difference fails.
+# (torch>=2.5) answers a few of the tests' questions otherwise (README, "Older torch, Triton and
+# transformers"): its rms_norm is a composite of elementwise ops (float32 out for a bf16 input
+# with a float32 weight, eps=None the input dtype's epsilon, other shape errors), it raises
+# RuntimeError where 2.13 raises NotImplementedError, its overflowing variance gives NaN. Where a
+# test asks torch itself and such a torch answers otherwise, the test skips, saying what
+# differed; on torch 2.13 and newer any difference fails.
 OLDER_TORCH = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
 
 

@@ -216,7 +216,7 @@ def test_data_parallel_and_fully_sharded_training(wrapper, tmp_path):
         try:
             from torch.distributed.fsdp import fully_shard  # noqa: F401
         except ImportError:
-            pytest.skip("torch before 2.6: FSDP2 (torch.distributed._composable.fsdp) runs on CUDA only "
+            pytest.skip("torch without torch.distributed.fsdp.fully_shard (2.5): its FSDP2 runs on CUDA only "
                         "('FSDP requires CUDA for streams'); this test trains on the CPU over gloo")  # fmt: skip
     torch.multiprocessing.spawn(_parallel_worker, args=(2, str(tmp_path / "init"), wrapper), nprocs=2, join=True)
 

@@ -96,7 +96,7 @@ def _like_nested(values: Tensor | None, like: Tensor) -> Tensor | None:
         return values
     return torch.nested.nested_tensor_from_jagged(
         values, like.offsets(), lengths=like.lengths(), jagged_dim=like._ragged_idx,
-        # the cached bounds, where known (torch before 2.6 has no _maybe_* attributes: none kept)
+        # the cached bounds, where known (torch 2.5 has no _maybe_* attributes: none kept)
         min_seqlen=getattr(like, "_maybe_min_seqlen", None), max_seqlen=getattr(like, "_maybe_max_seqlen", None),
     )  # fmt: skip
 

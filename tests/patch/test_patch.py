@@ -446,7 +446,7 @@ def test_fuse_residual_gives_the_same_results_as_the_unfused_patch(name, dtype):
 
 def test_fused_layer_takes_its_arguments_as_the_layer_does():
     """The fused forward binds the layer's arguments itself (no inspect.Signature, which Dynamo
-    before torch 2.6 cannot trace): positional or by keyword, defaults filled in, and the
+    in torch 2.5 cannot trace): positional or by keyword, defaults filled in, and the
     layer's TypeErrors for arguments it cannot take."""
     model = _build("llama").eval()
     original = copy.deepcopy(model)

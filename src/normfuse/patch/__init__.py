@@ -200,7 +200,7 @@ def patch(
 def _fused_layer_forward(self, hidden_states, *args, **kwargs):
     """The Llama-family decoder layer with ``residual + h`` and the post-attention norm fused."""
     # The layer's own arguments, as ``inspect.Signature.bind`` would give them, from names and
-    # defaults read once per class: Dynamo before torch 2.6 cannot trace a Signature, so a
+    # defaults read once per class: Dynamo in torch 2.5 cannot trace a Signature, so a
     # compiled or exported model (torch.export, ONNX) broke at every fused layer there.
     names = self._normfuse_arg_names
     if len(args) > len(names):
@@ -251,7 +251,7 @@ def _fused_class(cls: type) -> type:
         fused = type(f"NormfuseFused{cls.__name__}", (cls,), {
             **_generated_namespace(cls, _FUSED),
             "_normfuse_arg_names": tuple(p.name for p in named if p.kind is p.POSITIONAL_OR_KEYWORD),
-            # tuples: Dynamo before torch 2.6 reads no dict or set from a class either
+            # tuples: Dynamo in torch 2.5 reads no dict or set from a class either
             "_normfuse_known": tuple(p.name for p in named),
             "_normfuse_defaults": tuple((p.name, p.default) for p in named if p.default is not p.empty),
             "_normfuse_var_keyword": any(p.kind is p.VAR_KEYWORD for p in parameters),
