@@ -72,8 +72,8 @@ def test_cases_through_the_triton_kernels_find_nothing(fuzz):
     from normfuse.backends import triton as triton_backend
 
     if not triton_backend.available():
-        pytest.skip("triton is not installed, or no CUDA GPU and no interpreter that runs on CPU tensors "
-                    "(TRITON_INTERPRET=1 with Triton 3.2 or newer)")  # fmt: skip
+        pytest.skip("triton is not installed, or no CUDA GPU and no interpreter that runs the kernels on CPU "
+                    "tensors (TRITON_INTERPRET=1; Triton 3.2 or newer, 3.5's with NumPy before 2.4)")  # fmt: skip
     rng = random.Random(5)
     torch.manual_seed(5)
     with normfuse.use_backend("triton"), warnings.catch_warnings():

@@ -96,19 +96,26 @@ TUNING = {
 
 
 def available() -> bool:
-    """True where the kernels can run: triton imports and a CUDA device (or the interpreter, on
-    CPU tensors from Triton 3.2 on)."""
+    """True where the kernels can run: triton imports and a CUDA device (or an interpreter that
+    runs them on CPU tensors)."""
     if triton is None:
         return False
-    return torch.cuda.is_available() or (interpreting() and interpreter_writes_cpu_tensors())
+    return torch.cuda.is_available() or (interpreting() and interpreter_runs_on_cpu_tensors())
 
 
-def interpreter_writes_cpu_tensors() -> bool:
-    """Whether this Triton's interpreter writes a kernel's stores back to CPU tensors: Triton 3.1's
-    runs the kernel on host copies and copies them back to GPU tensors only, so a CPU tensor came
-    back unchanged (seen with torch 2.5.1, which pins it); 3.2 writes them back."""
-    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
-    return (major, minor) >= (3, 2)
+@functools.lru_cache(maxsize=None)
+def interpreter_runs_on_cpu_tensors() -> bool:
+    """Whether this Triton's interpreter runs the kernels on CPU tensors, tried once on a small
+    kernel with what older interpreters got wrong (seen here): Triton 3.1's ran a kernel on host
+    copies and copied them back to GPU tensors only, so a CPU tensor came back unchanged; Triton
+    3.5's, with NumPy 2.4, failed on a loop bound computed in the kernel (the backward's row
+    loop), converting a one-element array to an int, which NumPy 2.4 refuses."""
+    out = torch.zeros(4)
+    try:
+        _interpreter_probe[(1,)](out, 4, BLOCK=2)
+    except Exception:  # the interpreter's own error, whatever its kind
+        return False
+    return torch.equal(out, torch.arange(1.0, 5.0))
 
 
 def interpreting() -> bool:
@@ -151,6 +158,13 @@ def interpreter_rounds_bf16_like_gpus() -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _interpreter_probe(OUT, n, BLOCK: tl.constexpr):
+        end = tl.minimum(tl.program_id(0) + n, n)  # a bound computed in the kernel, as _bwd_rows's
+        for start in range(tl.program_id(0), end, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(OUT + cols, cols.to(tl.float32) + 1.0, mask=cols < n)
 
     @triton.jit
     def _fmix32(h):
