@@ -307,9 +307,12 @@ def test_torch_save_of_a_whole_patched_model_loads_patched_in_a_new_process(name
 def test_onnx_export_of_a_patched_model_gives_its_logits():
     pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install normfuse[test])")
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install normfuse[test])")
-    # not tried there: the export fails inside transformers' vmap-built masks, patched or not, and
-    # leaves functorch's vmap state behind for every later test of the process
-    skip_where_older_torch_differs(True, "does not export this model to ONNX, patched or not (torch 2.5.1, transformers 4.57)")
+    # not tried there: the export fails inside transformers 4.57's vmap-built masks, patched or not,
+    # and leaves functorch's vmap state behind for every later test of the process
+    skip_where_older_torch_differs(
+        OLDER_TRANSFORMERS,
+        f"with transformers {transformers.__version__} does not export this model to ONNX, patched or not",
+    )
     model = _build("llama").eval()
     reference = copy.deepcopy(model)
     normfuse.patch(model, fuse_residual=True)
