@@ -107,6 +107,20 @@ def test_forced_triton_backend_where_it_cannot_run_raises(monkeypatch):
         normfuse.layer_norm(torch.randn(3, 8), (8,))
 
 
+def test_interpreter_probe_accepts_the_triton_ci_runs():
+    """The Triton tests skip where the probe finds the interpreter unable to run the kernels on CPU
+    tensors: on the Triton CI installs (3.9; 3.2 and 3.5.1 with NumPy 2.3 passed too) the probe
+    must find it able, or those tests would vanish into a skip."""
+    triton = pytest.importorskip("triton")
+    from normfuse.backends import triton as triton_backend
+
+    if not triton_backend.interpreting() or torch.cuda.is_available():
+        pytest.skip("checks Triton's interpreter on the CPU (TRITON_INTERPRET=1, no GPU)")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"Triton {triton.__version__}: the probe may rightly refuse it (README)")
+    assert triton_backend.interpreter_runs_on_cpu_tensors() and triton_backend.available()
+
+
 def test_no_kernel_falls_back_to_reference_and_warns_once():
     ops._warned_fallbacks.clear()
     x = torch.empty(2, 3, dtype=torch.float8_e4m3fn)  # a dtype without a kernel
