@@ -72,8 +72,7 @@ def test_cases_through_the_triton_kernels_find_nothing(fuzz):
     from normfuse.backends import triton as triton_backend
 
     if not triton_backend.available():
-        pytest.skip("triton is not installed, or no CUDA GPU and no interpreter that runs the kernels on CPU "
-                    "tensors (TRITON_INTERPRET=1; Triton 3.2 or newer, 3.5's with NumPy before 2.4)")  # fmt: skip
+        pytest.skip(f"the Triton kernels cannot run here; they need {triton_backend.WHERE_IT_RUNS}")
     rng = random.Random(5)
     torch.manual_seed(5)
     with normfuse.use_backend("triton"), warnings.catch_warnings():

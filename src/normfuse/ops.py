@@ -93,10 +93,7 @@ def _import_backend(name: str) -> ModuleType:
         if not triton_backend.available():
             # forced (use_backend, NORMFUSE_BACKEND) where the kernels cannot run: say so at once,
             # not with outputs that were never written
-            raise RuntimeError(
-                "normfuse's Triton backend needs triton and a CUDA GPU, or TRITON_INTERPRET=1 with an interpreter "
-                "that runs its kernels on CPU tensors (Triton 3.2 or newer; Triton 3.5's needs NumPy before 2.4)"
-            )
+            raise RuntimeError(f"normfuse's Triton backend needs {triton_backend.WHERE_IT_RUNS}")
         return triton_backend
     return reference
 

@@ -12,9 +12,8 @@ from tests._helpers import without_dres as _without_dres
 
 triton_backend = pytest.importorskip("normfuse.backends.triton", reason="triton is not installed")
 if not triton_backend.available():
-    pytest.skip("no CUDA GPU, and TRITON_INTERPRET is not 1 or this Triton's interpreter cannot run the kernels on "
-                "CPU tensors (Triton 3.1's writes nothing back; 3.5's fails on NumPy 2.4): the Triton kernels cannot "
-                "run", allow_module_level=True)  # fmt: skip
+    pytest.skip(f"the Triton kernels cannot run here; they need {triton_backend.WHERE_IT_RUNS}",
+                allow_module_level=True)  # fmt: skip
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -95,6 +95,13 @@ TUNING = {
 }
 
 
+# Where the kernels can run, for the errors and skips of the places that ask ``available()``.
+WHERE_IT_RUNS = (
+    "triton and a CUDA GPU, or TRITON_INTERPRET=1 with an interpreter that runs the kernels on CPU tensors "
+    "(Triton 3.2 or newer; Triton 3.5's with NumPy before 2.4)"
+)
+
+
 def available() -> bool:
     """True where the kernels can run: triton imports and a CUDA device (or an interpreter that
     runs them on CPU tensors)."""
