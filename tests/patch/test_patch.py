@@ -17,9 +17,9 @@ import normfuse
 from tests._helpers import norm_err, skip_where_older_torch_differs
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install normfuse[hf])")
-# The formulas table and the models' expected counts are those of transformers 5 (5.25 in CI).
-# transformers 4 writes some classes otherwise (4.57's Gemma3nRMSNorm divides by the root, its
-# Llama4 norms go through a helper): patch leaves such a class alone and reports it, and the
+# The models' expected counts are those of transformers 5 (5.25 in CI); 4.45, 4.53 and 4.57 give
+# them too, but for a class that a transformers 4 writes otherwise than any formula (4.45's Qwen2
+# decoder layer drops its **kwargs): patch leaves such a class alone and reports it, and the
 # tests that expect it patched skip, saying so, where transformers 4 runs.
 OLDER_TRANSFORMERS = int(transformers.__version__.split(".")[0]) < 5
 
@@ -211,15 +211,18 @@ def test_other_instances_and_classes_are_untouched():
 
 def test_dtype_device_and_mode_changes_keep_working():
     model = _build("llama")
+    reference = copy.deepcopy(model)
     normfuse.patch(model)
     ids = _inputs("llama")
     model.eval()
     fp32 = _logits(model, ids)
+    # the logits' dtype is the unpatched model's (transformers before 4.46 upcasts them to fp32)
     model.bfloat16()
     bf16 = _logits(model, ids)
-    assert bf16.dtype == torch.bfloat16 and norm_err(bf16.float(), fp32) < 5e-2
+    assert bf16.dtype == _logits(reference.bfloat16(), ids).dtype and bf16.dtype in (torch.bfloat16, torch.float32)
+    assert norm_err(bf16.float(), fp32) < 5e-2
     model.half()
-    assert _logits(model, ids).dtype == torch.float16
+    assert _logits(model, ids).dtype == _logits(reference.half(), ids).dtype
     model.float().train()
     assert _logits(model, ids).dtype == torch.float32
 
@@ -431,6 +434,8 @@ def test_fuse_residual_gives_the_same_results_as_the_unfused_patch(name, dtype):
     normfuse.patch(unfused)
     report = normfuse.patch(model, fuse_residual=True)
     fused_layers = [e for e in report.patched if e.formula.startswith("fused residual add")]
+    # transformers 4.45's Qwen2 layer takes **kwargs and does not pass them on to its attention
+    _skip_where_transformers_4_is_left_alone(not fused_layers, f"{name}'s decoder layer")
     assert len(fused_layers) == 2 and "2 residual add(s) fused" in str(report)
     inputs = _inputs(name)
     logits = _logits(model, inputs)
@@ -474,6 +479,115 @@ def test_fuse_residual_is_not_offered_where_the_norm_is_not_fusable():
     report = normfuse.patch(model, rms_norm=False, fuse_residual=True)
     assert not any(e.formula.startswith("fused") for e in report.patched)
     assert any("residual add not fused" in e.reason for e in report.skipped)
+
+
+class _Attention(torch.nn.Module):
+    """An attention stand-in that answers as transformers 4's did: (hidden states, weights) or
+    (hidden states, weights, cache), the extras only where asked for."""
+
+    def __init__(self, width: int, with_cache: bool):
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width)
+        self.with_cache = with_cache
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False, use_cache=False, **kwargs):
+        out = self.proj(hidden_states) if attention_mask is None else self.proj(hidden_states) * attention_mask
+        weights = out.sum(-1) if output_attentions else None
+        return (out, weights, out.mean() if use_cache else None) if self.with_cache else (out, weights)
+
+
+class _LayerBase(torch.nn.Module):
+    def __init__(self, width: int, with_cache: bool):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.input_layernorm, self.post_attention_layernorm = LlamaRMSNorm(width), LlamaRMSNorm(width)
+        self.self_attn = _Attention(width, with_cache)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.SiLU(), torch.nn.Linear(2 * width, width))
+
+
+class _Layer453(_LayerBase):
+    """transformers 4.48-4.53's Llama decoder layer, verbatim but for the arguments."""
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False, use_cache=False, **kwargs):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, self_attn_weights = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        outputs = (hidden_states,)
+        if output_attentions:
+            outputs += (self_attn_weights,)
+        return outputs
+
+
+class _Layer445(_LayerBase):
+    """transformers 4.45-4.47's, with the attention's cache."""
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False, use_cache=False, **kwargs):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, self_attn_weights, present_key_value = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        outputs = (hidden_states,)
+        if output_attentions:
+            outputs += (self_attn_weights,)
+        if use_cache:
+            outputs += (present_key_value,)
+        return outputs
+
+
+@pytest.mark.parametrize("layer_class,form", [(_Layer453, "outputs"), (_Layer445, "outputs and cache")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_residual_in_the_decoder_layers_of_transformers_4(layer_class, form, dtype):
+    """Before 4.54 a Llama decoder layer returned a tuple (with the attention weights, and before
+    4.48 the cache, where asked for): the fused layer returns what the layer returns."""
+    from normfuse.patch.formulas import prenorm_layer_form
+
+    torch.manual_seed(0)
+    layer = layer_class(32, with_cache=form == "outputs and cache").to(dtype)
+    with torch.no_grad():
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.normal_(1.0, 0.3)
+    assert prenorm_layer_form(layer_class) == form
+    unfused, original = copy.deepcopy(layer), copy.deepcopy(layer)
+    normfuse.patch(unfused)
+    report = normfuse.patch(layer, fuse_residual=True)
+    assert [e.formula for e in report.patched] == ["llama", "llama", "fused residual add + llama"], str(report)
+    x = torch.randn(2, 5, 32).to(dtype)
+    mask = (torch.rand(2, 5, 1) > 0.2).to(dtype)
+    for kwargs in ({}, {"output_attentions": True}, {"use_cache": True}, {"output_attentions": True, "use_cache": True}):
+        outs = [module(x, mask, **kwargs) for module in (layer, unfused, original)]
+        assert len({len(out) for out in outs}) == 1, kwargs
+        (got, *got_rest), (same, *same_rest), (want, *_) = outs
+        assert torch.equal(got, same)  # bit for bit: the same roundings, fused
+        assert norm_err(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
+        for a, b in zip(got_rest, same_rest):
+            assert torch.equal(a, b)
+    x_ = x.clone().requires_grad_()
+    grads = [torch.autograd.grad(module(x_)[0].float().square().sum(), [x_, *module.parameters()]) for module in (layer, unfused)]
+    for g, r in zip(*grads):
+        assert norm_err(g, r) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    assert normfuse.unpatch(layer) == 3 and type(layer) is layer_class
 
 
 # (transformers module, class, the formula it computes, constructor arguments); None: a norm
@@ -520,6 +634,86 @@ def test_the_families_copies_are_recognized_by_what_they_compute(module, cls, fo
         return
     assert found is not None and found.name == formula
     assert probe_agrees(norm, found) is None
+
+
+class _Llama4TextRMSNorm457(torch.nn.Module):
+    """transformers 4.57's Llama4TextRMSNorm, verbatim: eps in ``self.eps``, read by a helper."""
+
+    def __init__(self, hidden_size, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+
+class _Llama4TextL2Norm457(torch.nn.Module):
+    """transformers 4.57's Llama4TextL2Norm (an RMS norm without weight, despite its name)."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        return self._norm(x.float()).type_as(x)
+
+
+class _Gemma3nRMSNorm457(torch.nn.Module):
+    """transformers 4.57's Gemma3nRMSNorm: divides by the root; a weight of 1.0 without scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.with_scale = with_scale
+        if self.with_scale:
+            self.weight = torch.nn.Parameter(torch.ones(dim))
+        else:
+            self.register_buffer("weight", torch.tensor(1.0), persistent=False)
+
+    def _norm(self, x):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self._norm(x.float()) * self.weight.float()
+        return output.type_as(x)
+
+
+@pytest.mark.parametrize("norm_class,args,formula", [
+    (_Llama4TextRMSNorm457, (32,), "llama"), (_Llama4TextL2Norm457, (), "weightless"),
+    (_Gemma3nRMSNorm457, (32,), "gemma4"), (_Gemma3nRMSNorm457, (32, 1e-6, False), "gemma4"),
+])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_transformers_4_spellings_read_eps_where_their_class_keeps_it(norm_class, args, formula, dtype):
+    """transformers 4.57 keeps these norms' eps in ``self.eps`` where 5 has ``variance_epsilon``:
+    the patched forward reads it from where the class's statements do (pickled ones too)."""
+    from normfuse.patch.formulas import recognize
+
+    found = recognize(norm_class)
+    assert found is not None and found.name == formula and found.eps_attr == "eps"
+    norm = norm_class(*args).to(dtype)
+    norm.eps = 0.25  # large enough that reading another attribute's (or the default's) shows
+    if isinstance(getattr(norm, "weight", None), torch.nn.Parameter):
+        with torch.no_grad():
+            norm.weight.normal_(0.5, 0.3)
+    reference = copy.deepcopy(norm)
+    model = torch.nn.Sequential(norm)
+    report = normfuse.patch(model)
+    assert [e.formula for e in report.patched] == [formula] and not report.skipped, str(report)
+    x = (torch.randn(3, 5, 32) * 0.3).to(dtype)
+    want = reference(x)
+    for patched in (model, pickle.loads(pickle.dumps(model))):
+        assert type(patched[0]).__name__.startswith("Normfuse")
+        got = patched(x)
+        assert got.dtype == want.dtype
+        assert norm_err(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("module,cls,formula,args", [c for c in FAMILY_CLASSES if c[2] is not None])

@@ -24,7 +24,7 @@ from normfuse import modules
 import inspect
 
 from normfuse.patch.formulas import (
-    HF_FORMULAS, Formula, body_statements, is_fusable_prenorm_layer, probe_agrees, recognize,
+    HF_FORMULAS, Formula, body_statements, prenorm_layer_form, probe_agrees, recognize,
 )  # fmt: skip
 
 __all__ = ["PatchReport", "patch", "unpatch"]
@@ -90,7 +90,12 @@ def _reduce_ex(self: torch.nn.Module, protocol: int) -> tuple:
 def _rebuild(original: type, key: str) -> torch.nn.Module:
     """An empty instance of the patched class of ``original`` (made again if this process has
     not made it yet); unpickling then restores the module's state into it."""
-    cls = _fused_class(original) if key == _FUSED else _patched_class(original, _FORMULAS_BY_NAME[key])
+    if key == _FUSED:
+        cls = _fused_class(original)
+    else:
+        # a Hugging Face formula as ``patch`` recognized it in the class (where it reads eps from)
+        formula = _TORCH_FORMULAS_BY_NAME.get(key) or recognize(original)
+        cls = _patched_class(original, formula)
     return cls.__new__(cls)
 
 
@@ -108,7 +113,7 @@ def _patched_class(cls: type, formula: Formula) -> type:
         return made
     namespace = {**_generated_namespace(cls, formula.name), "_normfuse_formula": formula}
     if formula.forward is not None:
-        namespace["forward"] = lambda self, x: formula.forward(self, x)
+        namespace["forward"] = lambda self, x: formula.forward(self, x, formula.eps(self))
         made = type(f"Normfuse{cls.__name__}", (cls,), namespace)
     else:
         mixin = modules.LayerNorm if issubclass(cls, torch.nn.LayerNorm) else modules.RMSNorm
@@ -219,17 +224,33 @@ def _fused_layer_forward(self, hidden_states, *args, **kwargs):
         raise TypeError(f"forward() missing required argument(s): {', '.join(missing)}")
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(hidden_states=hidden_states, **arguments)
+    attended = self.self_attn(hidden_states=hidden_states, **arguments)
+    form = self._normfuse_layer_form
+    if form == "hidden states":
+        hidden_states, _ = attended
+    elif form == "outputs":
+        hidden_states, attention_weights = attended
+    else:
+        hidden_states, attention_weights, cache = attended
     norm = self.post_attention_layernorm
-    hidden_states, residual = type(norm)._normfuse_formula.add_forward(norm, hidden_states, residual)
-    hidden_states = self.mlp(hidden_states)
-    return residual + hidden_states
+    formula = type(norm)._normfuse_formula
+    hidden_states, residual = formula.add_forward(norm, hidden_states, residual, formula.eps(norm))
+    hidden_states = residual + self.mlp(hidden_states)
+    if form == "hidden states":
+        return hidden_states
+    # transformers 4 before 4.54: a tuple, as the layer's own tail builds it
+    outputs = (hidden_states,)
+    if arguments["output_attentions"]:
+        outputs += (attention_weights,)
+    if form == "outputs and cache" and arguments["use_cache"]:
+        outputs += (cache,)
+    return outputs
 
 
 def _fuse_residuals(model: torch.nn.Module, report: PatchReport) -> None:
     for path, module in model.named_modules():
         cls = type(module)
-        if getattr(cls, "_normfuse_original_class", None) is not None or not is_fusable_prenorm_layer(cls):
+        if getattr(cls, "_normfuse_original_class", None) is not None or prenorm_layer_form(cls) is None:
             continue
         norm = getattr(module, "post_attention_layernorm", None)
         formula = getattr(type(norm), "_normfuse_formula", None)
@@ -255,6 +276,7 @@ def _fused_class(cls: type) -> type:
             "_normfuse_known": tuple(p.name for p in named),
             "_normfuse_defaults": tuple((p.name, p.default) for p in named if p.default is not p.empty),
             "_normfuse_var_keyword": any(p.kind is p.VAR_KEYWORD for p in parameters),
+            "_normfuse_layer_form": prenorm_layer_form(cls),
             "forward": _fused_layer_forward,
         })  # fmt: skip
         _generated[key] = fused
@@ -285,4 +307,4 @@ def unpatch(model: torch.nn.Module) -> int:
 
 
 FORMULAS = tuple(_TORCH_FORMULAS.values()) + HF_FORMULAS
-_FORMULAS_BY_NAME = {formula.name: formula for formula in FORMULAS}
+_TORCH_FORMULAS_BY_NAME = {formula.name: formula for formula in _TORCH_FORMULAS.values()}

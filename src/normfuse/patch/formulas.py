@@ -16,7 +16,7 @@ import copy
 import inspect
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -32,23 +32,30 @@ class Body:
 
     forward: tuple[str, ...]
     norm: tuple[str, ...] | None = None
+    # the attribute these statements read eps from, where not the formula's (transformers 4's
+    # Llama 4 and Gemma 3n norms read ``self.eps`` where 5's read ``self.variance_epsilon``)
+    eps_attr: str | None = None
 
 
 @dataclass(frozen=True)
 class Formula:
     name: str
     families: str
+    # the module attribute holding eps (``recognize`` gives it as the class's statements read it)
     eps_attr: str
-    # the forward of a patched module: (module, input) -> output
-    forward: Callable[[torch.nn.Module, Tensor], Tensor]
+    # the forward of a patched module: (module, input, eps) -> output
+    forward: Callable[[torch.nn.Module, Tensor, float], Tensor]
     # the forwards recognized as this formula (empty: recognized by class, torch's own norms)
     bodies: tuple[Body, ...] = ()
-    # (module, x, residual) -> (norm(residual + x), residual + x), fused; None: not offered
-    add_forward: Callable[[torch.nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    # (module, x, residual, eps) -> (norm(residual + x), residual + x), fused; None: not offered
+    add_forward: Callable[[torch.nn.Module, Tensor, Tensor, float], tuple[Tensor, Tensor]] | None = None
     # which of patch()'s switches covers it: "layer" (layer_norm=) or "rms" (rms_norm=)
     kind: str = "rms"
     # False: the formula scales by no weight (a module may still hold one it never uses)
     weighted: bool = True
+
+    def eps(self, module: torch.nn.Module) -> float:
+        return getattr(module, self.eps_attr)
 
 
 def _n(module: torch.nn.Module) -> tuple[int, ...]:
@@ -60,53 +67,51 @@ def _scale(module: torch.nn.Module) -> Tensor | None:
     return module.weight if getattr(module, "with_scale", True) else None
 
 
-def _llama(module, x):
-    return functional.rms_norm(x, _n(module), module.weight, module.variance_epsilon, xhat_dtype=x.dtype)
+def _llama(module, x, eps):
+    return functional.rms_norm(x, _n(module), module.weight, eps, xhat_dtype=x.dtype)
 
 
-def _llama_add(module, x, residual):
+def _llama_add(module, x, residual, eps):
     # the unfused layer normalizes ``residual + x``, whose dtype is the residual stream's
-    return functional.add_rms_norm(
-        x, residual, _n(module), module.weight, module.variance_epsilon, xhat_dtype=residual.dtype
-    )
+    return functional.add_rms_norm(x, residual, _n(module), module.weight, eps, xhat_dtype=residual.dtype)
 
 
-def _gemma_add(module, x, residual):
-    return functional.add_rms_norm(x, residual, _n(module), module.weight, module.eps, weight_offset=1.0)
+def _gemma_add(module, x, residual, eps):
+    return functional.add_rms_norm(x, residual, _n(module), module.weight, eps, weight_offset=1.0)
 
 
-def _olmo2(module, x):
-    return functional.rms_norm(x, _n(module), module.weight, module.variance_epsilon)
+def _olmo2(module, x, eps):
+    return functional.rms_norm(x, _n(module), module.weight, eps)
 
 
-def _gemma4(module, x):
+def _gemma4(module, x, eps):
     weight = _scale(module)
     shape = _n(module) if weight is not None else (x.shape[-1],)
-    return functional.rms_norm(x, shape, weight, module.variance_epsilon)
+    return functional.rms_norm(x, shape, weight, eps)
 
 
-def _moshi(module, x):
-    return functional.rms_norm(x, _n(module), module.weight, module.eps)
+def _moshi(module, x, eps):
+    return functional.rms_norm(x, _n(module), module.weight, eps)
 
 
-def _weightless(module, x):
-    return functional.rms_norm(x, (x.shape[-1],), None, module.variance_epsilon)
+def _weightless(module, x, eps):
+    return functional.rms_norm(x, (x.shape[-1],), None, eps)
 
 
-def _gemma(module, x):
-    return functional.rms_norm(x, _n(module), module.weight, module.eps, weight_offset=1.0)
+def _gemma(module, x, eps):
+    return functional.rms_norm(x, _n(module), module.weight, eps, weight_offset=1.0)
 
 
-def _t5(module, x):
+def _t5(module, x, eps):
     w = module.weight
     xhat_dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    return functional.rms_norm(x, _n(module), w, module.variance_epsilon, xhat_dtype=xhat_dtype)
+    return functional.rms_norm(x, _n(module), w, eps, xhat_dtype=xhat_dtype)
 
 
-def _cohere(module, x):
+def _cohere(module, x, eps):
     # LayerNorm without bias, computed in float32 whatever the input (float64 too), weight in float32
     computed = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
-    out = functional.layer_norm(computed, _n(module), module.weight.float(), None, module.variance_epsilon)
+    out = functional.layer_norm(computed, _n(module), module.weight.float(), None, eps)
     return out.to(x.dtype)
 
 
@@ -134,6 +139,8 @@ HF_FORMULAS = (
         (
             Body((*_F32_RMS, "returnself.weight*hidden_states.to(input_dtype)")),
             Body(("output=self._norm(x.float()).type_as(x)", "returnoutput*self.weight"), _RMS_VARIANCE_EPSILON),
+            # transformers 4's Llama 4 (its eps attribute is ``eps``)
+            Body(("output=self._norm(x.float()).type_as(x)", "returnoutput*self.weight"), _RMS_EPS, "eps"),
         ),
         _llama_add,
     ),
@@ -157,6 +164,13 @@ HF_FORMULAS = (
                 ),
                 _RMS_POW,
             ),
+            # transformers 4's Gemma 3n: the root divided by (within the probe's bound, as above);
+            # with_scale=False holds a weight of 1.0 there
+            Body(
+                ("output=self._norm(x.float())*self.weight.float()", "returnoutput.type_as(x)"),
+                ("returnx/torch.sqrt(x.pow(2).mean(-1,keepdim=True)+self.eps)",),
+                "eps",
+            ),
         ),
     ),
     Formula(
@@ -176,6 +190,7 @@ HF_FORMULAS = (
         "variance_epsilon", _weightless,
         (
             Body(("returnself._norm(x.float()).type_as(x)",), _RMS_VARIANCE_EPSILON),
+            Body(("returnself._norm(x.float()).type_as(x)",), _RMS_EPS, "eps"),  # transformers 4's Llama 4
             Body((
                 "input_dtype=hidden_states.dtype",
                 "hidden_states=hidden_states.float()",
@@ -266,7 +281,7 @@ def recognize(cls: type) -> Formula | None:
             if body == known.forward and (
                 known.norm is None or body_statements(getattr(cls, "_norm", None)) == known.norm
             ):
-                return formula
+                return formula if known.eps_attr is None else replace(formula, eps_attr=known.eps_attr)
     return None
 
 
@@ -287,7 +302,7 @@ def probe_agrees(module: torch.nn.Module, formula: Formula) -> str | None:
             n = probe.weight.shape[-1] if scaled else 48  # a weightless norm takes any width
             x = (torch.randn(4, n, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
             want = type(module).forward(probe, x)
-            got = formula.forward(probe, x)
+            got = formula.forward(probe, x, formula.eps(probe))
         if got.dtype != want.dtype or got.shape != want.shape:
             return f"{dtype} probe: normfuse gives {got.dtype} {tuple(got.shape)}, the class {want.dtype} {tuple(want.shape)}"
         scale = want.float().abs().max().item() + 1e-30
@@ -304,29 +319,42 @@ def probe_agrees(module: torch.nn.Module, formula: Formula) -> str | None:
 PRENORM_LAYER_BODY = (
     "residual=hidden_states",
     "hidden_states=self.input_layernorm(hidden_states)",
-    None,  # hidden_states,_=self.self_attn(hidden_states=hidden_states,<name>=<name>,...,**kwargs)
+    None,  # <targets>=self.self_attn(hidden_states=hidden_states,<name>=<name>,...,**kwargs)
     "hidden_states=residual+hidden_states",
     "residual=hidden_states",
     "hidden_states=self.post_attention_layernorm(hidden_states)",
     "hidden_states=self.mlp(hidden_states)",
     "hidden_states=residual+hidden_states",
-    "returnhidden_states",
 )
+_OUTPUTS = ("outputs=(hidden_states,)", "ifoutput_attentions:", "outputs+=(self_attn_weights,)")
+# How the layer's transformers release takes the attention's outputs and what it returns, by name:
+# (the attention call's targets, the statements after the body above).
+PRENORM_LAYER_FORMS = {
+    # transformers 4.54 and later: the hidden states alone
+    "hidden states": ("hidden_states,_", ("returnhidden_states",)),
+    # 4.48 to 4.53: a tuple, with the attention weights where output_attentions is set
+    "outputs": ("hidden_states,self_attn_weights", (*_OUTPUTS, "returnoutputs")),
+    # up to 4.47: the same, and the attention's cache where use_cache is set
+    "outputs and cache": (
+        "hidden_states,self_attn_weights,present_key_value",
+        (*_OUTPUTS, "ifuse_cache:", "outputs+=(present_key_value,)", "returnoutputs"),
+    ),
+}
 
 
-def is_fusable_prenorm_layer(cls: type) -> bool:
-    """Whether ``cls.forward`` is the pre-norm decoder layer above, attention arguments passed through."""
+def prenorm_layer_form(cls: type) -> str | None:
+    """Which of ``PRENORM_LAYER_FORMS`` ``cls.forward`` is (the pre-norm decoder layer above, with
+    the attention's arguments passed through); None if it is none of them."""
     body = body_statements(cls.forward)
-    if body is None or len(body) != len(PRENORM_LAYER_BODY):
-        return False
+    head = len(PRENORM_LAYER_BODY)
+    if body is None or len(body) <= head:
+        return None
     if any(want is not None and got != want for got, want in zip(body, PRENORM_LAYER_BODY)):
-        return False
-    call = body[2]
-    prefix = "hidden_states,_=self.self_attn(hidden_states=hidden_states,"
-    if not call.startswith(prefix) or not call.endswith(")"):
-        return False
-    parameters = inspect.signature(cls.forward).parameters
-    names = [p.name for p in parameters.values()][2:]  # after self, hidden_states
-    passed = call[len(prefix) : -1].split(",")
-    expected = [f"**{p.name}" if p.kind is inspect.Parameter.VAR_KEYWORD else f"{p.name}={p.name}" for p in list(parameters.values())[2:]]
-    return names and passed == expected
+        return None
+    parameters = list(inspect.signature(cls.forward).parameters.values())[2:]  # after self, hidden_states
+    passed = ",".join(f"**{p.name}" if p.kind is inspect.Parameter.VAR_KEYWORD else f"{p.name}={p.name}" for p in parameters)
+    for form, (targets, tail) in PRENORM_LAYER_FORMS.items():
+        call = f"{targets}=self.self_attn(hidden_states=hidden_states,{passed})"
+        if parameters and body[2] == call and body[head:] == tail:
+            return form
+    return None

@@ -1,0 +1,87 @@
+"""How many of the installed transformers' norm classes ``normfuse.patch`` would swap.
+
+Not a benchmark: the count behind docs/model-families.md. It imports every
+``transformers.models.*.modeling_*`` module, takes the classes defined there whose name ends in
+``Norm`` (batch and group norms aside), and sorts them as ``patch`` would:
+torch's LayerNorm/RMSNorm subclasses that reach torch's forward, classes whose formula is
+recognized (by name of formula), and the rest. It also counts the decoder layers that
+``fuse_residual=True`` fuses. The numerical probe that ``patch`` runs on an instance is not run
+here (that needs each class's constructor arguments); the tests run it on the families' classes.
+
+    python benchmarks/hf_coverage.py [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import warnings
+from collections import Counter
+
+import torch
+import transformers
+import transformers.models
+
+from normfuse.patch import _reaches_torch_forward
+from normfuse.patch.formulas import prenorm_layer_form, recognize
+
+
+def _modeling_modules():
+    for info in pkgutil.iter_modules(transformers.models.__path__):
+        name = f"transformers.models.{info.name}.modeling_{info.name}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield importlib.import_module(name)
+        except Exception:  # noqa: BLE001 (a model whose optional dependency is missing)
+            continue
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="name every class left alone")
+    args = parser.parse_args()
+    formulas: Counter[str] = Counter()
+    left: list[str] = []
+    torch_subclasses = torch_reached = fusable = norm_classes = 0
+    for module in _modeling_modules():
+        for cls in vars(module).values():
+            if not isinstance(cls, type) or cls.__module__ != module.__name__:
+                continue
+            if not issubclass(cls, torch.nn.Module):
+                continue
+            if prenorm_layer_form(cls) is not None:
+                fusable += 1
+            if not cls.__name__.endswith("Norm") or issubclass(
+                cls, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)
+            ):
+                continue
+            norm_classes += 1
+            if issubclass(cls, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+                torch_subclasses += 1
+                why = _reaches_torch_forward(cls)
+                if why is None:
+                    torch_reached += 1
+                else:
+                    left.append(f"{module.__name__}.{cls.__name__}: {why}")
+                continue
+            formula = recognize(cls)
+            if formula is None:
+                left.append(f"{module.__name__}.{cls.__name__}")
+            else:
+                formulas[formula.name] += 1
+    recognized = sum(formulas.values())
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}")
+    print(f"{norm_classes} norm classes: {recognized} with a recognized formula, "
+          f"{torch_reached} of {torch_subclasses} torch LayerNorm/RMSNorm subclasses reach torch's forward, "
+          f"{len(left)} left alone")  # fmt: skip
+    print("formulas: " + ", ".join(f"{name} {count}" for name, count in formulas.most_common()))
+    print(f"{fusable} decoder layer classes with the pre-norm body that fuse_residual=True fuses")
+    if args.list:
+        print("\n".join(f"  left  {entry}" for entry in sorted(left)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
