@@ -640,3 +640,50 @@ def test_nested_tensor_errors_and_what_torch_computes():
     with pytest.warns(RuntimeWarning, match="torch's own function computes it"):
         got = normfuse.layer_norm(x, x.shape[1:])
     assert torch.equal(got.values(), F.layer_norm(x, x.shape[1:]).values())
+
+
+def test_inference_mode_gives_inference_tensors_and_refuses_them_to_autograd_as_torch():
+    x = torch.randn(4, 8, 32)
+    w = torch.randn(32, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    with torch.inference_mode():
+        got, want = normfuse.layer_norm(x, (32,), w, b), F.layer_norm(x, (32,), w, b)
+        x_inference = torch.randn(4, 32)
+    assert got.is_inference() and want.is_inference() and got.grad_fn is None
+    assert max_rel_err(got, want) <= FWD_TOL[torch.float32]
+    # an inference tensor cannot be saved for a backward: torch's RuntimeError, in torch's words
+    assert_same_error(lambda f: f(x_inference, (32,), w, b), F.layer_norm, normfuse.layer_norm)
+
+
+def test_a_retained_graph_gives_the_same_gradients_twice():
+    x = torch.randn(6, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    y = normfuse.layer_norm(x, (32,), w, b)
+    first = torch.autograd.grad(y.square().sum(), [x, w, b], retain_graph=True)
+    second = torch.autograd.grad(y.square().sum(), [x, w, b])
+    assert all(torch.equal(g1, g2) for g1, g2 in zip(first, second))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_input_gives_torchs_layout_values_and_gradients(dtype):
+    x = torch.randn(2, 3, 5, 7).to(dtype=dtype, memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(7, dtype=dtype, requires_grad=True)
+    got, want = normfuse.layer_norm(x, (7,), w), F.layer_norm(x, (7,), w)
+    assert got.stride() == want.stride()
+    assert max_rel_err(got, want) <= FWD_TOL[dtype]
+    dy = torch.randn_like(got)
+    for g, r in zip(torch.autograd.grad(got, (x, w), dy), torch.autograd.grad(want, (x, w), dy)):
+        assert g.stride() == r.stride() and norm_err(g, r) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_compiled_with_dynamic_shapes_compiles_once_for_every_row_count():
+    from torch._dynamo.testing import CompileCounter
+
+    w, b = torch.randn(32), torch.randn(32)
+    counter = CompileCounter()
+    compiled = torch.compile(lambda t: normfuse.layer_norm(t, (32,), w, b), backend=counter, fullgraph=True, dynamic=True)
+    for rows in (3, 5, 9, 17):
+        t = torch.randn(rows, 32)
+        assert max_rel_err(compiled(t), F.layer_norm(t, (32,), w, b)) <= FWD_TOL[torch.float32]
+    assert counter.frame_count == 1

@@ -276,3 +276,36 @@ def _dtensor_worker(rank: int, world: int, init_file: str) -> None:
 
 def test_dtensor_sharded_over_rows_runs_the_kernels_shard_by_shard(tmp_path):
     torch.multiprocessing.spawn(_dtensor_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("cls,torch_cls", [(normfuse.LayerNorm, torch.nn.LayerNorm), (normfuse.RMSNorm, torch.nn.RMSNorm)])
+def test_meta_initialization_then_to_empty_and_assign_as_torch(cls, torch_cls):
+    """The deferred initialization that large-model loaders and FSDP use: built on the meta
+    device, materialized with ``to_empty`` and ``reset_parameters``, or given a state dict's
+    tensors with ``load_state_dict(assign=True)``."""
+    x = torch.randn(3, 16) * 2 + 1
+    module = cls(16, device="meta")
+    assert module.weight.is_meta and module(torch.empty(3, 16, device="meta")).is_meta
+    module.to_empty(device="cpu")
+    module.reset_parameters()
+    trained = torch_cls(16)
+    with torch.no_grad():
+        trained.weight.normal_()
+    assert max_rel_err(module(x), torch_cls(16)(x)) <= FWD_TOL[torch.float32]
+    assigned = cls(16, device="meta")
+    assigned.load_state_dict(trained.state_dict(), assign=True)
+    assert isinstance(assigned.weight, torch.nn.Parameter) and assigned.weight.device.type == "cpu"
+    assert max_rel_err(assigned(x), trained(x)) <= FWD_TOL[torch.float32]
+
+
+def test_frozen_parameters_still_give_the_input_gradient():
+    module, twin = normfuse.LayerNorm(16), torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        module.weight.normal_()
+        twin.weight.copy_(module.weight)
+    module.requires_grad_(False)
+    twin.requires_grad_(False)
+    x = torch.randn(4, 16, requires_grad=True)
+    (got,) = torch.autograd.grad(module(x).square().sum(), x)
+    (want,) = torch.autograd.grad(twin(x).square().sum(), x)
+    assert module.weight.grad is None and max_rel_err(got, want) <= 1e-5
