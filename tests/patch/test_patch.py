@@ -59,6 +59,11 @@ def _gemma4():
     return _hf("Gemma4ForCausalLM", "Gemma4TextConfig", **DECODER, head_dim=16)
 
 
+def _olmo():
+    # OLMo (1): LayerNorms without weight or bias, in float32
+    return _hf("OlmoForCausalLM", "OlmoConfig", **DECODER)
+
+
 def _llama4():
     # Llama 4's text model: the Llama formula, and weightless norms on queries and keys
     return _hf("Llama4ForCausalLM", "Llama4TextConfig", **DECODER, head_dim=16, intermediate_size_mlp=128,
@@ -99,12 +104,12 @@ class _Encoder(torch.nn.Module):
 
 
 MODELS = {
-    "llama": _llama, "qwen2": _qwen2, "gemma": _gemma, "gemma4": _gemma4, "llama4": _llama4, "gpt2": _gpt2,
+    "llama": _llama, "qwen2": _qwen2, "gemma": _gemma, "gemma4": _gemma4, "llama4": _llama4, "olmo": _olmo, "gpt2": _gpt2,
     "bert": _bert, "t5": _t5, "torch": _Encoder,
 }  # fmt: skip
 EXPECTED = {
     "llama": {"llama": 5}, "qwen2": {"llama": 5}, "gemma": {"gemma": 5}, "gemma4": {"gemma4": 18},
-    "llama4": {"llama": 5, "weightless": 2}, "gpt2": {"torch LayerNorm": 5},
+    "llama4": {"llama": 5, "weightless": 2}, "olmo": {"olmo": 5}, "gpt2": {"torch LayerNorm": 5},
     "bert": {"torch LayerNorm": 6}, "t5": {"t5": 12}, "torch": {"torch LayerNorm": 4, "torch RMSNorm": 1},
 }  # fmt: skip
 
@@ -426,7 +431,7 @@ def test_compile_has_no_more_graph_breaks_than_unpatched(name):
     assert patched.graph_break_count <= original.graph_break_count
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma", "olmo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fuse_residual_gives_the_same_results_as_the_unfused_patch(name, dtype):
     model = _build(name, dtype).eval()
@@ -609,6 +614,7 @@ FAMILY_CLASSES = [
     ("falcon_mamba", "FalconMambaWeightlessRMSNorm", "weightless", (32,)),  # its weight is a dummy buffer
     ("inkling2", "Inkling2UnweightedRMSNorm", "weightless", ()),
     ("mt5", "MT5LayerNorm", "t5", (32,)),
+    ("olmo", "OlmoLayerNorm", "olmo", (32,)),
     ("dory", "DoryL2Norm", None, ()),  # the L2 norm: a sum of squares, not a mean
     ("qwen4_exp", "Qwen4ExpTextRMSNorm", None, (32,)),  # its _norm may take groups of features
 ]  # fmt: skip

@@ -41,8 +41,9 @@ class Body:
 class Formula:
     name: str
     families: str
-    # the module attribute holding eps (``recognize`` gives it as the class's statements read it)
-    eps_attr: str
+    # the module attribute holding eps (``recognize`` gives it as the class's statements read it);
+    # None: eps is a number written in the statements, ``eps_value``
+    eps_attr: str | None
     # the forward of a patched module: (module, input, eps) -> output
     forward: Callable[[torch.nn.Module, Tensor, float], Tensor]
     # the forwards recognized as this formula (empty: recognized by class, torch's own norms)
@@ -53,9 +54,10 @@ class Formula:
     kind: str = "rms"
     # False: the formula scales by no weight (a module may still hold one it never uses)
     weighted: bool = True
+    eps_value: float | None = None
 
     def eps(self, module: torch.nn.Module) -> float:
-        return getattr(module, self.eps_attr)
+        return self.eps_value if self.eps_attr is None else getattr(module, self.eps_attr)
 
 
 def _n(module: torch.nn.Module) -> tuple[int, ...]:
@@ -113,6 +115,21 @@ def _cohere(module, x, eps):
     computed = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
     out = functional.layer_norm(computed, _n(module), module.weight.float(), None, eps)
     return out.to(x.dtype)
+
+
+def _olmo(module, x, eps):
+    # LayerNorm without weight or bias, computed in float32 whatever the input (float64 too)
+    computed = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
+    return functional.layer_norm(computed, module.normalized_shape, None, None, eps).to(x.dtype)
+
+
+def _olmo_add(module, x, residual, eps):
+    # the unfused layer normalizes ``residual + x`` (in the residual stream's dtype) and casts the
+    # norm to that dtype; float64 is normalized in float32 there, which the fused kernel is not
+    if residual.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.dtype != residual.dtype:
+        h = residual + x
+        return _olmo(module, h, eps), h
+    return functional.add_layer_norm(x, residual, module.normalized_shape, None, None, eps)
 
 
 # the ``_norm`` helpers that the forwards below call: the plain RMS, r = rsqrt(mean(x²) + eps)
@@ -239,6 +256,20 @@ HF_FORMULAS = (
         ),
         kind="layer",
     ),
+    Formula(
+        "olmo", "OLMo (1): LayerNorm without weight or bias in float32, eps 1e-5, cast to x.dtype", None, _olmo,
+        (
+            Body((
+                "orig_dtype=hidden_states.dtype",
+                "returnF.layer_norm(hidden_states.to(dtype=torch.float32),self.normalized_shape,None,None,"
+                "eps=1e-05).to(orig_dtype)",
+            )),  # fmt: skip
+        ),
+        _olmo_add,
+        kind="layer",
+        weighted=False,
+        eps_value=1e-05,
+    ),
 )
 
 
@@ -299,7 +330,8 @@ def probe_agrees(module: torch.nn.Module, formula: Formula) -> str | None:
         with torch.no_grad():
             if scaled:
                 probe.weight.normal_(0.5, 0.3)
-            n = probe.weight.shape[-1] if scaled else 48  # a weightless norm takes any width
+            # a weightless norm takes any width, but for one that keeps its normalized_shape (OLMo's)
+            n = probe.weight.shape[-1] if scaled else getattr(probe, "normalized_shape", (48,))[-1]
             x = (torch.randn(4, n, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
             want = type(module).forward(probe, x)
             got = formula.forward(probe, x, formula.eps(probe))
