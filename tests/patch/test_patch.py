@@ -83,6 +83,14 @@ def _bert():
     )
 
 
+def _deberta():
+    # DeBERTa (1)'s own LayerNorm (x-hat rounded to the input dtype before the affine), beside torch's
+    return transformers.DebertaForMaskedLM(
+        transformers.DebertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                   vocab_size=VOCAB)  # fmt: skip
+    )
+
+
 def _t5():
     return transformers.T5ForConditionalGeneration(
         transformers.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=VOCAB)
@@ -105,12 +113,12 @@ class _Encoder(torch.nn.Module):
 
 MODELS = {
     "llama": _llama, "qwen2": _qwen2, "gemma": _gemma, "gemma4": _gemma4, "llama4": _llama4, "olmo": _olmo, "gpt2": _gpt2,
-    "bert": _bert, "t5": _t5, "torch": _Encoder,
+    "bert": _bert, "deberta": _deberta, "t5": _t5, "torch": _Encoder,
 }  # fmt: skip
 EXPECTED = {
     "llama": {"llama": 5}, "qwen2": {"llama": 5}, "gemma": {"gemma": 5}, "gemma4": {"gemma4": 18},
     "llama4": {"llama": 5, "weightless": 2}, "olmo": {"olmo": 5}, "gpt2": {"torch LayerNorm": 5},
-    "bert": {"torch LayerNorm": 6}, "t5": {"t5": 12}, "torch": {"torch LayerNorm": 4, "torch RMSNorm": 1},
+    "bert": {"torch LayerNorm": 6}, "deberta": {"deberta": 5, "torch LayerNorm": 1}, "t5": {"t5": 12}, "torch": {"torch LayerNorm": 4, "torch RMSNorm": 1},
 }  # fmt: skip
 
 
@@ -615,6 +623,7 @@ FAMILY_CLASSES = [
     ("inkling2", "Inkling2UnweightedRMSNorm", "weightless", ()),
     ("mt5", "MT5LayerNorm", "t5", (32,)),
     ("olmo", "OlmoLayerNorm", "olmo", (32,)),
+    ("deberta", "DebertaLayerNorm", "deberta", (32,)),
     ("dory", "DoryL2Norm", None, ()),  # the L2 norm: a sum of squares, not a mean
     ("qwen4_exp", "Qwen4ExpTextRMSNorm", None, (32,)),  # its _norm may take groups of features
 ]  # fmt: skip

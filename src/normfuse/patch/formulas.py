@@ -117,6 +117,15 @@ def _cohere(module, x, eps):
     return out.to(x.dtype)
 
 
+def _deberta(module, x, eps):
+    # x-hat in float32 (float64 too), rounded to x's dtype, then the affine in torch's promotion
+    w, b = module.weight, module.bias
+    if x.dtype == w.dtype == b.dtype == torch.float32:
+        return functional.layer_norm(x, _n(module), w, b, eps)  # the same roundings but the last
+    computed = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
+    return w * functional.layer_norm(computed, _n(module), None, None, eps).to(x.dtype) + b
+
+
 def _olmo(module, x, eps):
     # LayerNorm without weight or bias, computed in float32 whatever the input (float64 too)
     computed = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
@@ -252,6 +261,23 @@ HF_FORMULAS = (
                 "hidden_states=(hidden_states-mean)*torch.rsqrt(variance+self.variance_epsilon)",
                 "hidden_states=self.weight.to(torch.float32)*hidden_states",
                 "returnhidden_states.to(input_dtype)",
+            )),  # fmt: skip
+        ),
+        kind="layer",
+    ),
+    Formula(
+        "deberta", "DeBERTa (1): LayerNorm in float32, x-hat cast to x.dtype, then w * x-hat + b",
+        "variance_epsilon", _deberta,
+        (
+            Body((
+                "input_type=hidden_states.dtype",
+                "hidden_states=hidden_states.float()",
+                "mean=hidden_states.mean(-1,keepdim=True)",
+                "variance=(hidden_states-mean).pow(2).mean(-1,keepdim=True)",
+                "hidden_states=(hidden_states-mean)/torch.sqrt(variance+self.variance_epsilon)",
+                "hidden_states=hidden_states.to(input_type)",
+                "y=self.weight*hidden_states+self.bias",
+                "returny",
             )),  # fmt: skip
         ),
         kind="layer",
