@@ -205,6 +205,52 @@ def test_parameters_state_dict_and_names_are_unchanged():
     optimizer.step()  # the optimizer holds the very same parameters
 
 
+def _runs_normfuse(model, inputs) -> bool:
+    with torch.profiler.profile() as prof:
+        _logits(model, inputs).sum().backward()
+    return "NormFunction" in {event.key for event in prof.key_averages()}
+
+
+def test_accelerate_hooks_call_the_patched_forward():
+    """accelerate's hooks (``device_map`` loading, offloading) set a ``forward`` on the instance
+    that calls the class's forward kept, bound, in ``_old_forward``: swapping the class alone
+    left the old forward running under a report that said patched."""
+    hooks = pytest.importorskip("accelerate.hooks", reason="accelerate is not installed (pip install normfuse[test])")
+    model = _build("llama").eval()
+    reference = copy.deepcopy(model)
+    for module in model.modules():
+        hooks.add_hook_to_module(module, hooks.ModelHook())
+    report = normfuse.patch(model, fuse_residual=True)
+    assert len(report.patched) == 7 and not report.skipped, str(report)
+    inputs = _inputs("llama")
+    assert _runs_normfuse(model, inputs)
+    assert norm_err(_logits(model, inputs).detach(), _logits(reference, inputs).detach()) <= 1e-5
+    # removing the hooks leaves the (patched) forward bound on the instance; unpatch rebinds it
+    for module in model.modules():
+        hooks.remove_hook_from_module(module)
+    assert _runs_normfuse(model, inputs)
+    assert normfuse.unpatch(model) == 7 and not _runs_normfuse(model, inputs)
+    assert norm_err(_logits(model, inputs).detach(), _logits(reference, inputs).detach()) == 0
+
+
+def test_a_forward_replaced_on_the_instance_is_left_alone_and_reported():
+    model = _build("llama").eval()
+    reference = copy.deepcopy(model)
+    norm, first, second = model.model.norm, *model.model.layers
+    original_norm_forward = norm.forward
+    norm.forward = lambda hidden_states: original_norm_forward(hidden_states)  # would shadow normfuse
+    first.forward = lambda *args, **kwargs: type(first).forward(first, *args, **kwargs)
+    second.forward = second.forward  # the class's own forward, bound: bound again to the fused one
+    report = normfuse.patch(model, fuse_residual=True)
+    assert [(e.path, "replaced on the instance" in e.reason) for e in report.skipped] == [
+        ("model.norm", True), ("model.layers.0", True)
+    ], str(report)  # fmt: skip
+    assert type(norm).__name__ == "LlamaRMSNorm" and type(first).__name__ == "LlamaDecoderLayer"
+    assert type(second).__name__ == "NormfuseFusedLlamaDecoderLayer" and second.forward.__func__ is type(second).forward
+    inputs = _inputs("llama")
+    assert norm_err(_logits(model, inputs).detach(), _logits(reference, inputs).detach()) <= 1e-5
+
+
 def test_unpatch_restores_and_patch_twice_is_harmless():
     model = _build("llama")
     classes = [type(m) for m in model.modules()]

@@ -16,12 +16,13 @@ inserted just below them in the method resolution order, so a subclass with its 
 
 from __future__ import annotations
 
+import inspect
+import types
 from dataclasses import dataclass, field
 
 import torch
 
 from normfuse import modules
-import inspect
 
 from normfuse.patch.formulas import (
     HF_FORMULAS, Formula, body_statements, prenorm_layer_form, probe_agrees, recognize,
@@ -153,6 +154,34 @@ def _reaches_torch_forward(cls: type) -> str | None:
     return None
 
 
+# Instance attributes that may hold the class's forward bound to the module: accelerate's hooks
+# (``device_map`` loading, offloading) keep it in ``_old_forward`` and call it from the
+# ``forward`` they set on the instance; removing a hook leaves it in ``forward``.
+_FORWARD_ATTRIBUTES = ("forward", "_old_forward")
+_FORWARD_REPLACED = "its forward is replaced on the instance (module.forward = ...): normfuse would never run"
+
+
+def _bound_forwards(module: torch.nn.Module) -> list[str] | None:
+    """The instance attributes holding the module's class forward bound to it, to be bound again
+    once the class is swapped; None where an instance ``forward`` calls something else, which
+    would shadow the swapped class's forward."""
+    function = type(module).forward
+    bound = [
+        name for name in _FORWARD_ATTRIBUTES
+        if isinstance(value := module.__dict__.get(name), types.MethodType)
+        and value.__self__ is module and value.__func__ is function
+    ]  # fmt: skip
+    if "forward" in module.__dict__ and not bound:
+        return None
+    return bound
+
+
+def _swap_class(module: torch.nn.Module, cls: type, bound: list[str]) -> None:
+    module.__class__ = cls
+    for name in bound:
+        module.__dict__[name] = types.MethodType(cls.forward, module)
+
+
 def _looks_like_norm(module: torch.nn.Module) -> bool:
     name = type(module).__name__.lower()
     return "norm" in name and not isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm))
@@ -192,10 +221,13 @@ def patch(
                 reason = probe_agrees(module, formula)
         else:
             continue
+        bound = _bound_forwards(module)
+        if reason is None and bound is None:
+            reason = _FORWARD_REPLACED
         if reason is not None:
             report.skipped.append(SkippedNorm(path, cls.__qualname__, reason))
             continue
-        _swap(module, _patched_class(cls, formula))
+        _swap(module, _patched_class(cls, formula), bound)
         report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", formula.name))
     if fuse_residual:
         _fuse_residuals(model, report)
@@ -257,8 +289,11 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport) -> None:
         if formula is None or formula.add_forward is None:
             report.skipped.append(SkippedNorm(path, cls.__qualname__, "residual add not fused: its norm is not patched with a fusable formula"))
             continue
-        fused = _fused_class(cls)
-        module.__class__ = fused
+        bound = _bound_forwards(module)
+        if bound is None:
+            report.skipped.append(SkippedNorm(path, cls.__qualname__, f"residual add not fused: {_FORWARD_REPLACED}"))
+            continue
+        _swap_class(module, _fused_class(cls), bound)
         report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", f"fused residual add + {formula.name}"))
 
 
@@ -283,12 +318,12 @@ def _fused_class(cls: type) -> type:
     return fused
 
 
-def _swap(module: torch.nn.Module, patched: type) -> None:
+def _swap(module: torch.nn.Module, patched: type, bound: list[str]) -> None:
     if issubclass(patched, (modules.LayerNorm, modules.RMSNorm)):
         # the normfuse modules' pre-norm extras, unset (torch's contract unchanged)
         module.__dict__.setdefault("dropout_p", 0.0)
         module.__dict__.setdefault("residual_dtype", None)
-    module.__class__ = patched
+    _swap_class(module, patched, bound)
 
 
 def unpatch(model: torch.nn.Module) -> int:
@@ -298,7 +333,7 @@ def unpatch(model: torch.nn.Module) -> int:
         original = getattr(type(module), "_normfuse_original_class", None)
         if original is None:
             continue
-        module.__class__ = original
+        _swap_class(module, original, _bound_forwards(module) or [])
         if not issubclass(original, (modules.LayerNorm, modules.RMSNorm)):
             module.__dict__.pop("dropout_p", None)
             module.__dict__.pop("residual_dtype", None)
