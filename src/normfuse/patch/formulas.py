@@ -121,7 +121,8 @@ def _deberta(module, x, eps):
     # x-hat in float32 (float64 too), rounded to x's dtype, then the affine in torch's promotion
     w, b = module.weight, module.bias
     if x.dtype == w.dtype == b.dtype == torch.float32:
-        return functional.layer_norm(x, _n(module), w, b, eps)  # the same roundings but the last
+        # one kernel; the class's division and separate multiply and add differ by an ulp at most
+        return functional.layer_norm(x, _n(module), w, b, eps)
     computed = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
     return w * functional.layer_norm(computed, _n(module), None, None, eps).to(x.dtype) + b
 
