@@ -251,6 +251,51 @@ def test_a_forward_replaced_on_the_instance_is_left_alone_and_reported():
     assert norm_err(_logits(model, inputs).detach(), _logits(reference, inputs).detach()) <= 1e-5
 
 
+class _Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_parametrized_norms_patch_and_unpatch_either_way_round():
+    """``torch.nn.utils.parametrize`` gives a module a class of its own, over the one it had, and
+    ``remove_parametrizations`` puts back that class's first base: normfuse's class goes below it,
+    so that removing a parametrization (which failed on a patched module) and unpatching keep
+    each other's work."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.RMSNorm(8))
+    with torch.no_grad():
+        for norm in model[1:]:
+            norm.weight.normal_(1.0, 0.3)
+    parametrize.register_parametrization(model[1], "weight", _Doubled())  # before patching
+    reference = copy.deepcopy(model)
+    report = normfuse.patch(model)
+    assert len(report.patched) == 2 and not report.skipped, str(report)
+    assert type(model[1]).__name__ == "ParametrizedNormfuseLayerNorm"
+    parametrize.register_parametrization(model[2], "weight", _Doubled())  # after patching
+    parametrize.register_parametrization(reference[2], "weight", _Doubled())
+    x = torch.randn(3, 8, requires_grad=True)
+    assert _runs_normfuse_on(model, x)
+    projection = torch.randn(3, 8)  # not the square sum: an RMS norm's is nearly constant in x
+    got = torch.autograd.grad((model(x) * projection).sum(), [x, *model.parameters()])
+    want = torch.autograd.grad((reference(x) * projection).sum(), [x, *reference.parameters()])
+    assert all(norm_err(g, w) <= 1e-5 for g, w in zip(got, want))
+    parametrize.remove_parametrizations(model[1], "weight")
+    assert type(model[1]).__name__ == "NormfuseLayerNorm" and _runs_normfuse_on(model[1], x)
+    assert normfuse.unpatch(model) == 2
+    assert type(model[1]) is torch.nn.LayerNorm and type(model[2]).__name__ == "ParametrizedRMSNorm"
+    assert not _runs_normfuse_on(model, x)
+    parametrize.remove_parametrizations(model[2], "weight")
+    assert type(model[2]) is torch.nn.RMSNorm
+
+
+def _runs_normfuse_on(module, x) -> bool:
+    with torch.profiler.profile() as prof:
+        module(x).sum().backward()
+    return "NormFunction" in {event.key for event in prof.key_averages()}
+
+
 def test_unpatch_restores_and_patch_twice_is_harmless():
     model = _build("llama")
     classes = [type(m) for m in model.modules()]

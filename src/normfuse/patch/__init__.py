@@ -177,9 +177,23 @@ def _bound_forwards(module: torch.nn.Module) -> list[str] | None:
 
 
 def _swap_class(module: torch.nn.Module, cls: type, bound: list[str]) -> None:
-    module.__class__ = cls
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        # parametrize made this class for this module alone, over the class it had, and
+        # remove_parametrizations puts back its first base: the swap goes below it, so that its
+        # properties stay and removing a parametrization keeps the module patched (or unpatched)
+        parametrized = type(module)
+        parametrized.__bases__ = (cls,)
+        parametrized.__name__ = parametrized.__qualname__ = f"Parametrized{cls.__name__}"  # its own naming
+    else:
+        module.__class__ = cls
     for name in bound:
-        module.__dict__[name] = types.MethodType(cls.forward, module)
+        module.__dict__[name] = types.MethodType(type(module).forward, module)
+
+
+def _class_below_parametrize(module: torch.nn.Module) -> type:
+    """The module's class, or under parametrize the class it had (the one patch swaps)."""
+    cls = type(module)
+    return cls.__bases__[0] if torch.nn.utils.parametrize.is_parametrized(module) else cls
 
 
 def _looks_like_norm(module: torch.nn.Module) -> bool:
@@ -201,7 +215,7 @@ def patch(
     """
     report = PatchReport()
     for path, module in model.named_modules():
-        cls = type(module)
+        cls = _class_below_parametrize(module)
         if getattr(cls, "_normfuse_original_class", None) is not None or isinstance(
             module, (modules.LayerNorm, modules.RMSNorm)
         ):
@@ -281,7 +295,7 @@ def _fused_layer_forward(self, hidden_states, *args, **kwargs):
 
 def _fuse_residuals(model: torch.nn.Module, report: PatchReport) -> None:
     for path, module in model.named_modules():
-        cls = type(module)
+        cls = _class_below_parametrize(module)
         if getattr(cls, "_normfuse_original_class", None) is not None or prenorm_layer_form(cls) is None:
             continue
         norm = getattr(module, "post_attention_layernorm", None)
