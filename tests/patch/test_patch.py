@@ -18,9 +18,8 @@ from tests._helpers import norm_err, skip_where_older_torch_differs
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install normfuse[hf])")
 # The models' expected counts are those of transformers 5 (5.25 in CI); 4.45, 4.53 and 4.57 give
-# them too, but for a class that a transformers 4 writes otherwise than any formula (4.45's Qwen2
-# decoder layer drops its **kwargs): patch leaves such a class alone and reports it, and the
-# tests that expect it patched skip, saying so, where transformers 4 runs.
+# them too. A class that some transformers 4 writes otherwise than any known formula or layer
+# form would be left alone and reported: the tests that expect it patched then skip, saying so.
 OLDER_TRANSFORMERS = int(transformers.__version__.split(".")[0]) < 5
 
 
@@ -538,7 +537,6 @@ def test_fuse_residual_gives_the_same_results_as_the_unfused_patch(name, dtype):
     normfuse.patch(unfused)
     report = normfuse.patch(model, fuse_residual=True)
     fused_layers = [e for e in report.patched if e.formula.startswith("fused residual add")]
-    # transformers 4.45's Qwen2 layer takes **kwargs and does not pass them on to its attention
     _skip_where_transformers_4_is_left_alone(not fused_layers, f"{name}'s decoder layer")
     assert len(fused_layers) == 2 and "2 residual add(s) fused" in str(report)
     inputs = _inputs(name)
@@ -660,7 +658,41 @@ class _Layer445(_LayerBase):
         return outputs
 
 
-@pytest.mark.parametrize("layer_class,form", [(_Layer453, "outputs"), (_Layer445, "outputs and cache")])
+class _Qwen2Layer445(_LayerBase):
+    """transformers 4.45's Qwen2 decoder layer: it takes **kwargs and does not pass them on."""
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False, use_cache=False, **kwargs):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, self_attn_weights, present_key_value = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
+            use_cache=use_cache,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        outputs = (hidden_states,)
+        if output_attentions:
+            outputs += (self_attn_weights,)
+        if use_cache:
+            outputs += (present_key_value,)
+        return outputs
+
+
+class _StrictAttention(_Attention):
+    """One that takes no extra keyword: a layer passing its **kwargs on would fail with it."""
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False, use_cache=False):
+        return super().forward(hidden_states, attention_mask, output_attentions, use_cache)
+
+
+@pytest.mark.parametrize(
+    "layer_class,form", [(_Layer453, "outputs"), (_Layer445, "outputs and cache"), (_Qwen2Layer445, "outputs and cache")]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fuse_residual_in_the_decoder_layers_of_transformers_4(layer_class, form, dtype):
     """Before 4.54 a Llama decoder layer returned a tuple (with the attention weights, and before
@@ -669,6 +701,8 @@ def test_fuse_residual_in_the_decoder_layers_of_transformers_4(layer_class, form
 
     torch.manual_seed(0)
     layer = layer_class(32, with_cache=form == "outputs and cache").to(dtype)
+    if layer_class is _Qwen2Layer445:
+        layer.self_attn.__class__ = _StrictAttention
     with torch.no_grad():
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.weight.normal_(1.0, 0.3)
@@ -679,7 +713,9 @@ def test_fuse_residual_in_the_decoder_layers_of_transformers_4(layer_class, form
     assert [e.formula for e in report.patched] == ["llama", "llama", "fused residual add + llama"], str(report)
     x = torch.randn(2, 5, 32).to(dtype)
     mask = (torch.rand(2, 5, 1) > 0.2).to(dtype)
+    extra = {"position_ids": None} if layer_class is _Qwen2Layer445 else {}  # dropped by the layer
     for kwargs in ({}, {"output_attentions": True}, {"use_cache": True}, {"output_attentions": True, "use_cache": True}):
+        kwargs = {**kwargs, **extra}
         outs = [module(x, mask, **kwargs) for module in (layer, unfused, original)]
         assert len({len(out) for out in outs}) == 1, kwargs
         (got, *got_rest), (same, *same_rest), (want, *_) = outs

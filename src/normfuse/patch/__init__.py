@@ -25,7 +25,7 @@ import torch
 from normfuse import modules
 
 from normfuse.patch.formulas import (
-    HF_FORMULAS, Formula, body_statements, prenorm_layer_form, probe_agrees, recognize,
+    HF_FORMULAS, Formula, attention_drops_var_keyword, body_statements, prenorm_layer_form, probe_agrees, recognize,
 )  # fmt: skip
 
 __all__ = ["PatchReport", "patch", "unpatch"]
@@ -268,6 +268,8 @@ def _fused_layer_forward(self, hidden_states, *args, **kwargs):
     missing = [name for name in names if name not in arguments]
     if missing:
         raise TypeError(f"forward() missing required argument(s): {', '.join(missing)}")
+    if self._normfuse_drops_var_keyword:
+        arguments = {name: arguments[name] for name in self._normfuse_known if name in arguments}
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     attended = self.self_attn(hidden_states=hidden_states, **arguments)
@@ -326,6 +328,7 @@ def _fused_class(cls: type) -> type:
             "_normfuse_defaults": tuple((p.name, p.default) for p in named if p.default is not p.empty),
             "_normfuse_var_keyword": any(p.kind is p.VAR_KEYWORD for p in parameters),
             "_normfuse_layer_form": prenorm_layer_form(cls),
+            "_normfuse_drops_var_keyword": attention_drops_var_keyword(cls),
             "forward": _fused_layer_forward,
         })  # fmt: skip
         _generated[key] = fused

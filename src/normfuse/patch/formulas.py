@@ -411,9 +411,19 @@ def prenorm_layer_form(cls: type) -> str | None:
     if any(want is not None and got != want for got, want in zip(body, PRENORM_LAYER_BODY)):
         return None
     parameters = list(inspect.signature(cls.forward).parameters.values())[2:]  # after self, hidden_states
-    passed = ",".join(f"**{p.name}" if p.kind is inspect.Parameter.VAR_KEYWORD else f"{p.name}={p.name}" for p in parameters)
+    passed = [f"**{p.name}" if p.kind is inspect.Parameter.VAR_KEYWORD else f"{p.name}={p.name}" for p in parameters]
+    # every parameter passed on under its own name; the **kwargs may stay behind (transformers
+    # 4.45's Qwen2 layer takes them and drops them: ``attention_drops_var_keyword``)
+    calls = [",".join(passed)] + ([",".join(passed[:-1])] if passed and passed[-1].startswith("**") else [])
     for form, (targets, tail) in PRENORM_LAYER_FORMS.items():
-        call = f"{targets}=self.self_attn(hidden_states=hidden_states,{passed})"
-        if parameters and body[2] == call and body[head:] == tail:
+        if parameters and body[head:] == tail and any(
+            body[2] == f"{targets}=self.self_attn(hidden_states=hidden_states,{call})" for call in calls
+        ):
             return form
     return None
+
+
+def attention_drops_var_keyword(cls: type) -> bool:
+    """Whether a ``prenorm_layer_form`` layer takes ``**kwargs`` but does not pass them on."""
+    parameters = inspect.signature(cls.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters) and "**" not in body_statements(cls.forward)[2]
