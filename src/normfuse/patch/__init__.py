@@ -7,7 +7,11 @@ objects (optimizer state and tied weights survive), attribute names (``eps``,
 ``variance_epsilon``), ``state_dict`` keys, hooks, ``isinstance`` checks, device and dtype;
 ``unpatch`` restores the original class. Only the instances of the model passed in change, never
 the classes, so other models in the process are untouched (patching classes before loading, as
-some libraries do, changes every model built afterwards instead).
+some libraries do, changes every model built afterwards instead). A class that
+``torch.nn.utils.parametrize`` made for the module stays on top, the generated one going below
+it; the class's forward bound on the instance (accelerate's hooks keep it in ``_old_forward``)
+is bound to the generated class's, and a module whose instance ``forward`` is something else
+is left alone.
 
 torch's own ``nn.LayerNorm`` and ``nn.RMSNorm`` (and their subclasses) get normfuse's module
 inserted just below them in the method resolution order, so a subclass with its own forward
