@@ -11,54 +11,60 @@
 import numpy as np, torch, numba
 from numba import njit, prange
 from normfuse.backends import cpu
+from normfuse.backends._numba_bits import prefer_vector_width
 from normfuse.cli.bench import interleaved_medians, reexec_with_malloc_tunables
 reexec_with_malloc_tunables()
 
 BLOCK = 128  # a compile-time block, the inner loop from 0: with the width and bounds read at run
 # time the probe ran 3-8x slower (most likely numba's negative-index check kept it scalar)
 
-@njit(fastmath=True, parallel=True, nogil=True)
-def bwd_tiled(dy, x, w, mean, rstd, dx, dw_part, db_part, rows_per_chunk, n_chunks):
-    n_rows, n = x.shape
+@njit(fastmath=True)
+def tiled_chunk(dy, x, w, mean, rstd, dx, dwp, dbp, r0, r1):
+    prefer_vector_width(512)  # as the kernel's row loops on this host
+    n = x.shape[1]
     inv_n = np.float32(1.0 / n)
-    for k in prange(n_chunks):
-        r0 = k * rows_per_chunk
-        r1 = min(n_rows, r0 + rows_per_chunk)
-        c1 = np.empty(r1 - r0, np.float32)
-        c2 = np.empty(r1 - r0, np.float32)
+    c1 = np.empty(r1 - r0, np.float32)
+    c2 = np.empty(r1 - r0, np.float32)
+    for ii in range(r1 - r0):
+        i = r0 + ii
+        m = mean[i]
+        sdg = np.float32(0.0)
+        sg = np.float32(0.0)
+        for j in range(n):
+            g = dy[i, j] * w[j]
+            sdg += (x[i, j] - m) * g
+            sg += g
+        c1[ii] = rstd[i] * sdg * inv_n
+        c2[ii] = sg * inv_n
+    dwp[:] = 0
+    dbp[:] = 0
+    for kb in range(n // BLOCK):
+        j0 = kb * BLOCK
         for ii in range(r1 - r0):
             i = r0 + ii
             m = mean[i]
-            sdg = np.float32(0.0)
-            sg = np.float32(0.0)
-            for j in range(n):
-                g = dy[i, j] * w[j]
-                sdg += (x[i, j] - m) * g
-                sg += g
-            c1[ii] = rstd[i] * sdg * inv_n
-            c2[ii] = sg * inv_n
-        dwp = dw_part[k]
-        dbp = db_part[k]
-        dwp[:] = 0
-        dbp[:] = 0
-        for kb in range(n // BLOCK):
-            j0 = kb * BLOCK
-            for ii in range(r1 - r0):
-                i = r0 + ii
-                m = mean[i]
-                r = rstd[i]
-                a = c1[ii]
-                b = c2[ii]
-                for jj in range(BLOCK):
-                    j = j0 + jj
-                    dyv = dy[i, j]
-                    xh = (x[i, j] - m) * r
-                    wv = w[j]
-                    acc_w = dwp[j]
-                    acc_b = dbp[j]
-                    dx[i, j] = r * (dyv * wv - xh * a - b)
-                    dwp[j] = acc_w + dyv * xh
-                    dbp[j] = acc_b + dyv
+            r = rstd[i]
+            a = c1[ii]
+            b = c2[ii]
+            for jj in range(BLOCK):
+                j = j0 + jj
+                dyv = dy[i, j]
+                xh = (x[i, j] - m) * r
+                wv = w[j]
+                acc_w = dwp[j]
+                acc_b = dbp[j]
+                dx[i, j] = r * (dyv * wv - xh * a - b)
+                dwp[j] = acc_w + dyv * xh
+                dbp[j] = acc_b + dyv
+
+
+@njit(parallel=True, nogil=True)
+def bwd_tiled(dy, x, w, mean, rstd, dx, dw_part, db_part, rows_per_chunk, n_chunks):
+    n_rows = x.shape[0]
+    for k in prange(n_chunks):
+        r0 = k * rows_per_chunk
+        tiled_chunk(dy, x, w, mean, rstd, dx, dw_part[k], db_part[k], r0, min(n_rows, r0 + rows_per_chunk))
+
 
 @njit(parallel=False)
 def sum_parts(part, out):
