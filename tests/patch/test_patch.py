@@ -272,6 +272,8 @@ def test_parametrized_norms_patch_and_unpatch_either_way_round():
     report = normfuse.patch(model)
     assert len(report.patched) == 2 and not report.skipped, str(report)
     assert type(model[1]).__name__ == "ParametrizedNormfuseLayerNorm"
+    # the deepcopy shared parametrize's class with the module: it stays as it was
+    assert type(reference[1]).__mro__[1] is torch.nn.LayerNorm
     parametrize.register_parametrization(model[2], "weight", _Doubled())  # after patching
     parametrize.register_parametrization(reference[2], "weight", _Doubled())
     x = torch.randn(3, 8, requires_grad=True)

@@ -182,12 +182,13 @@ def _bound_forwards(module: torch.nn.Module) -> list[str] | None:
 
 def _swap_class(module: torch.nn.Module, cls: type, bound: list[str]) -> None:
     if torch.nn.utils.parametrize.is_parametrized(module):
-        # parametrize made this class for this module alone, over the class it had, and
-        # remove_parametrizations puts back its first base: the swap goes below it, so that its
-        # properties stay and removing a parametrization keeps the module patched (or unpatched)
-        parametrized = type(module)
-        parametrized.__bases__ = (cls,)
-        parametrized.__name__ = parametrized.__qualname__ = f"Parametrized{cls.__name__}"  # its own naming
+        # parametrize gave the module a class over the one it had, holding the parametrized
+        # tensors' properties, and remove_parametrizations puts back that class's first base: the
+        # swap goes below it, in a copy of it (a deepcopy of the module shares parametrize's
+        # class, and must not change with it), so that removing a parametrization keeps the
+        # module patched (or unpatched)
+        namespace = {k: v for k, v in vars(type(module)).items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(f"Parametrized{cls.__name__}", (cls,), namespace)
     else:
         module.__class__ = cls
     for name in bound:
