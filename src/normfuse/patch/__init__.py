@@ -8,8 +8,8 @@ objects (optimizer state and tied weights survive), attribute names (``eps``,
 ``unpatch`` restores the original class. Only the instances of the model passed in change, never
 the classes, so other models in the process are untouched (patching classes before loading, as
 some libraries do, changes every model built afterwards instead). A class that
-``torch.nn.utils.parametrize`` made for the module stays on top, the generated one going below
-it; the class's forward bound on the instance (accelerate's hooks keep it in ``_old_forward``)
+``torch.nn.utils.parametrize`` made for the module stays on top (a copy of it), the generated
+one going below it; the class's forward bound on the instance (accelerate's hooks keep it in ``_old_forward``)
 is bound to the generated class's, and a module whose instance ``forward`` is something else
 is left alone.
 
