@@ -4,7 +4,8 @@ Not a benchmark: the count behind docs/model-families.md. It imports every
 ``transformers.models.*.modeling_*`` module, takes the classes defined there whose name ends in
 ``Norm`` (batch and group norms aside), and sorts them as ``patch`` would:
 torch's LayerNorm/RMSNorm subclasses that reach torch's forward, classes whose formula is
-recognized (by name of formula), and the rest. It also counts the decoder layers that
+recognized (by name of formula; torch's subclasses whose forward does not reach torch's too),
+and the rest. It also counts the decoder layers that
 ``fuse_residual=True`` fuses. The numerical probe that ``patch`` runs on an instance is not run
 here (that needs each class's constructor arguments); the tests run it on the families' classes.
 
@@ -63,12 +64,13 @@ def main() -> int:
                 why = _reaches_torch_forward(cls)
                 if why is None:
                     torch_reached += 1
-                else:
-                    left.append(f"{module.__name__}.{cls.__name__}: {why}")
-                continue
+                    continue
+            else:
+                why = None
+            # its own formula: a class of its own, or a torch subclass whose forward never reaches torch's
             formula = recognize(cls)
             if formula is None:
-                left.append(f"{module.__name__}.{cls.__name__}")
+                left.append(f"{module.__name__}.{cls.__name__}" + (f": {why}" if why else ""))
             else:
                 formulas[formula.name] += 1
     recognized = sum(formulas.values())

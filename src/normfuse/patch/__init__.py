@@ -73,7 +73,7 @@ class PatchReport:
 
 
 _TORCH_FORMULAS = {
-    torch.nn.LayerNorm: Formula("torch LayerNorm", "torch.nn.LayerNorm and subclasses", "eps", None),
+    torch.nn.LayerNorm: Formula("torch LayerNorm", "torch.nn.LayerNorm and subclasses", "eps", None, kind="layer"),
     torch.nn.RMSNorm: Formula("torch RMSNorm", "torch.nn.RMSNorm and subclasses", "eps", None),
 }
 _generated: dict[tuple[type, str], type] = {}
@@ -226,20 +226,21 @@ def patch(
         ):
             continue  # already patched, or normfuse's own module
         formula = _torch_formula(module)
-        reason = None
-        if formula is not None:
-            wanted = layer_norm if isinstance(module, torch.nn.LayerNorm) else rms_norm
-            reason = "not asked for" if not wanted else _reaches_torch_forward(cls)
-        elif _looks_like_norm(module):
-            formula = recognize(cls)
-            if formula is None:
-                reason = "forward not recognized as a formula normfuse reproduces exactly"
-            elif not (layer_norm if formula.kind == "layer" else rms_norm):
-                reason = "not asked for"
-            else:
-                reason = probe_agrees(module, formula)
-        else:
+        if formula is None and not _looks_like_norm(module):
             continue
+        reason = None if formula is None else _reaches_torch_forward(cls)
+        if formula is None or reason is not None:
+            # by what its forward computes: a class of its own, or a subclass of torch's norm
+            # whose forward never reaches torch's (SqueezeBERT's, VideoPrism's LayerNorms)
+            recognized = recognize(cls)
+            if recognized is not None:
+                formula, reason = recognized, None
+            elif formula is None:
+                reason = "forward not recognized as a formula normfuse reproduces exactly"
+        if formula is not None and not (layer_norm if formula.kind == "layer" else rms_norm):
+            reason = "not asked for"
+        elif reason is None and formula.forward is not None:
+            reason = probe_agrees(module, formula)
         bound = _bound_forwards(module)
         if reason is None and bound is None:
             reason = _FORWARD_REPLACED

@@ -35,6 +35,9 @@ class Body:
     # the attribute these statements read eps from, where not the formula's (transformers 4's
     # Llama 4 and Gemma 3n norms read ``self.eps`` where 5's read ``self.variance_epsilon``)
     eps_attr: str | None = None
+    # module attributes that must be None for these statements to compute the formula (a
+    # ``group_size`` normalizes groups of features in the branch the formula does not take)
+    unset: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class Formula:
     # False: the formula scales by no weight (a module may still hold one it never uses)
     weighted: bool = True
     eps_value: float | None = None
+    # as ``Body.unset``, from the body ``recognize`` found
+    unset: tuple[str, ...] = ()
+    # the dim of the input that holds the features (1: channels first, as SqueezeBERT's)
+    feature_dim: int = -1
 
     def eps(self, module: torch.nn.Module) -> float:
         return self.eps_value if self.eps_attr is None else getattr(module, self.eps_attr)
@@ -142,6 +149,31 @@ def _olmo_add(module, x, residual, eps):
     return functional.add_layer_norm(x, residual, module.normalized_shape, None, None, eps)
 
 
+def _muse_spark(module, x, eps):
+    # 1 + w in w's dtype (Gemma adds it in float32): the same when w is float32
+    return functional.rms_norm(x, _n(module), 1.0 + module.weight, eps)
+
+
+def _squeezebert(module, x, eps):
+    # torch's LayerNorm over the channels of (batch, channels, length), through a permuted view
+    y = functional.layer_norm(x.permute(0, 2, 1), module.normalized_shape, module.weight, module.bias, eps)
+    return y.permute(0, 2, 1)
+
+
+def _videoprism(module, x, eps):
+    return functional.layer_norm(x, module.normalized_shape, module.weight + 1.0, module.bias, eps)
+
+
+def _esmfold2(module, x, eps):
+    # torch's LayerNorm of x in float32, cast back: a 16-bit x with float32 parameters is that
+    # already (statistics and affine in float32, rounded once); with 16-bit parameters the
+    # class's float32 input and 16-bit weight raise torch's error, and so does this
+    w, b = module.weight, module.bias
+    params_fp32 = all(p is None or p.dtype == torch.float32 for p in (w, b))
+    computed = x if x.dtype in (torch.bfloat16, torch.float16) and params_fp32 else x.float()
+    return functional.layer_norm(computed, module.normalized_shape, w, b, eps).to(x.dtype)
+
+
 # the ``_norm`` helpers that the forwards below call: the plain RMS, r = rsqrt(mean(x²) + eps)
 _RMS = "returnx*torch.rsqrt(x.pow(2).mean(-1,keepdim=True)+self.{eps})"
 _RMS_EPS = (_RMS.format(eps="eps"),)
@@ -158,6 +190,8 @@ _F32_RMS = (
     "variance=hidden_states.pow(2).mean(-1,keepdim=True)",
     "hidden_states=hidden_states*torch.rsqrt(variance+self.variance_epsilon)",
 )
+
+_GEMMA_FORWARD = ("output=self._norm(x.float())", "output=output*(1.0+self.weight.float())", "returnoutput.type_as(x)")
 
 HF_FORMULAS = (
     Formula(
@@ -231,12 +265,30 @@ HF_FORMULAS = (
     Formula(
         "gemma", "Gemma 1-3: (f32(x) * r * (1 + f32(w))).to(x.dtype)", "eps", _gemma,
         (
+            Body(_GEMMA_FORWARD, _RMS_EPS),
+            # Qwen4-Exp's: where its group_size is set, _norm normalizes groups of features instead
             Body(
-                ("output=self._norm(x.float())", "output=output*(1.0+self.weight.float())", "returnoutput.type_as(x)"),
-                _RMS_EPS,
+                _GEMMA_FORWARD,
+                (
+                    "ifself.group_sizeisnotNone:",
+                    "x=x.reshape(*x.shape[:-1],-1,self.group_size)",
+                    "out=x*torch.rsqrt(x.pow(2).mean(-1,keepdim=True)+self.eps)",
+                    "returnout.flatten(-2)ifself.group_sizeisnotNoneelseout",
+                ),
+                unset=("group_size",),
             ),
         ),
         _gemma_add,
+    ),
+    Formula(
+        "muse_spark", "Muse Spark's centered norm: (f32(x) * r * f32(1 + w)).to(x.dtype), 1 + w in w's dtype",
+        "eps", _muse_spark,
+        (
+            Body(
+                ("output=self._norm(x.float())", "output=output*(1.0+self.weight).float()", "returnoutput.type_as(x)"),
+                _RMS_EPS,
+            ),
+        ),
     ),
     Formula(
         "t5", "T5, Pix2Struct: w * (x * r).to(w.dtype if w is fp16/bf16)", "variance_epsilon", _t5,
@@ -297,6 +349,31 @@ HF_FORMULAS = (
         weighted=False,
         eps_value=1e-05,
     ),
+    # subclasses of torch's LayerNorm whose forward never reaches torch's (``patch`` swaps them by
+    # what they compute, below them in the method resolution order nothing would run)
+    Formula(
+        "squeezebert", "SqueezeBERT: torch's LayerNorm over dim 1 of (batch, channels, length)", "eps", _squeezebert,
+        (Body(("x=x.permute(0,2,1)", "x=nn.LayerNorm.forward(self,x)", "returnx.permute(0,2,1)")),),
+        kind="layer",
+        feature_dim=1,
+    ),
+    Formula(
+        "videoprism", "VideoPrism: torch's LayerNorm with weight 1 + w", "eps", _videoprism,
+        (Body(("returnF.layer_norm(hidden_states,self.normalized_shape,self.weight+1.0,self.bias,self.eps)",)),),
+        kind="layer",
+    ),
+    Formula(
+        "esmfold2", "ESMFold 2: torch's LayerNorm of f32(x), cast to x.dtype", "eps", _esmfold2,
+        (
+            Body((
+                (
+                    "returnF.layer_norm(hidden_states.float(),self.normalized_shape,self.weight,self.bias,"
+                    "self.eps).to(hidden_states.dtype)"
+                ),
+            )),
+        ),
+        kind="layer",
+    ),
 )
 
 
@@ -339,29 +416,44 @@ def recognize(cls: type) -> Formula | None:
             if body == known.forward and (
                 known.norm is None or body_statements(getattr(cls, "_norm", None)) == known.norm
             ):
-                return formula if known.eps_attr is None else replace(formula, eps_attr=known.eps_attr)
+                return replace(formula, eps_attr=known.eps_attr or formula.eps_attr, unset=known.unset)
     return None
 
 
 def probe_agrees(module: torch.nn.Module, formula: Formula) -> str | None:
     """Run the module's own forward and normfuse's on random inputs in float32 and bfloat16 (with
     random weights on a copy): None if they agree to rounding, else what differed."""
-    scaled = formula.weighted and getattr(module, "with_scale", True)
+    for name in formula.unset:
+        if getattr(module, name, None) is not None:
+            return f"{name}={getattr(module, name)!r}: its forward then computes another formula"
     weight = getattr(module, "weight", None)
+    # a LayerNorm built without affine (elementwise_affine=False) holds no weight
+    scaled = formula.weighted and getattr(module, "with_scale", True) and not (formula.kind == "layer" and weight is None)
     if scaled and (not isinstance(weight, torch.Tensor) or weight.dim() != 1):
         # e.g. Cohere's per-head query/key norms: a (heads, head_dim) weight over the last dim
         shape = None if weight is None else tuple(weight.shape)
         return f"weight of shape {shape}: normfuse's formulas take one weight per feature of the last dim"
+    compared = False
     for dtype in (torch.float32, torch.bfloat16):
         probe = copy.deepcopy(module).to(device="cpu", dtype=dtype)
         with torch.no_grad():
             if scaled:
                 probe.weight.normal_(0.5, 0.3)
+            if isinstance(getattr(probe, "bias", None), torch.Tensor):
+                probe.bias.normal_(0.0, 0.3)
             # a weightless norm takes any width, but for one that keeps its normalized_shape (OLMo's)
             n = probe.weight.shape[-1] if scaled else getattr(probe, "normalized_shape", (48,))[-1]
-            x = (torch.randn(4, n, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
-            want = type(module).forward(probe, x)
-            got = formula.forward(probe, x, formula.eps(probe))
+            shape = (4, n) if formula.feature_dim == -1 else (2, n, 3)
+            x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+            want, refused = _outcome(type(module).forward, probe, x)
+            got, got_refused = _outcome(formula.forward, probe, x, formula.eps(probe))
+        if refused or got_refused:
+            # the class refuses a dtype (ESMFold 2's float32 input with 16-bit parameters, say):
+            # normfuse must refuse it as well
+            if type(refused) is not type(got_refused):
+                return f"{dtype} probe: the class raises {refused!r}, normfuse {got_refused!r}"
+            continue
+        compared = True
         if got.dtype != want.dtype or got.shape != want.shape:
             return f"{dtype} probe: normfuse gives {got.dtype} {tuple(got.shape)}, the class {want.dtype} {tuple(want.shape)}"
         scale = want.float().abs().max().item() + 1e-30
@@ -369,7 +461,14 @@ def probe_agrees(module: torch.nn.Module, formula: Formula) -> str | None:
         bound = 1e-5 if dtype == torch.float32 else 1e-2  # a few units in the last place
         if not err <= bound:
             return f"{dtype} probe: normfuse differs from the class by {err:.2e} (relative), over {bound:.0e}"
-    return None
+    return None if compared else f"the class raises on the probe's input in every dtype: {refused!r}"
+
+
+def _outcome(function: Callable[..., Tensor], *args) -> tuple[Tensor | None, Exception | None]:
+    try:
+        return function(*args), None
+    except (RuntimeError, TypeError, ValueError) as error:
+        return None, error
 
 
 # A pre-norm decoder layer whose residual add and following norm can be fused exactly: the
