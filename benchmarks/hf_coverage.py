@@ -5,9 +5,10 @@ Not a benchmark: the count behind docs/model-families.md. It imports every
 ``Norm`` (batch and group norms aside), and sorts them as ``patch`` would:
 torch's LayerNorm/RMSNorm subclasses that reach torch's forward, classes whose formula is
 recognized (by name of formula; torch's subclasses whose forward does not reach torch's too),
-and the rest. It also counts the decoder layers that
-``fuse_residual=True`` fuses. The numerical probe that ``patch`` runs on an instance is not run
-here (that needs each class's constructor arguments); the tests run it on the families' classes.
+and the rest. It also counts the decoder layers and the post-norm output blocks that
+``fuse_residual=True`` fuses (where their norm is patched with a fusable formula). The numerical
+probe that ``patch`` runs on an instance is not run here (that needs each class's constructor
+arguments); the tests run it on the families' classes.
 
     python benchmarks/hf_coverage.py [--list]
 """
@@ -25,7 +26,7 @@ import transformers
 import transformers.models
 
 from normfuse.patch import _reaches_torch_forward
-from normfuse.patch.formulas import prenorm_layer_form, recognize
+from normfuse.patch.formulas import is_postnorm_output, prenorm_layer_form, recognize
 
 
 def _modeling_modules():
@@ -45,7 +46,7 @@ def main() -> int:
     args = parser.parse_args()
     formulas: Counter[str] = Counter()
     left: list[str] = []
-    torch_subclasses = torch_reached = fusable = norm_classes = 0
+    torch_subclasses = torch_reached = fusable = fusable_outputs = norm_classes = 0
     for module in _modeling_modules():
         for cls in vars(module).values():
             if not isinstance(cls, type) or cls.__module__ != module.__name__:
@@ -54,6 +55,8 @@ def main() -> int:
                 continue
             if prenorm_layer_form(cls) is not None:
                 fusable += 1
+            if is_postnorm_output(cls):
+                fusable_outputs += 1
             if not cls.__name__.endswith("Norm") or issubclass(
                 cls, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)
             ):
@@ -80,6 +83,7 @@ def main() -> int:
           f"{len(left)} left alone")  # fmt: skip
     print("formulas: " + ", ".join(f"{name} {count}" for name, count in formulas.most_common()))
     print(f"{fusable} decoder layer classes with the pre-norm body that fuse_residual=True fuses")
+    print(f"{fusable_outputs} output block classes with the post-norm body (BERT's) that fuse_residual=True fuses")
     if args.list:
         print("\n".join(f"  left  {entry}" for entry in sorted(left)))
     return 0

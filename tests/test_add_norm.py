@@ -74,6 +74,55 @@ def test_matches_unfused_torch_pair_with_gradients_through_both_outputs(kind, dt
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("used", ["out", "residual_out"])
+def test_gradients_where_one_output_goes_unused(kind, used):
+    """A post-norm block (BERT's) uses the norm's output alone; a stream's last step may use
+    residual_out alone. The unused output's gradient is not made a tensor of zeros (that fill and
+    its read cost more than the rest of the backward), and the gradients are the unfused pair's."""
+    n = 64
+    x, r = torch.randn(4, 7, n, dtype=torch.float64), torch.randn(4, 7, n, dtype=torch.float64)
+    w, b = _params(kind, n, torch.float64)
+    dy = torch.randn(4, 7, n, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, r, w, b)]
+        out, h = fn(*leaves)
+        wanted = [t for t in leaves if t is not None]
+        got = torch.autograd.grad(out if used == "out" else h, wanted, dy, allow_unused=True)
+        return [g if g is not None else torch.zeros_like(t) for g, t in zip(got, wanted)]
+
+    fused = grads(lambda x_, r_, w_, b_: _fused(kind, x_, r_, n, w_, b_))
+    unfused = grads(lambda x_, r_, w_, b_: _unfused(kind, x_, r_, n, w_, b_))
+    for got, want in zip(fused, unfused):
+        assert norm_err(got, want) <= GRAD_TOL[torch.float64]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_x_and_residual_gradients_share_a_tensor_and_accumulate_apart(kind):
+    """Without dropout, and with x and the residual of one dtype, their gradients are the same
+    values and the backward writes them once (one tensor for both, as torch's add backward
+    returns); accumulated into the leaves' .grad they stay apart."""
+    n = 32
+    x, r = torch.randn(5, n, requires_grad=True), torch.randn(5, n, requires_grad=True)
+    w, b = _params(kind, n, torch.float32)
+    dy = torch.randn(5, n)
+    dx, dr = torch.autograd.grad(_fused(kind, x, r, n, w, b)[0], [x, r], dy)
+    assert torch.equal(dx, dr)
+    for _ in range(2):
+        out, _ = _fused(kind, x, r, n, w, b)
+        (out * dy).sum().backward()
+    assert torch.equal(x.grad, 2 * dx) and torch.equal(r.grad, 2 * dx)
+    x.grad.zero_()
+    assert torch.equal(r.grad, 2 * dx)
+    # with dropout, or a residual of another dtype, the two differ: each written as it is
+    dx, dr = torch.autograd.grad(_fused(kind, x, r, n, w, b, dropout_p=0.5)[0], [x, r], dy)
+    assert torch.equal(dx, torch.where(dx == 0, 0.0, 2 * dr)) and (dx == 0).any()
+    x16 = x.detach().bfloat16().requires_grad_()  # a float32 residual stream under bf16 activations
+    dx, dr = torch.autograd.grad(_fused(kind, x16, r, n, w, b)[0], [x16, r], dy.bfloat16())
+    assert dx.dtype == torch.bfloat16 and dr.dtype == torch.float32 and torch.equal(dx, dr.bfloat16())
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_residual_dtype_keeps_a_float32_stream(kind):
     x = torch.randn(8, 64).bfloat16()
     r = torch.randn(8, 64).bfloat16()

@@ -356,6 +356,14 @@ def _gradients(ctx, dout: Tensor, dresidual_out: Tensor | None, fused_bwd, diffe
     need_dresidual = need_dresidual and ctx.add
     if dresidual_out is not None and dresidual_out.numel() == 0:
         dresidual_out = None
+    if dout is None:
+        # NormFunction leaves unused outputs' gradients unmaterialized: here only residual_out
+        # was used (a rare case: the norm's output went nowhere)
+        dout = torch.zeros_like(h)
+    # Without dropout between them, the gradients of x and of the residual are the same values
+    # (residual_out = x + residual): where they share a dtype one tensor serves both, as torch's
+    # own add backward returns one, and the kernel writes one tensor less
+    share = need_dx and need_dresidual and ctx.dropout_p == 0 and ctx.x_dtype == ctx.residual_dtype
     batched = _vmapped(dout) or (dresidual_out is not None and _vmapped(dresidual_out))
     if differentiable or torch.is_grad_enabled() or batched:
         # create_graph=True, or a vmap over the backward (batched gradients: torch.func, or
@@ -365,8 +373,10 @@ def _gradients(ctx, dout: Tensor, dresidual_out: Tensor | None, fused_bwd, diffe
     else:
         dx, dres, dweight, dbias = fused_bwd(
             dout.contiguous(), dresidual_out, h, weight, mean, rstd, ctx.rms, ctx.add, ctx.dropout_p, seed,
-            ctx.x_dtype, ctx.residual_dtype, need_dx, need_dresidual, need_dweight, need_dbias,
+            ctx.x_dtype, ctx.residual_dtype, need_dx, need_dresidual and not share, need_dweight, need_dbias,
         )  # fmt: skip
+        if share:
+            dres = dx
     # a no-op where the backend already rounded the sums to the parameter's dtype (tested in
     # Python: a dispatcher call, even one that returns its input, costs more)
     if need_dweight and dweight.dtype != weight.dtype:
@@ -458,6 +468,9 @@ class NormFunction(torch.autograd.Function):
         _setup_context(ctx, (x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed), (out, h, mean, rstd, mask))
         ctx.shape = shape
         ctx.rows_n = rows_n
+        # an unused output's gradient stays None, not a tensor of zeros to fill and read (a
+        # post-norm block uses the norm's output alone, not residual_out)
+        ctx.set_materialize_grads(False)
         return out, h, mask
 
     @staticmethod
@@ -475,8 +488,10 @@ def _shaped_gradients(ctx, dout, dresidual_out, fused_bwd, differentiable: bool 
     rows_n = ctx.rows_n
     shape = ctx.shape
     reshaped = shape != rows_n  # (reshapes only then: each is a dispatcher call)
+    if dout is None and dresidual_out is None:
+        return (None,) * (4 + _N_NONDIFF_ARGS + 1)
     if reshaped:
-        dout = dout.reshape(rows_n)
+        dout = dout.reshape(rows_n) if dout is not None else None
         if dresidual_out is not None:
             dresidual_out = dresidual_out.reshape(rows_n)
     dx, dres, dweight, dbias = _gradients(ctx, dout, dresidual_out, fused_bwd, differentiable)

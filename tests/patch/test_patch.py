@@ -383,17 +383,17 @@ def _patched_classes(model):
     return [(path, type(m).__name__, getattr(type(m), "_normfuse_original_class", None)) for path, m in model.named_modules()]
 
 
-@pytest.mark.parametrize("name", ["llama", "torch"])
+@pytest.mark.parametrize("name", ["llama", "bert", "torch"])
 def test_pickle_and_deepcopy_of_a_patched_model_keep_it_patched(name):
     model = _build(name).eval()
-    normfuse.patch(model, fuse_residual=name == "llama")
+    normfuse.patch(model, fuse_residual=name != "torch")
     classes = _patched_classes(model)
     inputs = _inputs(name)
     for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         assert _patched_classes(clone) == classes
         assert all(type(a) is type(b) for a, b in zip(clone.modules(), model.modules()))
         assert torch.equal(_logits(clone, inputs), _logits(model, inputs))
-        assert normfuse.unpatch(clone) == (7 if name == "llama" else 5)
+        assert normfuse.unpatch(clone) == {"llama": 7, "bert": 10, "torch": 5}[name]
     assert _patched_classes(model) == classes  # unpatching a clone leaves the model patched
 
 
@@ -571,6 +571,70 @@ def test_fuse_residual_gives_the_same_results_as_the_unfused_patch(name, dtype):
     assert torch.equal(model.generate(prompt, **kwargs), original.generate(prompt, **kwargs))
     assert normfuse.unpatch(model) == 7
     assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
+
+
+@pytest.mark.parametrize("name", ["bert", "deberta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_residual_in_post_norm_output_blocks_gives_the_unfused_patch_bit_for_bit(name, dtype):
+    """BERT's self-output and output blocks (dense, dropout, the norm of the residual sum; some 80
+    classes copy them): fused, the add and the norm are one pass and the dropout stays torch's,
+    so in training too the logits and gradients are the unfused patch's, bit for bit."""
+    model = _build(name, dtype)
+    unfused, original = copy.deepcopy(model), copy.deepcopy(model)
+    normfuse.patch(unfused)
+    report = normfuse.patch(model, fuse_residual=True)
+    fused = [e.original_class.rsplit(".", 1)[1] for e in report.patched if e.formula.startswith("fused residual add")]
+    _skip_where_transformers_4_is_left_alone(len(fused) != 4, f"{name}'s output blocks")
+    prefix = "Bert" if name == "bert" else "Deberta"
+    assert sorted(fused) == [f"{prefix}Output"] * 2 + [f"{prefix}SelfOutput"] * 2, str(report)
+    assert not report.skipped, str(report)
+    inputs = _inputs(name)
+    for training in (True, False):
+        results = []
+        for module in (model, unfused):
+            module.train(training)
+            torch.manual_seed(5)  # the same dropout draws
+            logits = _logits(module, inputs)
+            results.append((logits, torch.autograd.grad(logits.float().square().mean(), list(module.parameters()))))
+        (logits, grads), (same, same_grads) = results
+        assert torch.equal(logits, same)
+        assert all(torch.equal(g, r) for g, r in zip(grads, same_grads))
+    with torch.no_grad():
+        original.eval()
+        assert norm_err(logits, _logits(original, inputs)) <= (1e-5 if dtype == torch.float32 else 3e-2)
+    assert normfuse.unpatch(model) == len(report.patched)
+    assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
+
+
+class _DoubledLayerNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class _BertOutputBlock(torch.nn.Module):
+    """BERT's output block, verbatim, over a LayerNorm subclass with a forward of its own."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.dense = torch.nn.Linear(width, width)
+        self.LayerNorm = _DoubledLayerNorm(width)
+        self.dropout = torch.nn.Dropout(0.1)
+
+    def forward(self, hidden_states, input_tensor):
+        hidden_states = self.dense(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = self.LayerNorm(hidden_states + input_tensor)
+        return hidden_states
+
+
+def test_a_post_norm_block_over_a_norm_subclass_with_its_own_forward_is_not_fused():
+    block = _BertOutputBlock(16).eval()
+    x, r = torch.randn(3, 16), torch.randn(3, 16)
+    want = block(x, r)
+    report = normfuse.patch(block, fuse_residual=True)
+    assert [e.formula for e in report.patched] == ["torch LayerNorm"]
+    assert [e.reason for e in report.skipped] == ["residual add not fused: its norm is not patched with a fusable formula"]
+    assert norm_err(block(x, r), want) <= 1e-6
 
 
 def test_fused_layer_takes_its_arguments_as_the_layer_does():

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from normfuse import modules
+from normfuse import functional, modules
 
 from normfuse.patch.formulas import (
-    HF_FORMULAS, Formula, attention_drops_var_keyword, body_statements, prenorm_layer_form, probe_agrees, recognize,
+    HF_FORMULAS, Formula, attention_drops_var_keyword, body_statements, is_postnorm_output, prenorm_layer_form,
+    probe_agrees, recognize,
 )  # fmt: skip
 
 __all__ = ["PatchReport", "patch", "unpatch"]
@@ -72,12 +73,36 @@ class PatchReport:
         return "\n".join(lines)
 
 
+def _torch_layer_norm_add(module, x, residual, eps):
+    if x.dtype != residual.dtype or x.shape != residual.shape:
+        h = x + residual  # torch's promotion and broadcast, as the unfused code
+        return functional.layer_norm(h, module.normalized_shape, module.weight, module.bias, eps), h
+    return functional.add_layer_norm(x, residual, module.normalized_shape, module.weight, module.bias, eps)
+
+
+def _torch_rms_norm_add(module, x, residual, eps):
+    if x.dtype != residual.dtype or x.shape != residual.shape:
+        h = x + residual
+        return functional.rms_norm(h, module.normalized_shape, module.weight, eps), h
+    return functional.add_rms_norm(x, residual, module.normalized_shape, module.weight, eps)
+
+
+# (the fused adds hold for torch's classes themselves, not for subclasses with a forward of their
+# own: ``_fusable_formula``)
 _TORCH_FORMULAS = {
-    torch.nn.LayerNorm: Formula("torch LayerNorm", "torch.nn.LayerNorm and subclasses", "eps", None, kind="layer"),
-    torch.nn.RMSNorm: Formula("torch RMSNorm", "torch.nn.RMSNorm and subclasses", "eps", None),
+    torch.nn.LayerNorm: Formula(
+        "torch LayerNorm", "torch.nn.LayerNorm and subclasses", "eps", None, add_forward=_torch_layer_norm_add,
+        kind="layer",
+    ),
+    torch.nn.RMSNorm: Formula(
+        "torch RMSNorm", "torch.nn.RMSNorm and subclasses", "eps", None, add_forward=_torch_rms_norm_add
+    ),
 }
 _generated: dict[tuple[type, str], type] = {}
-_FUSED = "fused"  # the key of a decoder layer's fused class (formula names are the others')
+# the keys of the fused classes of a decoder layer and of a post-norm output block (formula names
+# are the others')
+_FUSED = "fused"
+_FUSED_OUTPUT = "fused output"
 
 
 def _reduce_ex(self: torch.nn.Module, protocol: int) -> tuple:
@@ -97,6 +122,8 @@ def _rebuild(original: type, key: str) -> torch.nn.Module:
     not made it yet); unpickling then restores the module's state into it."""
     if key == _FUSED:
         cls = _fused_class(original)
+    elif key == _FUSED_OUTPUT:
+        cls = _fused_output_class(original)
     else:
         # a Hugging Face formula as ``patch`` recognized it in the class (where it reads eps from)
         formula = _TORCH_FORMULAS_BY_NAME.get(key) or recognize(original)
@@ -301,22 +328,56 @@ def _fused_layer_forward(self, hidden_states, *args, **kwargs):
     return outputs
 
 
+def _fused_output_forward(self, hidden_states, input_tensor):
+    """BERT's output block with the residual add and the norm fused (the dropout stays torch's:
+    the same draws as unfused)."""
+    hidden_states = self.dropout(self.dense(hidden_states))
+    norm = self.LayerNorm
+    formula = type(norm)._normfuse_formula
+    return formula.add_forward(norm, hidden_states, input_tensor, formula.eps(norm))[0]
+
+
+def _fusable_formula(norm: torch.nn.Module | None) -> Formula | None:
+    """The formula of a patched norm, where it offers the residual add fused with it."""
+    formula = getattr(type(norm), "_normfuse_formula", None)
+    if formula is None or formula.add_forward is None:
+        return None
+    if formula.forward is None and type(norm)._normfuse_original_class not in _TORCH_FORMULAS:
+        return None  # a subclass of torch's norm, with a forward of its own around it
+    return formula
+
+
 def _fuse_residuals(model: torch.nn.Module, report: PatchReport) -> None:
     for path, module in model.named_modules():
         cls = _class_below_parametrize(module)
-        if getattr(cls, "_normfuse_original_class", None) is not None or prenorm_layer_form(cls) is None:
+        if getattr(cls, "_normfuse_original_class", None) is not None:
             continue
-        norm = getattr(module, "post_attention_layernorm", None)
-        formula = getattr(type(norm), "_normfuse_formula", None)
-        if formula is None or formula.add_forward is None:
+        if prenorm_layer_form(cls) is not None:
+            norm, fused = getattr(module, "post_attention_layernorm", None), _fused_class
+        elif is_postnorm_output(cls):
+            norm, fused = getattr(module, "LayerNorm", None), _fused_output_class
+        else:
+            continue
+        formula = _fusable_formula(norm)
+        if formula is None:
             report.skipped.append(SkippedNorm(path, cls.__qualname__, "residual add not fused: its norm is not patched with a fusable formula"))
             continue
         bound = _bound_forwards(module)
         if bound is None:
             report.skipped.append(SkippedNorm(path, cls.__qualname__, f"residual add not fused: {_FORWARD_REPLACED}"))
             continue
-        _swap_class(module, _fused_class(cls), bound)
+        _swap_class(module, fused(cls), bound)
         report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", f"fused residual add + {formula.name}"))
+
+
+def _fused_output_class(cls: type) -> type:
+    """The generated subclass of a post-norm output block whose forward fuses its residual add."""
+    key = (cls, _FUSED_OUTPUT)
+    fused = _generated.get(key)
+    if fused is None:
+        namespace = {**_generated_namespace(cls, _FUSED_OUTPUT), "forward": _fused_output_forward}
+        fused = _generated[key] = type(f"NormfuseFused{cls.__name__}", (cls,), namespace)
+    return fused
 
 
 def _fused_class(cls: type) -> type:

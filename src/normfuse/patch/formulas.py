@@ -134,6 +134,15 @@ def _deberta(module, x, eps):
     return w * functional.layer_norm(computed, _n(module), None, None, eps).to(x.dtype) + b
 
 
+def _deberta_add(module, x, residual, eps):
+    # the unfused block normalizes ``x + residual`` (in torch's promotion)
+    w, b = module.weight, module.bias
+    if x.dtype == residual.dtype == w.dtype == b.dtype == torch.float32 and x.shape == residual.shape:
+        return functional.add_layer_norm(x, residual, _n(module), w, b, eps)
+    h = x + residual
+    return _deberta(module, h, eps), h
+
+
 def _olmo(module, x, eps):
     # LayerNorm without weight or bias, computed in float32 whatever the input (float64 too)
     computed = x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
@@ -333,6 +342,7 @@ HF_FORMULAS = (
                 "returny",
             )),  # fmt: skip
         ),
+        _deberta_add,
         kind="layer",
     ),
     Formula(
@@ -520,6 +530,28 @@ def prenorm_layer_form(cls: type) -> str | None:
         ):
             return form
     return None
+
+
+# A post-norm output block whose residual add and norm can be fused exactly: BERT's self-output
+# and output (dense, dropout, the norm of the residual sum), copied verbatim by RoBERTa, ELECTRA,
+# XLM-R and some 80 classes more, with ``forward(self, hidden_states, input_tensor)``.
+POSTNORM_OUTPUT_BODY = (
+    "hidden_states=self.dense(hidden_states)",
+    "hidden_states=self.dropout(hidden_states)",
+    "hidden_states=self.LayerNorm(hidden_states+input_tensor)",
+    "returnhidden_states",
+)
+
+
+def is_postnorm_output(cls: type) -> bool:
+    """Whether ``cls.forward`` is the post-norm output block above, with its two arguments."""
+    if body_statements(cls.forward) != POSTNORM_OUTPUT_BODY:
+        return False
+    parameters = list(inspect.signature(cls.forward).parameters.values())
+    return [(p.name, p.kind, p.default) for p in parameters] == [
+        (name, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty)
+        for name in ("self", "hidden_states", "input_tensor")
+    ]
 
 
 def attention_drops_var_keyword(cls: type) -> bool:

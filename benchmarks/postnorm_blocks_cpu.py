@@ -1,0 +1,103 @@
+"""BERT's output blocks (dense, dropout, LayerNorm of the residual sum): torch, ``normfuse.patch``
+and ``normfuse.patch(..., fuse_residual=True)`` side by side.
+
+The blocks of a BERT-base-sized layer (hidden 768: the self-output's 768 -> 768 dense and the
+output's 3072 -> 768 one) built from transformers' own classes, on (tokens, features)
+activations, in training mode (dropout 0.1, torch's draws in all three) and in eval mode.
+Forward, and forward+backward (``torch.autograd.grad`` over the block's input, its residual and
+its parameters); the three variants interleaved round by round, medians in ms, with the
+LayerNorm of the residual sum alone (torch's ``F.layer_norm(x + r)`` against normfuse's
+``add_layer_norm``) for scale: the dense layer's matmul is most of a block.
+
+    python benchmarks/postnorm_blocks_cpu.py [--tokens 4096] [--rounds 15] [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import normfuse
+
+
+def _blocks(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertOutput, BertSelfOutput
+
+    config = BertConfig(hidden_size=768, intermediate_size=3072, hidden_dropout_prob=0.1)
+    return {"self-output 768": BertSelfOutput(config).to(dtype), "output 3072": BertOutput(config).to(dtype)}
+
+
+def _median_ms(fns: dict[str, object], rounds: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, {args.dtype}; ms, medians of {args.rounds}")
+    print(f"{'block':16s} {'mode':5s} {'pass':4s} {'torch':>8s} {'patch':>8s} {'fused':>8s}  fused/torch fused/patch")
+    for name, block in _blocks(dtype).items():
+        variants = {"torch": block, "patch": copy.deepcopy(block), "fused": copy.deepcopy(block)}
+        normfuse.patch(variants["patch"])
+        report = normfuse.patch(variants["fused"], fuse_residual=True)
+        assert any(e.formula.startswith("fused") for e in report.patched), str(report)
+        width_in = block.dense.in_features
+        x = torch.randn(args.tokens, width_in, dtype=dtype, requires_grad=True)
+        r = torch.randn(args.tokens, 768, dtype=dtype, requires_grad=True)
+        for training in (True, False):
+            for module in variants.values():
+                module.train(training)
+
+            def forward(module=None):
+                with torch.no_grad():
+                    return module(x, r)
+
+            def both(module=None):
+                out = module(x, r)
+                return torch.autograd.grad(out.float().square().sum(), [x, r, *module.parameters()])
+
+            for label, fn in (("fwd", forward), ("f+b", both)):
+                ms = _median_ms({k: (lambda m=m, fn=fn: fn(m)) for k, m in variants.items()}, args.rounds)
+                print(
+                    f"{name:16s} {'train' if training else 'eval':5s} {label:4s} {ms['torch']:8.2f} {ms['patch']:8.2f} "
+                    f"{ms['fused']:8.2f}  {ms['fused'] / ms['torch']:11.2f} {ms['fused'] / ms['patch']:11.2f}"
+                )
+    # the add and the norm alone, for scale
+    h, res = torch.randn(args.tokens, 768, dtype=dtype), torch.randn(args.tokens, 768, dtype=dtype)
+    w, b = torch.randn(768, dtype=dtype), torch.randn(768, dtype=dtype)
+    ms = _median_ms(
+        {
+            "torch": lambda: F.layer_norm(h + res, (768,), w, b),
+            "patch": lambda: normfuse.layer_norm(h + res, (768,), w, b),
+            "fused": lambda: normfuse.add_layer_norm(h, res, (768,), w, b),
+        },
+        args.rounds * 4,
+    )
+    print(
+        f"{'add + norm only':16s} {'':5s} {'fwd':4s} {ms['torch']:8.2f} {ms['patch']:8.2f} {ms['fused']:8.2f}  "
+        f"{ms['fused'] / ms['torch']:11.2f} {ms['fused'] / ms['patch']:11.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
