@@ -1,11 +1,13 @@
-"""BERT's output blocks (dense, dropout, LayerNorm of the residual sum): torch, ``normfuse.patch``
-and ``normfuse.patch(..., fuse_residual=True)`` side by side.
+"""BERT's output blocks (dense, dropout, LayerNorm of the residual sum): torch, ``normfuse.patch``,
+``normfuse.patch(..., fuse_residual=True)`` and ``fuse_residual=True, fuse_dropout=True`` side by
+side.
 
 The blocks of a BERT-base-sized layer (hidden 768: the self-output's 768 -> 768 dense and the
 output's 3072 -> 768 one) built from transformers' own classes, on (tokens, features)
-activations, in training mode (dropout 0.1, torch's draws in all three) and in eval mode.
+activations, in training mode (dropout 0.1: torch's draws in the first three, normfuse's masks
+inside the kernel in the fourth) and in eval mode.
 Forward, and forward+backward (``torch.autograd.grad`` over the block's input, its residual and
-its parameters); the three variants interleaved round by round, medians in ms, with the
+its parameters); the variants interleaved round by round, medians in ms, with the
 LayerNorm of the residual sum alone (torch's ``F.layer_norm(x + r)`` against normfuse's
 ``add_layer_norm``) for scale: the dense layer's matmul is most of a block.
 
@@ -54,12 +56,18 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, {args.dtype}; ms, medians of {args.rounds}")
-    print(f"{'block':16s} {'mode':5s} {'pass':4s} {'torch':>8s} {'patch':>8s} {'fused':>8s}  fused/torch fused/patch")
+    print(
+        f"{'block':16s} {'mode':5s} {'pass':4s} {'torch':>8s} {'patch':>8s} {'fused':>8s} {'+dropout':>8s}"
+        "  fused/torch fused/patch +dropout/torch"
+    )
     for name, block in _blocks(dtype).items():
-        variants = {"torch": block, "patch": copy.deepcopy(block), "fused": copy.deepcopy(block)}
+        variants = {k: copy.deepcopy(block) for k in ("patch", "fused", "+dropout")}
+        variants = {"torch": block, **variants}
         normfuse.patch(variants["patch"])
         report = normfuse.patch(variants["fused"], fuse_residual=True)
-        assert any(e.formula.startswith("fused") for e in report.patched), str(report)
+        assert any(e.formula.startswith("fused residual") for e in report.patched), str(report)
+        report = normfuse.patch(variants["+dropout"], fuse_residual=True, fuse_dropout=True)
+        assert any(e.formula.startswith("fused dropout") for e in report.patched), str(report)
         width_in = block.dense.in_features
         x = torch.randn(args.tokens, width_in, dtype=dtype, requires_grad=True)
         r = torch.randn(args.tokens, 768, dtype=dtype, requires_grad=True)
@@ -79,22 +87,26 @@ def main() -> int:
                 ms = _median_ms({k: (lambda m=m, fn=fn: fn(m)) for k, m in variants.items()}, args.rounds)
                 print(
                     f"{name:16s} {'train' if training else 'eval':5s} {label:4s} {ms['torch']:8.2f} {ms['patch']:8.2f} "
-                    f"{ms['fused']:8.2f}  {ms['fused'] / ms['torch']:11.2f} {ms['fused'] / ms['patch']:11.2f}"
+                    f"{ms['fused']:8.2f} {ms['+dropout']:8.2f}  {ms['fused'] / ms['torch']:11.2f} "
+                    f"{ms['fused'] / ms['patch']:11.2f} {ms['+dropout'] / ms['torch']:14.2f}"
                 )
-    # the add and the norm alone, for scale
+    # the dropout, the add and the norm alone, for scale (training mode)
     h, res = torch.randn(args.tokens, 768, dtype=dtype), torch.randn(args.tokens, 768, dtype=dtype)
     w, b = torch.randn(768, dtype=dtype), torch.randn(768, dtype=dtype)
-    ms = _median_ms(
-        {
-            "torch": lambda: F.layer_norm(h + res, (768,), w, b),
-            "patch": lambda: normfuse.layer_norm(h + res, (768,), w, b),
-            "fused": lambda: normfuse.add_layer_norm(h, res, (768,), w, b),
-        },
-        args.rounds * 4,
-    )
+    with torch.no_grad():
+        ms = _median_ms(
+            {
+                "torch": lambda: F.layer_norm(F.dropout(h, 0.1) + res, (768,), w, b),
+                "patch": lambda: normfuse.layer_norm(F.dropout(h, 0.1) + res, (768,), w, b),
+                "fused": lambda: normfuse.add_layer_norm(F.dropout(h, 0.1), res, (768,), w, b),
+                "+dropout": lambda: normfuse.add_layer_norm(h, res, (768,), w, b, dropout_p=0.1),
+            },
+            args.rounds * 2,
+        )
     print(
-        f"{'add + norm only':16s} {'':5s} {'fwd':4s} {ms['torch']:8.2f} {ms['patch']:8.2f} {ms['fused']:8.2f}  "
-        f"{ms['fused'] / ms['torch']:11.2f} {ms['fused'] / ms['patch']:11.2f}"
+        f"{'drop+add+norm':16s} {'train':5s} {'fwd':4s} {ms['torch']:8.2f} {ms['patch']:8.2f} {ms['fused']:8.2f} "
+        f"{ms['+dropout']:8.2f}  {ms['fused'] / ms['torch']:11.2f} {ms['fused'] / ms['patch']:11.2f} "
+        f"{ms['+dropout'] / ms['torch']:14.2f}"
     )
     return 0
 

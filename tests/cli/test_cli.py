@@ -125,3 +125,14 @@ def test_bench_model_training_step(tmp_path):
     assert result["norms"] == 3  # two per decoder layer and the final one
     for key in ("step_s", "norm_s", "norm_share", "saved_bytes"):
         assert result[key]["torch"] > 0 and result[key]["normfuse"] > 0
+
+
+def test_bench_model_bert_with_fused_residual_adds(tmp_path):
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install normfuse[hf])")
+    args = ["bench", "--model", "bert", "--fuse", "--quick", "--width", "64", "--layers", "1", "--seq", "16",
+            "--batch", "2", "--dtypes", "float32", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    (result,) = json.loads((tmp_path / "bench_model_bert_fused.json").read_text())["results"]
+    # the embeddings' LayerNorm and the layer's two, its two output blocks fused, and the MLM head's
+    assert result["fused"] and result["norms"] == 6 and result["norm_share"] is None
+    assert result["step_s"]["torch"] > 0 and result["step_s"]["normfuse"] > 0

@@ -606,6 +606,79 @@ def test_fuse_residual_in_post_norm_output_blocks_gives_the_unfused_patch_bit_fo
     assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
 
 
+class _OwnDropout(torch.nn.Dropout):
+    pass
+
+
+def test_fuse_dropout_puts_bert_s_output_dropout_in_the_kernel(monkeypatch):
+    """``fuse_dropout=True``: the output blocks' nn.Dropout joins the add and the norm (normfuse's
+    masks: reproduced by the seed, not nn.Dropout's draws); eval mode is unchanged bit for bit.
+    A dropout of another class stays as it is, its block fused without it."""
+    model = _build("bert")
+    unfused = copy.deepcopy(model)
+    normfuse.patch(unfused)
+    with pytest.raises(ValueError, match="pass both"):
+        normfuse.patch(copy.deepcopy(model), fuse_dropout=True)
+    model.bert.encoder.layer[1].output.dropout.__class__ = _OwnDropout
+    report = normfuse.patch(model, fuse_residual=True, fuse_dropout=True)
+    fused = sorted(e.formula for e in report.patched if e.formula.startswith("fused"))
+    assert fused == ["fused dropout + residual add + torch LayerNorm"] * 3 + ["fused residual add + torch LayerNorm"]
+    inputs = _inputs("bert")
+    calls = []
+    real = normfuse.functional.add_layer_norm
+    monkeypatch.setattr(normfuse.functional, "add_layer_norm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model.eval(), unfused.eval()
+    assert torch.equal(_logits(model, inputs), _logits(unfused, inputs))
+    model.train()
+    calls.clear()
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        logits = _logits(model, inputs)
+        grads = torch.autograd.grad(logits.square().mean(), list(model.parameters()))
+        assert all(torch.isfinite(g).all() for g in grads)
+        runs.append(logits.detach())
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    p = model.config.hidden_dropout_prob
+    dropping = [k for k in calls if k.get("dropout_p") == p and k.get("training") is True]
+    assert len(dropping) == 3 * 3  # three blocks with the dropout fused, three runs
+    clone = pickle.loads(pickle.dumps(model))
+    assert [type(m).__name__ for m in clone.modules()] == [type(m).__name__ for m in model.modules()]
+    torch.manual_seed(1)
+    assert torch.equal(_logits(clone, inputs), runs[0])
+
+
+@pytest.mark.parametrize("norm_class", [torch.nn.RMSNorm, torch.nn.LayerNorm])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_residual_over_torch_s_own_norms_in_a_decoder_layer(norm_class, dtype):
+    """A Llama-form decoder layer built with torch's nn.RMSNorm or nn.LayerNorm: the fused add
+    gives the unfused patch's output bit for bit, and its gradients to rounding."""
+    torch.manual_seed(0)
+    layer = _Layer453(32, with_cache=False)
+    layer.input_layernorm, layer.post_attention_layernorm = norm_class(32), norm_class(32)
+    layer = layer.to(dtype)
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if "norm" in name:
+                param.normal_(1.0, 0.3)
+    unfused = copy.deepcopy(layer)
+    normfuse.patch(unfused)
+    report = normfuse.patch(layer, fuse_residual=True)
+    formula = "torch RMSNorm" if norm_class is torch.nn.RMSNorm else "torch LayerNorm"
+    assert [e.formula for e in report.patched] == [formula, formula, f"fused residual add + {formula}"], str(report)
+    x = torch.randn(2, 5, 32).to(dtype)
+    outs = []
+    for module in (layer, unfused):
+        x_ = x.clone().requires_grad_()
+        (out,) = module(x_)
+        outs.append((out, torch.autograd.grad(out.float().square().sum(), [x_, *module.parameters()])))
+    (got, got_grads), (want, want_grads) = outs
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        # the residual stream's gradient is added inside the kernel (one rounding fewer)
+        assert norm_err(g, w) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 class _DoubledLayerNorm(torch.nn.LayerNorm):
     def forward(self, x):
         return super().forward(x) * 2.0

@@ -352,9 +352,11 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--op", default="layer_norm", choices=OPS, help="which norm to time (default layer_norm)")
-    p.add_argument("--model", choices=["llama", "gpt2"], default=None,
+    p.add_argument("--model", choices=["llama", "gpt2", "bert"], default=None,
                    help="instead: a training step (forward, backward, AdamW) of a small Hugging Face model, "
                    "normfuse.patch-ed vs not (needs transformers)")
+    p.add_argument("--fuse", action="store_true",
+                   help="--model: patch with fuse_residual=True (bert: and fuse_dropout=True)")
     p.add_argument("--width", type=positive_int, default=512, help="--model: hidden size (default 512)")
     p.add_argument("--layers", type=positive_int, default=4, help="--model: layers (default 4)")
     p.add_argument("--seq", type=positive_int, default=256, help="--model: sequence length (default 256)")
@@ -385,8 +387,11 @@ def _run_models(args: argparse.Namespace, console) -> int:
     for dtype in dtypes:
         console.print(f"{args.model} {str(dtype)[6:]}: width {args.width}, {args.layers} layers, "
                       f"batch {args.batch} x {args.seq} tokens, {reps} interleaved steps each ...")  # fmt: skip
-        results.append(run_model_bench(args.model, args.width, args.layers, args.seq, args.batch, reps, dtype, console))
-    table = Table(title=f"training step of a {args.model}-shaped model (forward, backward, AdamW): medians")
+        results.append(
+            run_model_bench(args.model, args.width, args.layers, args.seq, args.batch, reps, dtype, console, args.fuse)
+        )
+    fused = " (fused residual adds)" if args.fuse else ""
+    table = Table(title=f"training step of a {args.model}-shaped model{fused} (forward, backward, AdamW): medians")
     for column in ("dtype", "step s: torch / nf", "step speedup", "norm share: torch / nf", "share shrinks",
                    "saved MiB: torch / nf"):  # fmt: skip
         table.add_column(column, justify="right")
@@ -394,13 +399,14 @@ def _run_models(args: argparse.Namespace, console) -> int:
         step, share, saved = r["step_s"], r["norm_share"], r["saved_bytes"]
         table.add_row(
             r["dtype"], f"{step['torch']:.3f} / {step['normfuse']:.3f}", f"{step['torch'] / step['normfuse']:.2f}x",
-            f"{share['torch']:.1%} / {share['normfuse']:.1%}", f"{share['torch'] / share['normfuse']:.1f}x",
+            f"{share['torch']:.1%} / {share['normfuse']:.1%}" if share else "not measured",
+            f"{share['torch'] / share['normfuse']:.1f}x" if share else "-",
             f"{saved['torch'] / 2**20:.0f} / {saved['normfuse'] / 2**20:.0f}",
         )  # fmt: skip
     console.print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench_model_{args.model}.json"
+    path = out / f"bench_model_{args.model}{'_fused' if args.fuse else ''}.json"
     say_if_overwriting(path, console)
     path.write_text(json.dumps({"machine": machine_line("cpu"), "results": results}, indent=1))
     console.print(f"[green]done.[/green] wrote {path}")

@@ -1,7 +1,10 @@
-"""``normfuse bench --model llama|gpt2``: the training step of a real model, patched vs not.
+"""``normfuse bench --model llama|gpt2|bert``: the training step of a real model, patched vs not.
 
-A small Llama-shaped model (RMSNorm) or GPT-2-shaped model (LayerNorm) from Hugging Face
-transformers, built from a config (no download). One training step is forward, backward and an
+A small Llama-shaped model (RMSNorm), GPT-2-shaped model (LayerNorm) or BERT-shaped masked-LM
+(post-norm LayerNorms, dropout 0.1) from Hugging Face transformers, built from a config (no
+download). ``--fuse`` patches with ``fuse_residual=True`` (and, for BERT, ``fuse_dropout=True``:
+its output blocks' dropout goes into the add and norm kernel); the norms' share of a step is
+then not measured (the fused norms are no module calls to time apart). One training step is forward, backward and an
 AdamW update on random tokens. The unpatched model and a ``normfuse.patch``-ed copy (same
 weights) alternate step by step and the medians are compared. The norms' share of a step is
 measured by capturing every norm's input during a step and timing the norms alone, forward and
@@ -30,6 +33,12 @@ def build(kind: str, width: int, layers: int, dtype: torch.dtype) -> torch.nn.Mo
             max_position_embeddings=4096,
         )  # fmt: skip
         model = transformers.LlamaForCausalLM(config)
+    elif kind == "bert":
+        config = transformers.BertConfig(
+            hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+            num_attention_heads=max(1, width // 64), vocab_size=vocab, max_position_embeddings=4096,
+        )  # fmt: skip
+        model = transformers.BertForMaskedLM(config)
     else:
         config = transformers.GPT2Config(
             n_embd=width, n_layer=layers, n_head=max(1, width // 64), vocab_size=vocab, n_positions=4096,
@@ -96,7 +105,9 @@ def _norm_time(model, ids, reps: int) -> float:
     return statistics.median(times)
 
 
-def run_model_bench(kind: str, width: int, layers: int, seq: int, batch: int, reps: int, dtype: torch.dtype, console) -> dict:
+def run_model_bench(
+    kind: str, width: int, layers: int, seq: int, batch: int, reps: int, dtype: torch.dtype, console, fuse: bool = False
+) -> dict:
     import resource
 
     import normfuse
@@ -104,7 +115,7 @@ def run_model_bench(kind: str, width: int, layers: int, seq: int, batch: int, re
     torch.manual_seed(0)
     plain = build(kind, width, layers, dtype)
     patched = copy.deepcopy(plain)
-    report = normfuse.patch(patched)
+    report = normfuse.patch(patched, fuse_residual=fuse, fuse_dropout=fuse and kind == "bert")
     ids = torch.randint(0, plain.config.vocab_size, (batch, seq))
     steps = {"torch": _step_fn(plain, ids), "normfuse": _step_fn(patched, ids)}
     for fn in steps.values():  # warm-up: JIT compile, allocator
@@ -116,11 +127,11 @@ def run_model_bench(kind: str, width: int, layers: int, seq: int, batch: int, re
             fn()
             samples[name].append(time.perf_counter() - start)
     step = {name: statistics.median(v) for name, v in samples.items()}
-    norm = {"torch": _norm_time(plain, ids, reps), "normfuse": _norm_time(patched, ids, reps)}
+    norm = None if fuse else {"torch": _norm_time(plain, ids, reps), "normfuse": _norm_time(patched, ids, reps)}
     saved = {"torch": _saved_bytes(plain, ids), "normfuse": _saved_bytes(patched, ids)}
     return {
         "model": kind, "dtype": str(dtype).removeprefix("torch."), "width": width, "layers": layers, "seq": seq,
-        "batch": batch, "norms": len(report.patched), "step_s": step, "norm_s": norm,
-        "norm_share": {k: norm[k] / step[k] for k in step}, "saved_bytes": saved,
+        "batch": batch, "norms": len(report.patched), "fused": fuse, "step_s": step, "norm_s": norm,
+        "norm_share": {k: norm[k] / step[k] for k in step} if norm else None, "saved_bytes": saved,
         "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }  # fmt: skip

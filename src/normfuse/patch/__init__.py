@@ -20,6 +20,7 @@ inserted just below them in the method resolution order, so a subclass with its 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ _generated: dict[tuple[type, str], type] = {}
 # are the others')
 _FUSED = "fused"
 _FUSED_OUTPUT = "fused output"
+_FUSED_OUTPUT_DROPOUT = "fused output with dropout"
 
 
 def _reduce_ex(self: torch.nn.Module, protocol: int) -> tuple:
@@ -122,8 +124,8 @@ def _rebuild(original: type, key: str) -> torch.nn.Module:
     not made it yet); unpickling then restores the module's state into it."""
     if key == _FUSED:
         cls = _fused_class(original)
-    elif key == _FUSED_OUTPUT:
-        cls = _fused_output_class(original)
+    elif key in (_FUSED_OUTPUT, _FUSED_OUTPUT_DROPOUT):
+        cls = _fused_output_class(original, key == _FUSED_OUTPUT_DROPOUT)
     else:
         # a Hugging Face formula as ``patch`` recognized it in the class (where it reads eps from)
         formula = _TORCH_FORMULAS_BY_NAME.get(key) or recognize(original)
@@ -234,15 +236,25 @@ def _looks_like_norm(module: torch.nn.Module) -> bool:
 
 
 def patch(
-    model: torch.nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, fuse_residual: bool = False
+    model: torch.nn.Module,
+    *,
+    layer_norm: bool = True,
+    rms_norm: bool = True,
+    fuse_residual: bool = False,
+    fuse_dropout: bool = False,
 ) -> PatchReport:
     """Swap, in place, every norm of ``model`` that normfuse computes exactly; return a report.
 
     ``layer_norm`` / ``rms_norm`` choose the kinds to swap (torch's LayerNorm and its
     subclasses; RMSNorm: torch's and the Hugging Face classes whose formula is recognized).
-    ``fuse_residual`` (opt-in) also fuses, in Llama-family decoder layers, the residual add with
-    the norm that follows it (``add_rms_norm``): the same results as the patched layer without
-    it, one pass over memory fewer.
+    ``fuse_residual`` (opt-in) also fuses the residual add with the norm that follows it
+    (``add_rms_norm`` / ``add_layer_norm``), in Llama-family decoder layers and in BERT's
+    post-norm output blocks (dense, dropout, norm of the residual sum): the same results as the
+    patched model without it, bit for bit, one pass over memory fewer.
+    ``fuse_dropout`` (opt-in, with ``fuse_residual``) also fuses those output blocks' dropout
+    (an ``nn.Dropout``) into the add and the norm: normfuse's masks, reproduced by
+    ``torch.manual_seed`` with the same keep rate and scale, but not ``nn.Dropout``'s draws, so
+    training runs differ from the unpatched model's as two seeds do (eval mode: no change).
     Calling it twice is harmless; ``unpatch(model)`` restores the original modules.
     """
     report = PatchReport()
@@ -276,8 +288,10 @@ def patch(
             continue
         _swap(module, _patched_class(cls, formula), bound)
         report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", formula.name))
+    if fuse_dropout and not fuse_residual:
+        raise ValueError("fuse_dropout=True fuses the dropout of the residual adds that fuse_residual=True fuses: pass both")
     if fuse_residual:
-        _fuse_residuals(model, report)
+        _fuse_residuals(model, report, fuse_dropout)
     return report
 
 
@@ -337,6 +351,23 @@ def _fused_output_forward(self, hidden_states, input_tensor):
     return formula.add_forward(norm, hidden_states, input_tensor, formula.eps(norm))[0]
 
 
+def _fused_output_dropout_forward(self, hidden_states, input_tensor):
+    """BERT's output block with its dropout, residual add and norm in one pass (normfuse's masks)."""
+    hidden_states = self.dense(hidden_states)
+    norm, dropout = self.LayerNorm, self.dropout
+    if hidden_states.dtype != input_tensor.dtype or hidden_states.shape != input_tensor.shape:
+        return norm(dropout(hidden_states) + input_tensor)  # torch's promotion and broadcast
+    if isinstance(norm, modules.LayerNorm):
+        return functional.add_layer_norm(
+            hidden_states, input_tensor, norm.normalized_shape, norm.weight, norm.bias, norm.eps,
+            dropout_p=dropout.p, training=dropout.training,
+        )[0]  # fmt: skip
+    return functional.add_rms_norm(
+        hidden_states, input_tensor, norm.normalized_shape, norm.weight, norm.eps,
+        dropout_p=dropout.p, training=dropout.training,
+    )[0]  # fmt: skip
+
+
 def _fusable_formula(norm: torch.nn.Module | None) -> Formula | None:
     """The formula of a patched norm, where it offers the residual add fused with it."""
     formula = getattr(type(norm), "_normfuse_formula", None)
@@ -347,15 +378,23 @@ def _fusable_formula(norm: torch.nn.Module | None) -> Formula | None:
     return formula
 
 
-def _fuse_residuals(model: torch.nn.Module, report: PatchReport) -> None:
+def _fuse_residuals(model: torch.nn.Module, report: PatchReport, fuse_dropout: bool) -> None:
     for path, module in model.named_modules():
         cls = _class_below_parametrize(module)
         if getattr(cls, "_normfuse_original_class", None) is not None:
             continue
+        what = "residual add"
         if prenorm_layer_form(cls) is not None:
-            norm, fused = getattr(module, "post_attention_layernorm", None), _fused_class
+            norm, make = getattr(module, "post_attention_layernorm", None), functools.partial(_fused_class, cls)
         elif is_postnorm_output(cls):
-            norm, fused = getattr(module, "LayerNorm", None), _fused_output_class
+            norm = getattr(module, "LayerNorm", None)
+            # the dropout joins the kernel where it is torch's own and the norm is torch's (whose
+            # functional form takes a dropout); otherwise it stays as it is
+            with_dropout = fuse_dropout and type(getattr(module, "dropout", None)) is torch.nn.Dropout and isinstance(
+                norm, (modules.LayerNorm, modules.RMSNorm)
+            )
+            make = functools.partial(_fused_output_class, cls, with_dropout)
+            what = "dropout + residual add" if with_dropout else what
         else:
             continue
         formula = _fusable_formula(norm)
@@ -366,16 +405,19 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport) -> None:
         if bound is None:
             report.skipped.append(SkippedNorm(path, cls.__qualname__, f"residual add not fused: {_FORWARD_REPLACED}"))
             continue
-        _swap_class(module, fused(cls), bound)
-        report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", f"fused residual add + {formula.name}"))
+        _swap_class(module, make(), bound)
+        report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", f"fused {what} + {formula.name}"))
 
 
-def _fused_output_class(cls: type) -> type:
-    """The generated subclass of a post-norm output block whose forward fuses its residual add."""
-    key = (cls, _FUSED_OUTPUT)
+def _fused_output_class(cls: type, with_dropout: bool = False) -> type:
+    """The generated subclass of a post-norm output block whose forward fuses its residual add
+    (and its dropout)."""
+    name = _FUSED_OUTPUT_DROPOUT if with_dropout else _FUSED_OUTPUT
+    key = (cls, name)
     fused = _generated.get(key)
     if fused is None:
-        namespace = {**_generated_namespace(cls, _FUSED_OUTPUT), "forward": _fused_output_forward}
+        forward = _fused_output_dropout_forward if with_dropout else _fused_output_forward
+        namespace = {**_generated_namespace(cls, name), "forward": forward}
         fused = _generated[key] = type(f"NormfuseFused{cls.__name__}", (cls,), namespace)
     return fused
 
