@@ -618,7 +618,8 @@ def test_fuse_dropout_puts_bert_s_output_dropout_in_the_kernel(monkeypatch):
     unfused = copy.deepcopy(model)
     normfuse.patch(unfused)
     with pytest.raises(ValueError, match="pass both"):
-        normfuse.patch(copy.deepcopy(model), fuse_dropout=True)
+        normfuse.patch(model, fuse_dropout=True)
+    assert normfuse.unpatch(model) == 0  # refused before anything changed
     model.bert.encoder.layer[1].output.dropout.__class__ = _OwnDropout
     report = normfuse.patch(model, fuse_residual=True, fuse_dropout=True)
     fused = sorted(e.formula for e in report.patched if e.formula.startswith("fused"))

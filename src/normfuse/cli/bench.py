@@ -215,8 +215,10 @@ def _floor_call(x: torch.Tensor, r: torch.Tensor | None, dy: torch.Tensor) -> Ca
     """A norm's forward+backward traffic in plain copies and adds: the forward reads x and writes
     the output (a copy), the backward reads x and dy and writes dx (an add into a buffer); the
     add+norm step also reads the residual and writes the residual output forward (a second
-    copy) and writes the residual's gradient backward (a third copy): 5 and 9 tensor passes."""
-    bufs = [torch.empty_like(x) for _ in range(4)]
+    copy), and its backward also reads the residual output's gradient (an addcmul of three
+    tensors into a buffer: dx, which without dropout is the residual's gradient too, the same
+    values in one tensor): 5 and 8 tensor passes."""
+    bufs = [torch.empty_like(x) for _ in range(3)]
     if r is None:
 
         def call():
@@ -228,8 +230,7 @@ def _floor_call(x: torch.Tensor, r: torch.Tensor | None, dy: torch.Tensor) -> Ca
     def call_add():
         bufs[0].copy_(x)
         bufs[1].copy_(r)
-        torch.add(dy, x, out=bufs[2])
-        bufs[3].copy_(r)
+        torch.addcmul(dy, x, r, out=bufs[2])
 
     return call_add
 

@@ -15,7 +15,13 @@ is left alone.
 
 torch's own ``nn.LayerNorm`` and ``nn.RMSNorm`` (and their subclasses) get normfuse's module
 inserted just below them in the method resolution order, so a subclass with its own forward
-(a permute around ``super().forward``, say) keeps it and reaches normfuse through ``super()``.
+(a permute around ``super().forward``, say) keeps it and reaches normfuse through ``super()``; a
+subclass whose forward never reaches torch's (it calls ``F.layer_norm`` itself) is swapped by the
+formula its forward computes, as any other class, or left alone.
+
+``fuse_residual=True`` also swaps, by their forward's statements, the blocks around a norm whose
+residual add joins the norm's kernel: Llama-family decoder layers (``formulas.PRENORM_LAYER_FORMS``)
+and BERT's post-norm output blocks (``formulas.POSTNORM_OUTPUT_BODY``).
 """
 
 from __future__ import annotations
@@ -257,6 +263,8 @@ def patch(
     training runs differ from the unpatched model's as two seeds do (eval mode: no change).
     Calling it twice is harmless; ``unpatch(model)`` restores the original modules.
     """
+    if fuse_dropout and not fuse_residual:
+        raise ValueError("fuse_dropout=True fuses the dropout of the residual adds that fuse_residual=True fuses: pass both")
     report = PatchReport()
     for path, module in model.named_modules():
         cls = _class_below_parametrize(module)
@@ -288,8 +296,6 @@ def patch(
             continue
         _swap(module, _patched_class(cls, formula), bound)
         report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", formula.name))
-    if fuse_dropout and not fuse_residual:
-        raise ValueError("fuse_dropout=True fuses the dropout of the residual adds that fuse_residual=True fuses: pass both")
     if fuse_residual:
         _fuse_residuals(model, report, fuse_dropout)
     return report
@@ -390,9 +396,8 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport, fuse_dropout: b
             norm = getattr(module, "LayerNorm", None)
             # the dropout joins the kernel where it is torch's own and the norm is torch's (whose
             # functional form takes a dropout); otherwise it stays as it is
-            with_dropout = fuse_dropout and type(getattr(module, "dropout", None)) is torch.nn.Dropout and isinstance(
-                norm, (modules.LayerNorm, modules.RMSNorm)
-            )
+            torch_dropout = type(getattr(module, "dropout", None)) is torch.nn.Dropout
+            with_dropout = fuse_dropout and torch_dropout and isinstance(norm, (modules.LayerNorm, modules.RMSNorm))
             make = functools.partial(_fused_output_class, cls, with_dropout)
             what = "dropout + residual add" if with_dropout else what
         else:
