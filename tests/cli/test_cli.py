@@ -59,13 +59,13 @@ def test_bench_quick_writes_json_and_png(tmp_path, op, peers):
 def test_bench_floor_moves_what_a_forward_backward_must(op):
     """The f+b floor is only copies and adds into buffers, and passes over exactly as many
     tensors as ``TENSORS_MOVED`` counts for the op (a copy reads one and writes one, an add
-    into a buffer reads two and writes one)."""
+    into a buffer reads two and writes one, an addcmul three and one)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from normfuse.cli.bench import TENSORS_MOVED, contenders, implementations
 
-    passes = {torch.ops.aten.copy_.default: 2, torch.ops.aten.add.out: 3}
+    passes = {torch.ops.aten.copy_.default: 2, torch.ops.aten.add.out: 3, torch.ops.aten.addcmul.out: 4}
     seen = []
 
     class Record(TorchDispatchMode):
