@@ -114,6 +114,11 @@ def test_x_and_residual_gradients_share_a_tensor_and_accumulate_apart(kind):
     assert torch.equal(x.grad, 2 * dx) and torch.equal(r.grad, 2 * dx)
     x.grad.zero_()
     assert torch.equal(r.grad, 2 * dx)
+    # one tensor as both x and the residual: its gradient is the sum of the two
+    (both,) = torch.autograd.grad(_fused(kind, x, x, n, w, b)[0], [x], dy)
+    x2 = (2 * x).detach().requires_grad_()
+    (want,) = torch.autograd.grad(KINDS[kind][1](x2, (n,), w, b) if kind == "layer" else KINDS[kind][1](x2, (n,), w), [x2], dy)
+    assert norm_err(both, 2 * want) <= GRAD_TOL[torch.float32]
     # with dropout, or a residual of another dtype, the two differ: each written as it is
     dx, dr = torch.autograd.grad(_fused(kind, x, r, n, w, b, dropout_p=0.5)[0], [x, r], dy)
     assert torch.equal(dx, torch.where(dx == 0, 0.0, 2 * dr)) and (dx == 0).any()
