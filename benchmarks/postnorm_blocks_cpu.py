@@ -9,7 +9,9 @@ inside the kernel in the fourth) and in eval mode.
 Forward, and forward+backward (``torch.autograd.grad`` over the block's input, its residual and
 its parameters); the variants interleaved round by round, medians in ms, with the
 LayerNorm of the residual sum alone (torch's ``F.layer_norm(x + r)`` against normfuse's
-``add_layer_norm``) for scale: the dense layer's matmul is most of a block.
+``add_layer_norm``) for scale: the dense layer's matmul is most of a block. It runs with glibc's
+default malloc, as a user's process does (``bench_cpu.py`` sets tunables that keep freed memory
+mapped; here each fresh activation may cost its page faults, in every variant alike).
 
     python benchmarks/postnorm_blocks_cpu.py [--tokens 4096] [--rounds 15] [--dtype float32|bfloat16]
 """
@@ -18,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import normfuse
+from normfuse.cli.bench import interleaved_medians
 
 
 def _blocks(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
@@ -36,15 +37,7 @@ def _blocks(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
 
 
 def _median_ms(fns: dict[str, object], rounds: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
+    return {name: seconds * 1e3 for name, seconds in interleaved_medians(fns, rounds, 1).items()}
 
 
 def main() -> int:
