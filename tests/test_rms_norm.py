@@ -134,6 +134,46 @@ def test_zero_rows_single_feature_nan_inf_and_extreme_values():
         assert max_rel_err(ours, theirs) <= 2 * FWD_TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("add", ["none", "residual", "fp32 residual, dropout"])
+def test_one_feature_dx_is_exact_not_a_rounding_residue(dtype, add):
+    """Over one feature dx = g * (1 - xhat^2) * r, and 1 - xhat^2 = eps * r^2 exactly, which the
+    general formula (torch's too) leaves as a residue of rounding (xhat is about +-1): normfuse
+    computes g * eps * r^3, so dx is right to the dtype's rounding (torch's fp32 one was off by
+    about 1e-3 here). Through add_rms_norm too; dgamma is a plain sum."""
+    if add == "fp32 residual, dropout" and dtype not in LOW_PRECISION:
+        pytest.skip("a float32 residual stream is for bf16/fp16 activations")
+    gen = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((64, 1), (1,), (64, 1)))
+    x, w, dy = x.to(dtype), w.to(dtype), dy.to(dtype)
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    xl = x.clone().requires_grad_()
+    if add == "none":
+        h = x.double()
+        (dx,) = torch.autograd.grad(normfuse.rms_norm(xl, (1,), w, eps), [xl], dy)
+        dh_arrived = 0.0
+    else:
+        r_dtype = torch.float32 if add.startswith("fp32") else dtype
+        r = torch.randn(64, 1, generator=gen, dtype=torch.float64).to(r_dtype)
+        p = 0.5 if "dropout" in add else 0.0
+        rl, dres_out = r.clone().requires_grad_(), torch.randn(64, 1, generator=gen, dtype=torch.float64).to(r_dtype)
+        out, h_out, keep = normfuse.add_rms_norm(xl, rl, (1,), w, eps, dropout_p=p, return_dropout_mask=True)
+        dx, dres = torch.autograd.grad([out, h_out], [xl, rl], [dy, dres_out])
+        h, dh_arrived = h_out.double(), dres_out.double()
+    dh = dy.double() * w.double() * eps * (h.square() + eps) ** -1.5 + dh_arrived
+    tol = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps
+    if add == "none":
+        assert norm_err(dx, dh) <= tol
+    else:
+        assert norm_err(dres, dh) <= tol
+        want_dx = dh * keep.double() / (1 - p) if p else dh
+        assert norm_err(dx, want_dx) <= tol
+    # double backward, in float64: the one-feature form differentiates as the general one does
+    if dtype == torch.float64:
+        wl = w.clone().requires_grad_()
+        assert torch.autograd.gradgradcheck(lambda a, b: normfuse.rms_norm(a, (1,), b, 1e-3), (x.clone().requires_grad_(), wl))
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_low_precision_dweight_accumulates_in_fp32(dtype):
     x = torch.randn(8192, 64).to(dtype)

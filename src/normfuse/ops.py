@@ -377,6 +377,8 @@ def _gradients(ctx, dout: Tensor, dresidual_out: Tensor | None, fused_bwd, diffe
         )  # fmt: skip
         if share:
             dres = dx
+        if ctx.rms and h.shape[-1] == 1 and (need_dx or need_dresidual):
+            dx, dres = _one_feature_rms_gradients(ctx, dout, dresidual_out, h, weight, rstd, seed)
     # a no-op where the backend already rounded the sums to the parameter's dtype (tested in
     # Python: a dispatcher call, even one that returns its input, costs more)
     if need_dweight and dweight.dtype != weight.dtype:
@@ -401,8 +403,14 @@ def _differentiable_gradients(ctx, dout, dresidual_out, h, weight, seed):
     # in the accumulation dtype, as the kernels compute (bf16/fp16 formulas would lose digits)
     acc = acc_dtype(h.dtype)
     dh, dweight, dbias = reference.norm_bwd_differentiable(dout.to(acc), h.to(acc), weight, ctx.eps, ctx.rms)
+    return (*_input_gradients(ctx, dh, dresidual_out, h, seed), dweight, dbias)
+
+
+def _input_gradients(ctx, dh, dresidual_out, h, seed) -> tuple[Tensor, Tensor | None]:
+    """(dx, dresidual) from the gradient dh of the normalized input, in torch ops, as the kernels
+    give them: dh plus the gradient arriving at residual_out, then the forward's dropout mask."""
     if not ctx.add:
-        return dh.to(ctx.x_dtype), None, dweight, dbias
+        return dh.to(ctx.x_dtype), None
     if dresidual_out is not None:
         dh = dh + dresidual_out.to(dh.dtype)
     dres = dh.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None
@@ -410,7 +418,17 @@ def _differentiable_gradients(ctx, dout, dresidual_out, h, weight, seed):
     if ctx.dropout_p > 0:
         keep = _dropout.keep_mask(int(seed), ctx.dropout_p, *h.shape, device=h.device)
         dx = torch.where(keep, dh * _dropout.scale(ctx.dropout_p), 0.0)
-    return dx.to(ctx.x_dtype), dres, dweight, dbias
+    return dx.to(ctx.x_dtype), dres
+
+
+def _one_feature_rms_gradients(ctx, dout, dresidual_out, h, weight, rstd, seed) -> tuple[Tensor, Tensor | None]:
+    """(dx, dresidual) of an RMSNorm over one feature. The kernels' r * (g - xhat * mean(xhat g))
+    is there r * g * (1 - xhat^2), which cancels to a residue of rounding (xhat is about +-1);
+    1 - xhat^2 is eps * r^2 exactly, so dh = g * eps * r^3, with g = dout * weight."""
+    acc = acc_dtype(h.dtype)
+    g = dout.to(acc) if weight is None else dout.to(acc) * weight.to(acc)
+    dh = g * (ctx.eps * rstd.to(acc).view(-1, 1) ** 3)
+    return _input_gradients(ctx, dh, dresidual_out, h, seed)
 
 
 def _backward(ctx, dout, dresidual_out, _dmean, _drstd, _dmask):

@@ -115,11 +115,16 @@ def _explicit_backward(
     mean, rstd = _stats(x, eps, rms)
     xhat = (x - mean) * rstd
     g = dy * w
-    mean_xhat_g = (xhat * g).mean(dim=-1, keepdim=True)
-    dx = g - xhat * mean_xhat_g
-    if not rms:
-        dx = dx - g.mean(dim=-1, keepdim=True)
-    dx = dx * rstd
+    if rms and x.shape[-1] == 1:
+        # over one feature g - xhat * (xhat * g) is g * (1 - xhat^2) = g * eps * rstd^2 exactly,
+        # which the general form below leaves as a residue of rounding
+        dx = g * (eps * rstd**3)
+    else:
+        mean_xhat_g = (xhat * g).mean(dim=-1, keepdim=True)
+        dx = g - xhat * mean_xhat_g
+        if not rms:
+            dx = dx - g.mean(dim=-1, keepdim=True)
+        dx = dx * rstd
     dw = (dy * xhat).sum(dim=0)
     db = dy.sum(dim=0) if not rms else torch.zeros_like(dw)
     return dx, dw, db
