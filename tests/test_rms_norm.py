@@ -168,6 +168,12 @@ def test_one_feature_dx_is_exact_not_a_rounding_residue(dtype, add):
         assert norm_err(dres, dh) <= tol
         want_dx = dh * keep.double() / (1 - p) if p else dh
         assert norm_err(dx, want_dx) <= tol
+    # non-finite inputs as the general form (and torch) give them: NaN for NaN and for Inf
+    big = torch.finfo(dtype).max  # finite, its square past float32's range for bf16 and float32
+    special = torch.tensor([[float("inf")], [float("-inf")], [float("nan")], [0.0], [big]], dtype=dtype)
+    sl = special.clone().requires_grad_()
+    (got,) = torch.autograd.grad(normfuse.rms_norm(sl, (1,), None, eps), [sl], torch.ones_like(special))
+    assert got[:3].isnan().all() and got[3:].isfinite().all()
     # double backward, in float64: the one-feature form differentiates as the general one does
     if dtype == torch.float64:
         wl = w.clone().requires_grad_()

@@ -428,6 +428,8 @@ def _one_feature_rms_gradients(ctx, dout, dresidual_out, h, weight, rstd, seed) 
     acc = acc_dtype(h.dtype)
     g = dout.to(acc) if weight is None else dout.to(acc) * weight.to(acc)
     dh = g * (ctx.eps * rstd.to(acc).view(-1, 1) ** 3)
+    # an infinite input gives NaN, as the general form does (and torch): its r is 0
+    dh = torch.where(h.isinf(), torch.nan, dh)
     return _input_gradients(ctx, dh, dresidual_out, h, seed)
 
 

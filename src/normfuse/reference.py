@@ -118,7 +118,7 @@ def _explicit_backward(
     if rms and x.shape[-1] == 1:
         # over one feature g - xhat * (xhat * g) is g * (1 - xhat^2) = g * eps * rstd^2 exactly,
         # which the general form below leaves as a residue of rounding
-        dx = g * (eps * rstd**3)
+        dx = torch.where(x.isinf(), torch.nan, g * (eps * rstd**3))  # an infinite x: NaN, as below
     else:
         mean_xhat_g = (xhat * g).mean(dim=-1, keepdim=True)
         dx = g - xhat * mean_xhat_g
