@@ -284,6 +284,9 @@ def patch(
                 formula, reason = recognized, None
             elif formula is None:
                 reason = "forward not recognized as a formula normfuse reproduces exactly"
+                if next(module.children(), None) is not None:
+                    # SqueezeBERT's ConvDropoutLayerNorm, wav2vec2's ...EncoderLayerStableLayerNorm
+                    reason += " (it holds submodules, each patched or left on its own)"
         if formula is not None and not (layer_norm if formula.kind == "layer" else rms_norm):
             reason = "not asked for"
         elif reason is None and formula.forward is not None:
