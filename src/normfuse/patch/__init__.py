@@ -80,18 +80,30 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def _torch_layer_norm_add(module, x, residual, eps):
+def _torch_layer_norm_add(module, x, residual, eps, dropout=None):
     if x.dtype != residual.dtype or x.shape != residual.shape:
-        h = x + residual  # torch's promotion and broadcast, as the unfused code
+        h = _dropped(x, dropout) + residual  # torch's promotion and broadcast, as the unfused code
         return functional.layer_norm(h, module.normalized_shape, module.weight, module.bias, eps), h
-    return functional.add_layer_norm(x, residual, module.normalized_shape, module.weight, module.bias, eps)
+    return functional.add_layer_norm(
+        x, residual, module.normalized_shape, module.weight, module.bias, eps, **_dropout_kwargs(dropout)
+    )
 
 
-def _torch_rms_norm_add(module, x, residual, eps):
+def _torch_rms_norm_add(module, x, residual, eps, dropout=None):
     if x.dtype != residual.dtype or x.shape != residual.shape:
-        h = x + residual
+        h = _dropped(x, dropout) + residual
         return functional.rms_norm(h, module.normalized_shape, module.weight, eps), h
-    return functional.add_rms_norm(x, residual, module.normalized_shape, module.weight, eps)
+    return functional.add_rms_norm(x, residual, module.normalized_shape, module.weight, eps, **_dropout_kwargs(dropout))
+
+
+# torch's norms' fused adds also take the nn.Dropout that acts on x before the add (BERT's output
+# blocks under fuse_dropout=True): the kernel then draws its mask
+def _dropped(x, dropout):
+    return x if dropout is None else dropout(x)
+
+
+def _dropout_kwargs(dropout) -> dict:
+    return {} if dropout is None else {"dropout_p": dropout.p, "training": dropout.training}
 
 
 # (the fused adds hold for torch's classes themselves, not for subclasses with a forward of their
@@ -361,20 +373,12 @@ def _fused_output_forward(self, hidden_states, input_tensor):
 
 
 def _fused_output_dropout_forward(self, hidden_states, input_tensor):
-    """BERT's output block with its dropout, residual add and norm in one pass (normfuse's masks)."""
+    """BERT's output block with its dropout, residual add and norm in one pass (normfuse's masks;
+    the norm is torch's, whose fused add takes the dropout)."""
     hidden_states = self.dense(hidden_states)
-    norm, dropout = self.LayerNorm, self.dropout
-    if hidden_states.dtype != input_tensor.dtype or hidden_states.shape != input_tensor.shape:
-        return norm(dropout(hidden_states) + input_tensor)  # torch's promotion and broadcast
-    if isinstance(norm, modules.LayerNorm):
-        return functional.add_layer_norm(
-            hidden_states, input_tensor, norm.normalized_shape, norm.weight, norm.bias, norm.eps,
-            dropout_p=dropout.p, training=dropout.training,
-        )[0]  # fmt: skip
-    return functional.add_rms_norm(
-        hidden_states, input_tensor, norm.normalized_shape, norm.weight, norm.eps,
-        dropout_p=dropout.p, training=dropout.training,
-    )[0]  # fmt: skip
+    norm = self.LayerNorm
+    formula = type(norm)._normfuse_formula
+    return formula.add_forward(norm, hidden_states, input_tensor, formula.eps(norm), self.dropout)[0]
 
 
 def _fusable_formula(norm: torch.nn.Module | None) -> Formula | None:

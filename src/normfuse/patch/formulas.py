@@ -52,6 +52,7 @@ class Formula:
     # the forwards recognized as this formula (empty: recognized by class, torch's own norms)
     bodies: tuple[Body, ...] = ()
     # (module, x, residual, eps) -> (norm(residual + x), residual + x), fused; None: not offered
+    # (torch's norms' take the nn.Dropout acting on x as a fifth argument: ``patch``'s fuse_dropout)
     add_forward: Callable[[torch.nn.Module, Tensor, Tensor, float], tuple[Tensor, Tensor]] | None = None
     # which of patch()'s switches covers it: "layer" (layer_norm=) or "rms" (rms_norm=)
     kind: str = "rms"
