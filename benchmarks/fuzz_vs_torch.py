@@ -283,8 +283,8 @@ def check_compiled(rng: random.Random, index: int) -> list[str]:
 # --- the options around the norms: dropout, the residual stream's dtype, family formulas, modules ---
 # No torch function takes these options, so the judge is a float64 transcription of what each
 # option means (dropout with the mask normfuse returns; Gemma's 1 + w; Llama's and T5's rounding of
-# x-hat before the weight): outputs within the dtype's tolerance of it and gradients within ten
-# times that (norm-wise), unless the same transcription as plain torch ops in float32 is off by
+# x-hat before the weight, DeepSeek-V4's of rstd): outputs within the dtype's tolerance of it and
+# gradients within ten times that (norm-wise), unless the same transcription as plain torch ops in float32 is off by
 # more than half as much (then it is the problem's conditioning, not normfuse). Modules are held
 # to the functional op they call: bit for bit, under the same seed.
 
@@ -296,10 +296,14 @@ def _family_out(
     eps: float,
     weight_offset: float,
     xhat_dtype: torch.dtype | None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The family formula in h's dtype with its one rounding of x-hat."""
+    """The family formula in h's dtype with its one rounding of x-hat (or of rstd)."""
     dims = tuple(range(-len(shape), 0))
-    xhat = h * torch.rsqrt(h.pow(2).mean(dims, keepdim=True) + eps)
+    rstd = torch.rsqrt(h.pow(2).mean(dims, keepdim=True) + eps)
+    if rstd_dtype is not None:  # DeepSeek-V4's: straight-through as well
+        rstd = rstd + (rstd.detach().to(rstd_dtype).to(h.dtype) - rstd.detach())
+    xhat = h * rstd
     if xhat_dtype is not None:  # rounded, with a straight-through gradient (a cast would round it too)
         xhat = xhat + (xhat.detach().to(xhat_dtype).to(h.dtype) - xhat.detach())
     if weight is None:
@@ -335,6 +339,12 @@ class ExtrasCase:
             self.xhat_dtype = {"gemma": None, "llama": self.dtype, "t5": rng.choice([self.dtype, torch.float32])}[
                 family
             ]
+        # DeepSeek-V4's rstd rounding, drawn apart from ``rng`` (from its position, not consuming
+        # it) so that the cases of the seeds run before it was added stay as they were
+        own = random.Random(f"rstd_dtype {rng.getstate()[1][-1]} {rng.getstate()[1][0]} {index}")
+        self.rstd_dtype = None
+        if self.rms and self.op != "module" and own.random() < 0.25:
+            self.rstd_dtype = self.dtype
         param_dtype = torch.float32 if low and rng.random() < 0.3 else self.dtype
         self.weight = (0.5 * torch.randn(self.norm_shape, dtype=torch.float64)
                        + (0.0 if self.weight_offset else 1.0)).to(param_dtype) if rng.random() < 0.85 else None  # fmt: skip
@@ -349,7 +359,7 @@ class ExtrasCase:
                      f"shape {self.shape} normalized {self.norm_shape} {self.layout} residual "
                      f"{None if self.residual is None else self.residual.dtype} residual_dtype {self.residual_dtype} "
                      f"p {self.p} training {self.training} weight_offset {self.weight_offset} xhat_dtype "
-                     f"{self.xhat_dtype} weight {self.weight is not None} bias {self.bias is not None} eps {self.eps} "
+                     f"{self.xhat_dtype} rstd_dtype {self.rstd_dtype} weight {self.weight is not None} bias {self.bias is not None} eps {self.eps} "
                      f"grad {self.grad}")  # fmt: skip
 
     def stream_dtype(self) -> torch.dtype:
@@ -362,7 +372,7 @@ class ExtrasCase:
 
     def functional(self, x, residual, weight, bias) -> list[torch.Tensor]:
         """normfuse's functional call: [out] or [out, residual_out, mask]."""
-        family = {"weight_offset": self.weight_offset, "xhat_dtype": self.xhat_dtype}
+        family = {"weight_offset": self.weight_offset, "xhat_dtype": self.xhat_dtype, "rstd_dtype": self.rstd_dtype}
         if self.op == "rms_norm":
             return [normfuse.rms_norm(x, self.norm_shape, weight, self.eps, **family)]
         common = {"dropout_p": self.p, "training": self.training, "residual_dtype": self.residual_dtype,
@@ -388,7 +398,7 @@ class ExtrasCase:
         if eps is None:
             eps = _machine_eps(self.dtype)
         if self.rms:
-            out = _family_out(h, self.norm_shape, weight, eps, self.weight_offset, self.xhat_dtype)
+            out = _family_out(h, self.norm_shape, weight, eps, self.weight_offset, self.xhat_dtype, self.rstd_dtype)
         else:
             out = F.layer_norm(h, self.norm_shape, weight, bias, eps)
         return [out] if self.op == "rms_norm" else [out, h]

@@ -134,3 +134,71 @@ def test_gemma_weight_of_zeros_is_the_identity_scale():
     assert max_rel_err(normfuse.rms_norm(x, (32,), w, weight_offset=1.0), normfuse.rms_norm(x, (32,))) <= FWD_TOL[
         torch.float32
     ]
+
+
+def deepseek_v4_unweighted(x, eps=EPS):
+    """DeepseekV4UnweightedRMSNorm (GLM-5 Next's too): rstd rounded to the input's dtype, then
+    multiplied in it."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 7, 256, 4096])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_rstd_rounded_to_the_input_dtype_matches_deepseek_v4(dtype, n, backend):
+    x = (torch.randn(64, n) * 3).to(dtype)
+    want = deepseek_v4_unweighted(x)
+    with normfuse.use_backend(backend):
+        got = normfuse.rms_norm(x, (n,), None, EPS, rstd_dtype=x.dtype)
+    assert got.dtype == want.dtype
+    ulps = _ulps_apart(got, want)
+    if dtype == torch.float32:
+        assert ulps.max() <= 4  # rstd's last float32 bits, as above
+    else:
+        # x times a 16-bit rstd is exact in float32, so one rounding gives torch's product; only
+        # an rstd whose float32 value lies next to a 16-bit tie could round the other way
+        assert ulps.max() <= 1
+        assert (ulps == 0).float().mean() >= 0.97
+    if dtype != torch.float32:
+        # without the option the product is rounded once from the unrounded rstd: another result
+        plain = normfuse.rms_norm(x, (n,), None, EPS)
+        assert n == 1 or not torch.equal(plain, want)
+
+
+def test_rstd_rounding_through_the_fused_add_and_the_gradients():
+    x = (torch.randn(32, 160) * 2).bfloat16().requires_grad_()
+    r = torch.randn(32, 160).bfloat16().requires_grad_()
+    out, h = normfuse.add_rms_norm(x, r, (160,), None, EPS, rstd_dtype=torch.bfloat16)
+    assert torch.equal(h, x + r)
+    assert _ulps_apart(out, deepseek_v4_unweighted(x + r)).max() <= 1
+    # gradients: the formula's, with the cast taken as the identity (as autograd does)
+    dy = torch.randn(32, 160).bfloat16()
+    want = torch.autograd.grad(deepseek_v4_unweighted(x + r), (x, r), dy)
+    got = torch.autograd.grad(out, (x, r), dy)
+    for g, t in zip(got, want):
+        assert g.dtype == t.dtype and norm_err(g, t) <= 2e-2
+    x32 = x.detach().float().requires_grad_()
+    want32 = torch.autograd.grad(deepseek_v4_unweighted(x32), x32, dy.float())[0]
+    got32 = torch.autograd.grad(normfuse.rms_norm(x32, (160,), None, EPS, rstd_dtype=torch.float32), x32, dy.float())[0]
+    assert norm_err(got32, want32) <= 2e-5
+
+
+def test_rstd_rounding_compiles_and_exports_as_the_kernel_computes():
+    x = (torch.randn(16, 96) * 3).bfloat16()
+    eager = normfuse.rms_norm(x, (96,), None, EPS, rstd_dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: normfuse.rms_norm(t, (96,), None, EPS, rstd_dtype=torch.bfloat16), fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+    # the torch-ops transcription that ONNX exports take
+    from normfuse import ops
+
+    onnx_form = ops.norm_fwd_torch_ops(x, None, (96,), None, None, EPS, True, None, 0.0, False, None, None, torch.bfloat16)
+    assert _ulps_apart(onnx_form[0], eager).max() <= 1
+
+
+def test_rstd_dtype_is_checked():
+    x = torch.randn(2, 4)
+    with pytest.raises(TypeError, match="rstd_dtype must be None or one of"):
+        normfuse.rms_norm(x, (4,), rstd_dtype=torch.int32)
+    with pytest.raises(TypeError, match="rstd_dtype must be None or one of"):
+        normfuse.add_rms_norm(x, x, (4,), rstd_dtype="bfloat16")

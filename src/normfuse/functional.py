@@ -542,6 +542,7 @@ def _normalize(
     rms: bool,
     xhat_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """View x as (rows, n) row-major, run the forward, give the result x's shape."""
     rows, n = _rows_n(x, normalized_shape)
@@ -553,7 +554,7 @@ def _normalize(
     transforms = not compiling and ops.transforms_active()  # (compiled code: the custom op's rules)
     if transforms and (_needs_autograd(x, weight, bias) or ops.forward_ad_active()):
         return ops.NormFunctionForTransforms.apply(
-            x, None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, (rows, n)
+            x, None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, rstd_dtype, (rows, n)
         )[0]
     # (a vmap with nothing to differentiate takes the custom op and its vmap rule, below: lighter)
     if type(x) is Tensor and not transforms and not compiling and not torch._C._is_tracing():
@@ -561,16 +562,18 @@ def _normalize(
         # op on a few rows (token-at-a-time decoding). Inference calls the kernel directly.
         # (torch.jit.trace records dispatcher ops only: it takes the custom op below.)
         if not _needs_autograd(x, weight, bias):
-            return ops.backend_for(x).norm_fwd_inference(x, rows, n, w, b, float(eps), rms, xhat_dtype, out_dtype)
+            return ops.backend_for(x).norm_fwd_inference(
+                x, rows, n, w, b, float(eps), rms, xhat_dtype, out_dtype, rstd_dtype
+            )
         return ops.NormFunction.apply(
-            x, None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, (rows, n)
+            x, None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, rstd_dtype, (rows, n)
         )[0]
     if ops.onnx_exporting():
-        args = (float(eps), rms, None, 0.0, False, xhat_dtype, out_dtype)
+        args = (float(eps), rms, None, 0.0, False, xhat_dtype, out_dtype, rstd_dtype)
         return ops.norm_fwd_torch_ops(x, None, normalized_shape, w, b, *args)[0]
     ops.refuse_forward_ad()
     out = torch.ops.normfuse.norm_fwd(
-        x.view(rows, n), None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype
+        x.view(rows, n), None, w, b, float(eps), rms, None, 0.0, None, False, xhat_dtype, out_dtype, rstd_dtype
     )[0]
     return out.view(x.shape)
 
@@ -588,6 +591,7 @@ def _add_normalize(
     return_mask: bool,
     xhat_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, ...]:
     """The pre-norm step over (rows, n) views of x: (out, residual_out[, mask]) in x's shape."""
     rows, n = _rows_n(x, normalized_shape)
@@ -596,7 +600,7 @@ def _add_normalize(
     rc = residual.contiguous() if residual is not None else None
     seed = _dropout.draw_seed() if dropout_p > 0.0 else None
     params = (_flat(weight, n), _flat(bias, n), float(eps), rms, h_dtype, dropout_p, seed, return_mask, xhat_dtype,
-              out_dtype)  # fmt: skip
+              out_dtype, rstd_dtype)  # fmt: skip
     compiling = torch.compiler.is_compiling()
     transforms = not compiling and ops.transforms_active()
     if transforms and (_needs_autograd(x, residual, weight, bias) or ops.forward_ad_active()):
@@ -613,7 +617,7 @@ def _add_normalize(
             out, h, _, _, mask = ops.backend_for(xc).norm_fwd(
                 xc.view(rows, n), params[0], params[1], params[2], rms, residual=rc.view(rows, n) if rc is not None
                 else None, residual_out_dtype=h_dtype, dropout_p=dropout_p, seed=int(seed) if seed is not None else 0,
-                return_mask=return_mask, xhat_dtype=xhat_dtype, out_dtype=out_dtype,
+                return_mask=return_mask, xhat_dtype=xhat_dtype, out_dtype=out_dtype, rstd_dtype=rstd_dtype,
             )  # fmt: skip
             out, h = out.view(x.shape), h.view(x.shape)
             mask = mask.view(x.shape) if mask is not None else None
@@ -621,7 +625,7 @@ def _add_normalize(
         if ops.onnx_exporting():  # x's shape kept: no view to a row count fixed at export
             out, h, mask = ops.norm_fwd_torch_ops(
                 xc, rc, normalized_shape, weight, bias, float(eps), rms, h_dtype, dropout_p, return_mask, xhat_dtype,
-                out_dtype,
+                out_dtype, rstd_dtype,
             )  # fmt: skip
             return (out, h, mask) if return_mask else (out, h)
         ops.refuse_forward_ad()
@@ -717,16 +721,15 @@ def _rms_weight(x: Tensor, weight: Tensor | None, weight_offset: float) -> Tenso
     return weight
 
 
-def _check_family_options(fn: str, weight_offset: object, xhat_dtype: object) -> None:
+def _check_family_options(fn: str, weight_offset: object, xhat_dtype: object, rstd_dtype: object = None) -> None:
     if isinstance(weight_offset, bool) or not isinstance(weight_offset, numbers.Real):
         raise TypeError(f"{fn}(): weight_offset must be a float, not {type(weight_offset).__name__}")
-    if xhat_dtype is not None and (
-        not isinstance(xhat_dtype, torch.dtype) or xhat_dtype not in KERNEL_DTYPES
-    ):
-        raise TypeError(
-            f"{fn}(): xhat_dtype must be None or one of torch.float32, torch.float64, torch.bfloat16, "
-            f"torch.float16, got {xhat_dtype!r}"
-        )
+    for name, dtype in (("xhat_dtype", xhat_dtype), ("rstd_dtype", rstd_dtype)):
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in KERNEL_DTYPES):
+            raise TypeError(
+                f"{fn}(): {name} must be None or one of torch.float32, torch.float64, torch.bfloat16, "
+                f"torch.float16, got {dtype!r}"
+            )
 
 
 def _family_out_dtype(x: Tensor, weight: Tensor | None, xhat_dtype: torch.dtype | None) -> torch.dtype | None:
@@ -745,6 +748,7 @@ def rms_norm(
     *,
     weight_offset: float = 0.0,
     xhat_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""RMS normalization over the trailing ``normalized_shape`` dims, as ``torch.nn.functional.rms_norm``.
 
@@ -769,59 +773,72 @@ def rms_norm(
             fp32 output); T5 uses the weight's dtype when it is fp16/bf16, else float32.
             None (torch, Gemma, OLMo-2): multiply in the computation dtype, then round to the
             input's dtype.
+        rstd_dtype: round ``rstd = 1 / sqrt(mean(x^2) + eps)`` to this dtype before it
+            multiplies x; the output dtype is unchanged. DeepSeek-V4's and GLM-5 Next's
+            unweighted norms use the input's dtype (``x * rsqrt(...).to(x.dtype)``: a bf16 x
+            times a bf16 rstd, rounded once to bf16). The backward takes the rounding as the
+            identity, as autograd does a cast.
 
     Returns:
         A new contiguous tensor of input's shape; input's dtype (or the promoted dtype above).
     """
     if (
         (eps is None or type(eps) is float) and type(weight_offset) is float and weight_offset == 0.0
-        and xhat_dtype is None and (path := _direct_path(input, normalized_shape, weight, None))
+        and xhat_dtype is None and rstd_dtype is None and (path := _direct_path(input, normalized_shape, weight, None))
         and (out := _direct_call(input, normalized_shape[0], weight, None, _rms_eps(input, eps), True, path)) is not None
     ):  # fmt: skip
         return out
     if _fx_trace._is_fx_tracing_flag and (node := _fx_node(
-        rms_norm, (input, normalized_shape, weight, eps), weight_offset=weight_offset, xhat_dtype=xhat_dtype
+        rms_norm, (input, normalized_shape, weight, eps), weight_offset=weight_offset, xhat_dtype=xhat_dtype,
+        rstd_dtype=rstd_dtype,
     )) is not None:  # fmt: skip
         return node
     _check_tensor("rms_norm", "input", input, 1)
     shape = _check_int_tuple("rms_norm", normalized_shape, 2)
     _check_optional_tensor("rms_norm", "weight", weight, 3)
     _check_rms_eps("rms_norm", eps, 4)
-    _check_family_options("rms_norm", weight_offset, xhat_dtype)
+    _check_family_options("rms_norm", weight_offset, xhat_dtype, rstd_dtype)
+    family = weight_offset != 0.0 or xhat_dtype is not None or rstd_dtype is not None
     if input.is_nested:
         if input.layout == torch.jagged:
             if not _jagged_rows_normalizable(input, shape):
                 raise ValueError("rms_norm(): Normalization over the ragged dim not supported for nested tensors")
             _check_rms_norm_inputs(input, shape, weight)  # torch's messages show the nested shape
-            out = rms_norm(input.values(), shape, weight, eps, weight_offset=weight_offset, xhat_dtype=xhat_dtype)
+            out = rms_norm(
+                input.values(), shape, weight, eps, weight_offset=weight_offset, xhat_dtype=xhat_dtype,
+                rstd_dtype=rstd_dtype,
+            )  # fmt: skip
             return _like_nested(out, input)
-        if weight_offset != 0.0 or xhat_dtype is not None:
-            raise NotImplementedError("normfuse.rms_norm: weight_offset and xhat_dtype need a jagged nested tensor")
+        if family:
+            raise NotImplementedError(
+                "normfuse.rms_norm: weight_offset, xhat_dtype and rstd_dtype need a jagged nested tensor"
+            )
         _torch_computes("rms_norm")
         return torch.rms_norm(input, list(shape), weight, eps)
     if _is_dtensor(input):
         if _shards_rows_only(input, shape, (weight,)):
             (local_weight,) = _local_params(input, (weight,))
             local = rms_norm(
-                input.to_local(), shape, local_weight, eps, weight_offset=weight_offset, xhat_dtype=xhat_dtype
-            )
+                input.to_local(), shape, local_weight, eps, weight_offset=weight_offset, xhat_dtype=xhat_dtype,
+                rstd_dtype=rstd_dtype,
+            )  # fmt: skip
             return _like_dtensor(local, input)
-        if weight_offset != 0.0 or xhat_dtype is not None:
+        if family:
             raise NotImplementedError(
-                "normfuse.rms_norm: weight_offset and xhat_dtype need a DTensor sharded over rows"
+                "normfuse.rms_norm: weight_offset, xhat_dtype and rstd_dtype need a DTensor sharded over rows"
             )
         return torch.rms_norm(input, list(shape), weight, eps)  # DTensor's own rules
-    if weight_offset == 0.0 and xhat_dtype is None and _autocasts_to_fp32("rms_norm", input):
+    if not family and _autocasts_to_fp32("rms_norm", input):
         # torch's formula only: the family formulas are written with casts of their own
         input, weight = _fp32(input), _fp32(weight)
     _check_rms_norm_inputs(input, shape, weight)
     if input.is_complex():
-        if weight_offset != 0.0 or xhat_dtype is not None:
-            raise NotImplementedError("normfuse.rms_norm: weight_offset and xhat_dtype need a real input")
+        if family:
+            raise NotImplementedError("normfuse.rms_norm: weight_offset, xhat_dtype and rstd_dtype need a real input")
         return torch.rms_norm(input, list(shape), weight, eps)
     out_dtype = _family_out_dtype(input, weight, xhat_dtype)
     w = _rms_weight(input, weight, float(weight_offset))
-    return _normalize(input, shape, w, None, _rms_eps(input, eps), True, xhat_dtype, out_dtype)
+    return _normalize(input, shape, w, None, _rms_eps(input, eps), True, xhat_dtype, out_dtype, rstd_dtype)
 
 
 def add_layer_norm(
@@ -920,16 +937,17 @@ def add_rms_norm(
     return_dropout_mask: bool = False,
     weight_offset: float = 0.0,
     xhat_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, ...]:
     r"""``add_layer_norm`` with RMSNorm: ``residual_out = dropout(x) + residual``, ``out = rms_norm(residual_out)``.
 
-    Arguments as ``add_layer_norm`` and ``rms_norm`` (``weight_offset``, ``xhat_dtype``: the
-    model-family options, with x-hat rounded to ``xhat_dtype`` and the output dtype promoted
-    as there). eps=None: ``torch.finfo`` of the computation dtype.
+    Arguments as ``add_layer_norm`` and ``rms_norm`` (``weight_offset``, ``xhat_dtype``,
+    ``rstd_dtype``: the model-family options, with x-hat rounded to ``xhat_dtype`` and the
+    output dtype promoted as there). eps=None: ``torch.finfo`` of the computation dtype.
     """
     if (
         (eps is None or type(eps) is float) and type(weight_offset) is float and weight_offset == 0.0
-        and xhat_dtype is None
+        and xhat_dtype is None and rstd_dtype is None
         and (path := _direct_add_path(
             x, residual, normalized_shape, weight, None, dropout_p, training, residual_dtype, return_dropout_mask
         ))
@@ -940,21 +958,21 @@ def add_rms_norm(
     if _fx_trace._is_fx_tracing_flag and (node := _fx_node(
         add_rms_norm, (x, residual, normalized_shape, weight, eps), dropout_p=dropout_p, training=training,
         residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask, weight_offset=weight_offset,
-        xhat_dtype=xhat_dtype,
+        xhat_dtype=xhat_dtype, rstd_dtype=rstd_dtype,
     )) is not None:  # fmt: skip
         return node
     _check_tensor("add_rms_norm", "x", x, 1)
     shape = _check_int_tuple("add_rms_norm", normalized_shape, 3)
     _check_optional_tensor("add_rms_norm", "weight", weight, 4)
     _check_rms_eps("add_rms_norm", eps, 5)
-    _check_family_options("add_rms_norm", weight_offset, xhat_dtype)
+    _check_family_options("add_rms_norm", weight_offset, xhat_dtype, rstd_dtype)
     p = _check_dropout_p(dropout_p)
     if x.is_nested:
         _check_nested_add("add_rms_norm", x, residual, shape, residual_dtype)
         outs = add_rms_norm(
             x.values(), _values(residual), shape, weight, eps, dropout_p=p, training=training,
             residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask, weight_offset=weight_offset,
-            xhat_dtype=xhat_dtype,
+            xhat_dtype=xhat_dtype, rstd_dtype=rstd_dtype,
         )  # fmt: skip
         return tuple(_like_nested(o, x) for o in outs)
     if _is_dtensor(x):
@@ -962,11 +980,11 @@ def add_rms_norm(
         outs = add_rms_norm(
             x.to_local(), _local(residual), shape, *_local_params(x, (weight,)), eps, dropout_p=p, training=training,
             residual_dtype=residual_dtype, return_dropout_mask=return_dropout_mask, weight_offset=weight_offset,
-            xhat_dtype=xhat_dtype,
+            xhat_dtype=xhat_dtype, rstd_dtype=rstd_dtype,
         )  # fmt: skip
         return tuple(_like_dtensor(o, x) for o in outs)
     autocast_out_dtype = None
-    if weight_offset == 0.0 and xhat_dtype is None and _autocasts_to_fp32("rms_norm", x):
+    if weight_offset == 0.0 and xhat_dtype is None and rstd_dtype is None and _autocasts_to_fp32("rms_norm", x):
         weight, autocast_out_dtype = _fp32(weight), _autocast_out_dtype(x, residual, residual_dtype)
     _check_rms_norm_inputs(x, shape, weight)
     if x.is_complex():
@@ -976,5 +994,5 @@ def add_rms_norm(
     w = _rms_weight(x, weight, float(weight_offset))
     return _add_normalize(
         x, residual, shape, w, None, _rms_eps(x, eps), True, p if training else 0.0, residual_dtype,
-        return_dropout_mask, xhat_dtype, out_dtype,
+        return_dropout_mask, xhat_dtype, out_dtype, rstd_dtype,
     )  # fmt: skip

@@ -3,7 +3,7 @@
 Two ops, both on 2-D row-major tensors (the front end flattens leading and normalized dims):
 
 - ``normfuse::norm_fwd(x, residual?, weight?, bias?, eps, rms, residual_out_dtype?, dropout_p,
-  seed?, return_mask, xhat_dtype?, out_dtype?) -> (out, residual_out, mean, rstd, mask)``
+  seed?, return_mask, xhat_dtype?, out_dtype?, rstd_dtype?) -> (out, residual_out, mean, rstd, mask)``
 - ``normfuse::norm_bwd(dy, dresidual_out?, h, weight?, mean, rstd, rms, add, dropout_p, seed?,
   x_dtype, residual_dtype?, need_dx, need_dresidual, need_dweight, need_dbias)
   -> (dx, dresidual, dweight, dbias)``; a gradient not asked for comes back as an empty tensor.
@@ -12,7 +12,8 @@ Every variant is an option of these two ops and a flag of the same kernels: ``rm
 RMSNorm; a ``residual_out_dtype`` makes it the pre-norm step ``h = dropout(x) + residual``,
 ``out = norm(h)`` returning h as ``residual_out`` (the backward then takes h as its input and
 adds the gradient arriving at ``residual_out``); ``xhat_dtype`` rounds x-hat before the weight
-multiply. A weight offset (Gemma's ``1 + w``) is applied by the front end to the weight it
+multiply, ``rstd_dtype`` rounds rstd before it multiplies (the backward takes both roundings as
+the identity, as autograd does a cast, and the saved rstd is not rounded). A weight offset (Gemma's ``1 + w``) is applied by the front end to the weight it
 passes in: the gradient of the offset weight is the weight's gradient. The dropout mask is a
 hash of ``seed`` (a 0-d int64 tensor drawn from torch's generator) and the element's position,
 recomputed by the backward instead of stored (``normfuse._dropout``). Registered with ``torch.library`` so autograd,
@@ -166,13 +167,15 @@ def norm_fwd(
     return_mask: bool,
     xhat_dtype: torch.dtype | None,
     out_dtype: torch.dtype | None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, residual_out, mean, rstd, mask); see ``normfuse.backends.cpu.norm_fwd``.
 
     Absent outputs (no residual add, no mask asked for) are empty tensors.
     """
     out, h, mean, rstd, mask = _run_fwd(
-        x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype
+        x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype,
+        rstd_dtype,
     )
     return out, h if h is not None else x.new_empty(0), mean, rstd, mask if mask is not None else _no_mask(x)
 
@@ -205,12 +208,12 @@ def _not_traced(fn):
 
 @_not_traced
 def _run_fwd(x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype,
-             out_dtype):  # fmt: skip
+             out_dtype, rstd_dtype=None):  # fmt: skip
     """The chosen backend's forward, taking norm_fwd's arguments; absent outputs are None."""
     return backend_for(x).norm_fwd(
         x, weight, bias, eps, rms, residual=residual, residual_out_dtype=residual_out_dtype,
         dropout_p=dropout_p, seed=_seed_value(seed), return_mask=return_mask, xhat_dtype=xhat_dtype,
-        out_dtype=out_dtype,
+        out_dtype=out_dtype, rstd_dtype=rstd_dtype,
     )  # fmt: skip
 
 
@@ -223,7 +226,8 @@ def _no_mask(x: Tensor) -> Tensor:
 
 
 @norm_fwd.register_fake
-def _norm_fwd_fake(x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype):
+def _norm_fwd_fake(x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype,
+                   rstd_dtype=None):  # fmt: skip
     h_dtype = residual_out_dtype or x.dtype
     acc = acc_dtype(h_dtype)
     rows = x.shape[0]
@@ -323,7 +327,7 @@ def _norm_fwd_vmap(info, in_dims, x, residual, weight, bias, *rest):
 
 
 # inputs of norm_fwd after x, residual, weight, bias: none of them differentiable
-_N_NONDIFF_ARGS = 8
+_N_NONDIFF_ARGS = 9
 
 
 def _setup_context(ctx, inputs, output):
@@ -471,13 +475,13 @@ class NormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask,
-                xhat_dtype, out_dtype, rows_n):  # fmt: skip
+                xhat_dtype, out_dtype, rstd_dtype, rows_n):  # fmt: skip
         shape = x.shape
         # views only where the shape changes: each view is a dispatcher call
         reshaped = shape != rows_n
         out, h, mean, rstd, mask = _run_fwd(
             x.view(rows_n) if reshaped else x, residual.view(rows_n) if residual is not None and reshaped else residual,
-            weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype,
+            weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype, rstd_dtype,
         )  # fmt: skip
         if reshaped:
             out = out.view(shape)
@@ -534,12 +538,12 @@ def onnx_exporting() -> bool:
 
 
 def norm_fwd_torch_ops(x, residual, normalized_shape, weight, bias, eps, rms, residual_out_dtype, dropout_p,
-                       return_mask, xhat_dtype, out_dtype):  # fmt: skip
+                       return_mask, xhat_dtype, out_dtype, rstd_dtype=None):  # fmt: skip
     """``norm_fwd``'s (out, residual_out, mask) in torch's standard ops, for exporters: no
     statistics (an exported graph runs inference) and dropout from torch's generator (ONNX's
     random ops) instead of normfuse's hash. The same roundings as the kernels: the residual sum
     once to its dtype, statistics and the affine step in the accumulation dtype, x-hat rounded to
-    ``xhat_dtype`` where asked, the output once to its dtype. x (and the residual) keep their
+    ``xhat_dtype`` and rstd to ``rstd_dtype`` where asked, the output once to its dtype. x (and the residual) keep their
     shapes, normalized over the trailing ``normalized_shape`` dims, so that the exported graph
     holds no reshape to a row count fixed at export (the TorchScript-based exporter would bake
     it in and break dynamic batch sizes).
@@ -561,11 +565,16 @@ def norm_fwd_torch_ops(x, residual, normalized_shape, weight, bias, eps, rms, re
     b = bias.to(acc).reshape(normalized_shape) if bias is not None else None
     h_out = h if residual_out_dtype is not None else None
     out_dtype = out_dtype or x.dtype
-    if not rms and xhat_dtype is None:  # one op, which exporters translate to ONNX's LayerNormalization
+    if not rms and xhat_dtype is None and rstd_dtype is None:
+        # one op, which exporters translate to ONNX's LayerNormalization
         return torch.nn.functional.layer_norm(hf, normalized_shape, w, b, eps).to(out_dtype), h_out, mask
-    if rms:
+    if rms or rstd_dtype is not None:
         dims = tuple(range(-len(normalized_shape), 0))
-        y = hf * torch.rsqrt(hf.square().mean(dim=dims, keepdim=True) + eps)
+        centred = hf if rms else hf - hf.mean(dim=dims, keepdim=True)
+        rstd = torch.rsqrt(centred.square().mean(dim=dims, keepdim=True) + eps)
+        if rstd_dtype is not None:
+            rstd = rstd.to(rstd_dtype).to(acc)
+        y = centred * rstd
     else:
         y = torch.nn.functional.layer_norm(hf, normalized_shape, None, None, eps)
     if xhat_dtype is not None:
@@ -641,7 +650,9 @@ def eager_training_direct(
     if not _eager_untransformed():
         return None
     h_dtype = None if residual is None else x.dtype
-    outs = NormFunction.apply(x, residual, weight, bias, eps, rms, h_dtype, 0.0, None, False, None, None, (x.numel() // n, n))
+    outs = NormFunction.apply(
+        x, residual, weight, bias, eps, rms, h_dtype, 0.0, None, False, None, None, None, (x.numel() // n, n)
+    )
     return outs[0] if residual is None else outs[:2]
 
 
@@ -687,11 +698,11 @@ class NormFunctionForTransforms(torch.autograd.Function):
 
     @staticmethod
     def forward(x, residual, weight, bias, eps, rms, residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype,
-                out_dtype, rows_n):  # fmt: skip
+                out_dtype, rstd_dtype, rows_n):  # fmt: skip
         shape = x.shape
         out, h, mean, rstd, mask = _run_fwd(
             x.view(rows_n), residual.view(rows_n) if residual is not None else None, weight, bias, eps, rms,
-            residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype,
+            residual_out_dtype, dropout_p, seed, return_mask, xhat_dtype, out_dtype, rstd_dtype,
         )  # fmt: skip
         return (
             out.view(shape), h.view(shape) if h is not None else None, mask.view(shape) if mask is not None else None,
@@ -700,7 +711,7 @@ class NormFunctionForTransforms(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, xhat_dtype, rows_n = inputs[0], inputs[10], inputs[12]
+        x, xhat_dtype, rows_n = inputs[0], inputs[10], inputs[13]
         out, h, mask, mean, rstd = output
         _setup_context(ctx, inputs[:9], (out, h, mean, rstd, mask))
         ctx.save_for_forward(h if ctx.add else x, inputs[2], mean, rstd, inputs[8])

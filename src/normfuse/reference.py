@@ -71,17 +71,19 @@ def layer_norm(
     eps: float = 1e-5,
     rms: bool = False,
     xhat_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """LayerNorm (RMSNorm with ``rms``) over the trailing ``normalized_shape`` dims, in float64.
 
     x: (*, *normalized_shape), any float dtype; weight, bias: normalized_shape or None.
-    ``xhat_dtype`` rounds x-hat to that dtype before the weight multiply (Llama-style models).
-    Returns a float64 tensor of x's shape.
+    ``xhat_dtype`` rounds x-hat to that dtype before the weight multiply (Llama-style models);
+    ``rstd_dtype`` rounds 1/sqrt(var + eps) to that dtype before it multiplies (DeepSeek-V4's
+    unweighted norm). Returns a float64 tensor of x's shape.
     """
     n = math.prod(normalized_shape)
     x64 = _rows(x.to(torch.float64), n)
     mean, rstd = _stats(x64, eps, rms)
-    y = _round_to((x64 - mean) * rstd, xhat_dtype)
+    y = _round_to((x64 - mean) * _round_to(rstd, rstd_dtype), xhat_dtype)
     if weight is not None:
         y = y * weight.to(torch.float64).reshape(n)
     if bias is not None:
@@ -147,6 +149,7 @@ def norm_fwd(
     return_mask: bool = False,
     xhat_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The backends' forward contract (see ``normfuse.backends.cpu.norm_fwd``), float64 math."""
     add = residual_out_dtype is not None
@@ -161,7 +164,7 @@ def norm_fwd(
     acc = acc_dtype(h.dtype)
     h64 = h.to(torch.float64)
     mean, rstd = _stats(h64, eps, rms)
-    y = _round_to((h64 - mean) * rstd, xhat_dtype)
+    y = _round_to((h64 - mean) * _round_to(rstd, rstd_dtype), xhat_dtype)
     if weight is not None:
         y = y * weight.to(torch.float64)
     if bias is not None:
@@ -180,9 +183,12 @@ def norm_fwd_inference(
     rms: bool,
     xhat_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The plain forward's output alone, in x's shape (the backend contract's inference entry)."""
-    out = norm_fwd(x.reshape(n_rows, n), weight, bias, eps, rms, xhat_dtype=xhat_dtype, out_dtype=out_dtype)[0]
+    out = norm_fwd(
+        x.reshape(n_rows, n), weight, bias, eps, rms, xhat_dtype=xhat_dtype, out_dtype=out_dtype, rstd_dtype=rstd_dtype
+    )[0]
     return out.view(x.shape)
 
 

@@ -400,3 +400,20 @@ def test_relaunched_kernels_match_triton_launches(n, monkeypatch):
             assert torch.equal(got, want)
     fwd_launch, _ = triton_backend._fwd_plan(n, True, True, False, True, False, False, False, False, None, dtype)
     assert len(fwd_launch.compiled) == 2  # one compiled kernel per alignment, relaunched after
+
+
+@pytest.mark.parametrize("dtype,n", [(torch.bfloat16, 300), (torch.float16, 300), (torch.bfloat16, WIDE)])
+def test_rstd_rounding_matches_the_cpu_kernels(dtype, n, big_chunks_in_interpreter):
+    """DeepSeek-V4's unweighted norm (rstd rounded to x's dtype), in the row kernel and the
+    looped one: x times a 16-bit rstd is exact in float32, so both backends round the same
+    product once."""
+    if DEVICE == "cpu" and dtype == torch.bfloat16 and not triton_backend.interpreter_rounds_bf16_like_gpus():
+        pytest.skip("this Triton's interpreter truncates fp32 to bf16 and could not be made to round")
+    x = (torch.randn(4, n, dtype=torch.float64) * 3).to(dtype).to(DEVICE)
+    got, _, _, rstd, _ = triton_backend.norm_fwd(x, None, None, 1e-6, True, rstd_dtype=dtype)
+    with normfuse.use_backend("cpu"):
+        want = normfuse.rms_norm(x.cpu(), (n,), None, 1e-6, rstd_dtype=dtype)
+    assert torch.equal(got.cpu(), want)
+    # the saved rstd is not rounded: the backward's statistics
+    plain_rstd = triton_backend.norm_fwd(x, None, None, 1e-6, True)[3]
+    assert torch.equal(rstd, plain_rstd)

@@ -926,6 +926,9 @@ FAMILY_CLASSES = [
     ("llama4", "Llama4TextL2Norm", "weightless", ()),
     ("falcon_mamba", "FalconMambaWeightlessRMSNorm", "weightless", (32,)),  # its weight is a dummy buffer
     ("inkling2", "Inkling2UnweightedRMSNorm", "weightless", ()),
+    # rstd rounded to x's dtype before the multiply
+    ("deepseek_v4", "DeepseekV4UnweightedRMSNorm", "rstd_rounded", ()),
+    ("glm5_next", "Glm5NextTextUnweightedRMSNorm", "rstd_rounded", ()),
     ("mt5", "MT5LayerNorm", "t5", (32,)),
     ("olmo", "OlmoLayerNorm", "olmo", (32,)),
     ("deberta", "DebertaLayerNorm", "deberta", (32,)),
@@ -937,6 +940,7 @@ FAMILY_CLASSES = [
     ("esmfold2", "EsmFold2LayerNorm", "esmfold2", (32,)),
     ("dory", "DoryL2Norm", None, ()),  # the L2 norm: a sum of squares, not a mean
     ("muse_spark", "MuseSparkTextInputScaledRMSNorm", None, (32,)),  # scales x by 1 + w before the norm
+    ("hy_v4", "HYV4UnweightedRMSNorm", None, ()),  # gives rstd alone, not the normalized row
 ]  # fmt: skip
 
 

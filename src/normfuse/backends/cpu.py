@@ -675,12 +675,13 @@ def _widen_overload(p, like):
 @njit(fastmath=_FASTMATH, cache=True, parallel=True, nogil=True)
 def _fwd(
     x_at, res_at, mask_at, h_at, w_at, b_at, out_at, mean_at, rstd_at, n_rows, n, eps, rms, store_stats, drop,
-    x_kind, res_kind, mask_kind, h_kind, w_kind, out_kind, xhat_kind, rows_per_block, pair_rows, hint_next_pair,
+    x_kind, res_kind, mask_kind, h_kind, w_kind, out_kind, xhat_kind, rstd_kind, rows_per_block, pair_rows,
+    hint_next_pair,
 ):  # fmt: skip
     """Rows are independent: blocks of rows go to the threads (one block: no thread pool).
 
     A kind of None means the operand is absent: x (no residual add: h is the input), the
-    residual, the mask output, the x-hat rounding. ``drop`` is None or (threshold, scale,
+    residual, the mask output, the x-hat rounding, the rounding of rstd before it multiplies. ``drop`` is None or (threshold, scale,
     seed_lo, seed_hi). ``pair_rows``: rows go in pairs; ``hint_next_pair``: each pair hints the
     next pair's rows into cache (rows of up to ``_PREFETCH_PAIR_MAX_ROW_BYTES``).
     """
@@ -690,6 +691,7 @@ def _fwd(
     h = _view(h_at, n_rows, n, h_kind)
     out = _view(out_at, n_rows, n, out_kind)
     xhat_like = _opt_view(0, 0, 0, xhat_kind)
+    rstd_like = _opt_view(0, 0, 0, rstd_kind)
     mean = _view(mean_at, 1, n_rows, eps)[0]
     rstd = _view(rstd_at, 1, n_rows, eps)[0]
     w = _widen(_view(w_at, 1, n, w_kind), mean)
@@ -701,14 +703,14 @@ def _fwd(
         # np.int64(0), not 0: a literal 0 would type r0 as Literal[int](0) and compile the row
         # code a second time for this call site (4 s a specialization, a quarter of the tests' time)
         _fwd_block(
-            x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, pair_rows,
-            hint_next_pair, np.int64(0), n_rows,
+            x, res, drop, mask_out, h, w, b, out, xhat_like, rstd_like, mean, rstd, eps, rms, store_stats,
+            params_finite, pair_rows, hint_next_pair, np.int64(0), n_rows,
         )  # fmt: skip
     else:
         for k in prange(n_blocks):
             _fwd_block(
-                x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite,
-                pair_rows, hint_next_pair, k * rows_per_block, min(n_rows, (k + 1) * rows_per_block),
+                x, res, drop, mask_out, h, w, b, out, xhat_like, rstd_like, mean, rstd, eps, rms, store_stats,
+                params_finite, pair_rows, hint_next_pair, k * rows_per_block, min(n_rows, (k + 1) * rows_per_block),
             )  # fmt: skip
 
 
@@ -716,16 +718,20 @@ def _fwd(
 # specialization halves its compile time, and the call costs once per block, not per row.
 @njit(fastmath=_FASTMATH)
 def _fwd_block(
-    x, res, drop, mask_out, h, w, b, out, xhat_like, mean, rstd, eps, rms, store_stats, params_finite, pair_rows,
-    hint_next_pair, r0, r1,
+    x, res, drop, mask_out, h, w, b, out, xhat_like, rstd_like, mean, rstd, eps, rms, store_stats, params_finite,
+    pair_rows, hint_next_pair, r0, r1,
 ):  # fmt: skip
     prefer_vector_width(_ROW_LOOP_VECTOR_BITS)
     i = r0
     while i < r1:
         m1a, ca, ra = _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats, i)
+        # (the saved rstd stays unrounded: the backward differentiates the formula with the
+        # rounding taken as the identity, as autograd does a cast)
+        ra = acc_scalar(h, round_as(rstd_like, ra))
         finite_a = params_finite and np.isfinite(m1a + ca) and np.isfinite(ra)
         if pair_rows and finite_a and i + 1 < r1:
             m1b, cb, rb = _fwd_row_stats(x, res, drop, mask_out, h, mean, rstd, eps, rms, store_stats, i + 1)
+            rb = acc_scalar(h, round_as(rstd_like, rb))
             if np.isfinite(m1b + cb) and np.isfinite(rb):
                 _fwd_row_pair_out(x, res, h, w, b, out, xhat_like, hint_next_pair, i, m1a, ca, ra, m1b, cb, rb)
                 i += 2
@@ -1190,7 +1196,7 @@ def _drop_state(dropout_p: float, seed: int, acc: torch.dtype):
     )  # fmt: skip
 
 
-def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None):
+def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None, rstd_dtype=None):
     """``add`` is None (plain norm of x) or (residual or None, h, mask or None, drop state)."""
     # Lean on purpose: on a token-sized input this function is most of the op's latency.
     if weight is not None and bias is not None and weight.is_contiguous() and bias.is_contiguous():
@@ -1211,19 +1217,20 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         h_at = x.data_ptr()
         x_kind = res_kind = mask_kind = drop = None
         h_dtype = x.dtype
-        key = (h_dtype, w.dtype, out_dtype, xhat_dtype)
+        key = (h_dtype, w.dtype, out_dtype, xhat_dtype, rstd_dtype)
     else:
         residual, h, mask, drop = add
         x_at, x_kind = x.data_ptr(), _KIND[x.dtype]
         res_at, res_kind = (residual.data_ptr(), _KIND[residual.dtype]) if residual is not None else (0, None)
         mask_at, mask_kind = (mask.data_ptr(), np.uint8(0)) if mask is not None else (0, None)
         h_at, h_dtype = h.data_ptr(), h.dtype
-        key = (h_dtype, w.dtype, out_dtype, xhat_dtype, x.dtype, residual.dtype if residual is not None else None,
-               mask is None, drop is None)  # fmt: skip
+        key = (h_dtype, w.dtype, out_dtype, xhat_dtype, rstd_dtype, x.dtype,
+               residual.dtype if residual is not None else None, mask is None, drop is None)  # fmt: skip
     _fwd_kernel[key](
         x_at, res_at, mask_at, h_at, w.data_ptr(), b.data_ptr(), out.data_ptr(), mean_at, rstd_at, n_rows, n,
         _eps_scalar(eps, x.dtype is torch.float64), bool(rms), store_stats, drop, x_kind, res_kind, mask_kind,
-        _KIND[h_dtype], _KIND[w.dtype], _KIND[out_dtype], _kind(xhat_dtype), _rows_per_block(n_rows, n),
+        _KIND[h_dtype], _KIND[w.dtype], _KIND[out_dtype], _kind(xhat_dtype), _kind(rstd_dtype),
+        _rows_per_block(n_rows, n),
         n >= _PAIR_MIN_FEATURES, n * h_dtype.itemsize <= _PREFETCH_PAIR_MAX_ROW_BYTES,
     )  # fmt: skip
 
@@ -1249,6 +1256,7 @@ def norm_fwd(
     return_mask: bool = False,
     xhat_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Forward of LayerNorm (or RMSNorm when ``rms``) over the last dim of a 2-D tensor.
 
@@ -1262,7 +1270,8 @@ def norm_fwd(
     ``normfuse._dropout``); ``return_mask`` also returns the (M, N) bool keep-mask.
 
     ``xhat_dtype`` rounds x-hat to that dtype before the weight multiply (Llama-style models);
-    ``out_dtype`` (default: x's dtype) is the output's dtype.
+    ``rstd_dtype`` rounds rstd to that dtype before it multiplies the centred row (the saved
+    rstd is not rounded); ``out_dtype`` (default: x's dtype) is the output's dtype.
 
     Returns out (M, N), residual_out (M, N) or None, mean and rstd (M,) in the accumulation
     dtype (float64 for float64 input, else float32; mean is 0 for ``rms``), the mask or None.
@@ -1274,7 +1283,7 @@ def norm_fwd(
     if n_rows == 0 or n == 0:
         return out, h, mean, rstd, mask
     extra = (residual, h, mask if drop is not None else None, drop) if add else None
-    _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype, extra)
+    _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype, extra, rstd_dtype)
     return out, h, mean, rstd, mask
 
 
@@ -1288,11 +1297,12 @@ def norm_fwd_inference(
     rms: bool,
     xhat_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The plain forward's output alone, in x's shape, for a row-major x of n_rows rows of n; nothing saved."""
     out = torch.empty_like(x) if out_dtype is None else torch.empty_like(x, dtype=out_dtype)
     if n_rows and n:
-        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, xhat_dtype)
+        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, xhat_dtype, None, rstd_dtype)
     return out
 
 

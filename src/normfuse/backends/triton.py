@@ -216,7 +216,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, STORE_STATS: tl.constexpr,
         ADD: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, STORE_MASK: tl.constexpr,
-        XHAT: tl.constexpr, ACC: tl.constexpr,
+        XHAT: tl.constexpr, RSTD_ROUND: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
@@ -249,6 +249,8 @@ if triton is not None:
         if STORE_STATS:
             tl.store(MEAN + rows, m1 + c, mask=row_ok)
             tl.store(RSTD + rows, rstd, mask=row_ok)
+        if RSTD_ROUND is not None:  # after the store: the backward takes the rstd unrounded
+            rstd = rstd.to(RSTD_ROUND).to(ACC)
         y = (d - c[:, None]) * rstd[:, None]
         if XHAT is not None:
             y = y.to(XHAT).to(ACC)
@@ -263,7 +265,7 @@ if triton is not None:
         X, RES, H, MASK, W, B, Y, MEAN, RSTD, n, eps, seed_lo, seed_hi, threshold, scale,
         BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
         STORE_STATS: tl.constexpr, ADD: tl.constexpr, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr,
-        STORE_MASK: tl.constexpr, XHAT: tl.constexpr, ACC: tl.constexpr,
+        STORE_MASK: tl.constexpr, XHAT: tl.constexpr, RSTD_ROUND: tl.constexpr, ACC: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
         base = tl.cast(row, tl.int64) * n
@@ -301,6 +303,8 @@ if triton is not None:
         if STORE_STATS:
             tl.store(MEAN + row, mean)
             tl.store(RSTD + row, rstd)
+        if RSTD_ROUND is not None:
+            rstd = rstd.to(RSTD_ROUND).to(ACC)
         SRC = H if ADD else X
         # The output sweep starts from the row's end, the bytes read last and the likeliest
         # to be in L2 still: up to 15 points of copy bandwidth (9 at the median) at 32768-65536
@@ -687,11 +691,13 @@ class _Launcher:
 # per distinct call. On a GPU the host's time per call is what small and mid-sized tensors wait
 # for (benchmarks/host_overhead.py), and rebuilding these dicts cost several microseconds a call.
 @functools.lru_cache(maxsize=1024)
-def _fwd_plan(n, has_w, has_b, rms, store_stats, add, has_res, dropout, store_mask, xhat_dtype, in_dtype):
+def _fwd_plan(n, has_w, has_b, rms, store_stats, add, has_res, dropout, store_mask, xhat_dtype, in_dtype,
+              rstd_dtype=None):  # fmt: skip
     """(launcher, rows per program) of a forward over rows of n: _fwd_rows up to max_fused_n(), else _fwd_looped."""
     consts = dict(
         HAS_W=has_w, HAS_B=has_b, RMS=rms, STORE_STATS=store_stats, ADD=add, HAS_RES=has_res, DROPOUT=dropout,
         STORE_MASK=store_mask, XHAT=_TL_DTYPES[xhat_dtype] if xhat_dtype is not None else None,
+        RSTD_ROUND=_TL_DTYPES[rstd_dtype] if rstd_dtype is not None else None,
         ACC=_tl_acc(in_dtype),
     )  # fmt: skip
     elem_bytes = torch.finfo(in_dtype).bits // 8
@@ -701,13 +707,13 @@ def _fwd_plan(n, has_w, has_b, rms, store_stats, add, has_res, dropout, store_ma
     return _Launcher(_fwd_looped, TUNING["loop_warps"], BLOCK_N=TUNING["loop_block_n"], **consts), 1
 
 
-def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None):
+def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None, rstd_dtype=None):
     """``add`` is None (plain norm of x) or (residual or None, h, mask or None, dropout_p, seed)."""
     store_stats = mean is not None
     if add is None:
         launch, block_m = _fwd_plan(
             n, weight is not None, bias is not None, bool(rms), store_stats, False, False, False, False, xhat_dtype,
-            x.dtype,
+            x.dtype, rstd_dtype,
         )  # fmt: skip
         ptrs = (x, x, x, x, weight if weight is not None else x, bias if bias is not None else x, out,
                 mean if store_stats else x, rstd if store_stats else x)  # fmt: skip
@@ -718,7 +724,7 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         store_mask = dropout and mask is not None
         launch, block_m = _fwd_plan(
             n, weight is not None, bias is not None, bool(rms), store_stats, True, residual is not None, dropout,
-            store_mask, xhat_dtype, h.dtype,
+            store_mask, xhat_dtype, h.dtype, rstd_dtype,
         )  # fmt: skip
         ptrs = (
             x, residual if residual is not None else x, h, mask.view(torch.int8) if store_mask else x,
@@ -754,6 +760,7 @@ def norm_fwd(
     return_mask: bool = False,
     xhat_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The contract of ``normfuse.backends.cpu.norm_fwd`` on CUDA tensors (or CPU ones, interpreted)."""
     n_rows, n = x.shape
@@ -766,7 +773,7 @@ def norm_fwd(
     if residual is not None and not residual.is_contiguous():
         residual = residual.contiguous()
     extra = (residual, h, mask if dropping else None, dropout_p, seed) if add else None
-    _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype, extra)
+    _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype, extra, rstd_dtype)
     return out, h, mean, rstd, mask
 
 
@@ -780,12 +787,13 @@ def norm_fwd_inference(
     rms: bool,
     xhat_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The plain forward's output alone, in x's shape; nothing saved."""
     out = torch.empty_like(x) if out_dtype is None else torch.empty_like(x, dtype=out_dtype)
     if n_rows and n:
         weight, bias = _params(weight, bias)
-        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, xhat_dtype)
+        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, xhat_dtype, None, rstd_dtype)
     return out
 
 

@@ -108,6 +108,13 @@ def _weightless(module, x, eps):
     return functional.rms_norm(x, (x.shape[-1],), None, eps)
 
 
+def _rstd_rounded(module, x, eps):
+    # the class's statistics are float32 ones for a float64 input too: its rstd then carries
+    # float32's digits
+    rstd_dtype = torch.float32 if x.dtype == torch.float64 else x.dtype
+    return functional.rms_norm(x, (x.shape[-1],), None, eps, rstd_dtype=rstd_dtype)
+
+
 def _gemma(module, x, eps):
     return functional.rms_norm(x, _n(module), module.weight, eps, weight_offset=1.0)
 
@@ -270,6 +277,12 @@ HF_FORMULAS = (
                 "returnhidden_states.to(input_dtype)",
             )),  # fmt: skip
         ),
+        weighted=False,
+    ),
+    Formula(
+        "rstd_rounded", "DeepSeek-V4's and GLM-5 Next's unweighted norms: x * r.to(x.dtype), no weight",
+        "variance_epsilon", _rstd_rounded,
+        (Body(("returnx*torch.rsqrt(x.float().square().mean(-1,keepdim=True)+self.variance_epsilon).to(x.dtype)",)),),
         weighted=False,
     ),
     Formula(
