@@ -651,6 +651,26 @@ def test_fuse_dropout_puts_bert_s_output_dropout_in_the_kernel(monkeypatch):
     assert torch.equal(_logits(clone, inputs), runs[0])
 
 
+def test_a_second_patch_with_fuse_dropout_takes_the_dropout_into_blocks_already_fused():
+    model, once = _build("bert"), _build("bert")
+    classes = [type(m) for m in model.modules()]
+    first = normfuse.patch(model, fuse_residual=True)
+    assert sum(e.formula == "fused residual add + torch LayerNorm" for e in first.patched) == 4
+    second = normfuse.patch(model, fuse_residual=True, fuse_dropout=True)
+    assert [e.formula for e in second.patched] == ["fused dropout + residual add + torch LayerNorm"] * 4
+    normfuse.patch(once, fuse_residual=True, fuse_dropout=True)
+    assert [type(m) for m in model.modules()] == [type(m) for m in once.modules()]
+    assert normfuse.patch(model, fuse_residual=True, fuse_dropout=True).patched == []
+    inputs = _inputs("bert")
+    for seed in (3, 3):
+        torch.manual_seed(seed)
+        got = _logits(model.train(), inputs)
+        torch.manual_seed(seed)
+        assert torch.equal(got, _logits(once.train(), inputs))
+    assert normfuse.unpatch(model) == len(first.patched)
+    assert [type(m) for m in model.modules()] == classes
+
+
 def test_compiled_bert_with_fused_dropout_gives_eager_logits_and_trains():
     """torch.compile over BERT's fused output blocks: eval logits as eager's; in training the
     compiled graph (whose seeds come from inductor's random numbers, not eager's, as nn.Dropout's

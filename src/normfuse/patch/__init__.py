@@ -273,7 +273,8 @@ def patch(
     (an ``nn.Dropout``) into the add and the norm: normfuse's masks, reproduced by
     ``torch.manual_seed`` with the same keep rate and scale, but not ``nn.Dropout``'s draws, so
     training runs differ from the unpatched model's as two seeds do (eval mode: no change).
-    Calling it twice is harmless; ``unpatch(model)`` restores the original modules.
+    Calling it twice is harmless (a second call with ``fuse_dropout`` takes the dropout into the
+    blocks a first call fused without it); ``unpatch(model)`` restores the original modules.
     """
     if fuse_dropout and not fuse_residual:
         raise ValueError("fuse_dropout=True fuses the dropout of the residual adds that fuse_residual=True fuses: pass both")
@@ -394,8 +395,12 @@ def _fusable_formula(norm: torch.nn.Module | None) -> Formula | None:
 def _fuse_residuals(model: torch.nn.Module, report: PatchReport, fuse_dropout: bool) -> None:
     for path, module in model.named_modules():
         cls = _class_below_parametrize(module)
+        upgrade = False
         if getattr(cls, "_normfuse_original_class", None) is not None:
-            continue
+            if not (fuse_dropout and cls._normfuse_key == _FUSED_OUTPUT):
+                continue
+            # an output block fused by an earlier call without fuse_dropout: its dropout joins now
+            cls, upgrade = cls._normfuse_original_class, True
         what = "residual add"
         if prenorm_layer_form(cls) is not None:
             norm, make = getattr(module, "post_attention_layernorm", None), functools.partial(_fused_class, cls)
@@ -407,6 +412,8 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport, fuse_dropout: b
             with_dropout = fuse_dropout and torch_dropout and isinstance(norm, (modules.LayerNorm, modules.RMSNorm))
             make = functools.partial(_fused_output_class, cls, with_dropout)
             what = "dropout + residual add" if with_dropout else what
+            if upgrade and not with_dropout:
+                continue  # a dropout that is not torch's stays out, as in a single call
         else:
             continue
         formula = _fusable_formula(norm)
