@@ -202,3 +202,44 @@ def test_rstd_dtype_is_checked():
         normfuse.rms_norm(x, (4,), rstd_dtype=torch.int32)
     with pytest.raises(TypeError, match="rstd_dtype must be None or one of"):
         normfuse.add_rms_norm(x, x, (4,), rstd_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_family_options_take_the_direct_path_with_the_general_path_s_results(x_dtype, w_dtype, grad, monkeypatch):
+    """Token-sized eager calls with the family options (a patched Llama norm's ``xhat_dtype``)
+    go straight to the kernel, as torch's formula does, with the general path's results bit for
+    bit (column-major inputs of the same values take the general path)."""
+    from normfuse import ops
+
+    direct_calls = []
+    for name in ("cpu_inference_direct", "eager_training_direct", "cpu_add_inference_direct"):
+        def counted(*args, _real=getattr(ops, name), **kwargs):
+            result = _real(*args, **kwargs)
+            direct_calls.append(result is not None)  # None: the direct call declined
+            return result
+
+        monkeypatch.setattr(ops, name, counted)
+    x, r = (torch.randn(3, 96) * 2).to(x_dtype), torch.randn(3, 96).to(x_dtype)
+    w = (0.2 * torch.randn(96) + 1).to(w_dtype).requires_grad_(grad)
+    # (each combination of options is a kernel specialization of its own to compile: three)
+    options = [{"xhat_dtype": x_dtype}, {"weight_offset": 1.0}, {"rstd_dtype": x_dtype}]
+    for kw in options:
+        for add in (False, True):
+            runs = []
+            for contiguous in (True, False):
+                xs, rs = (t if contiguous else t.t().contiguous().t() for t in (x, r))
+                xs, rs = xs.detach().requires_grad_(grad), rs.detach().requires_grad_(grad)
+                direct_calls.clear()
+                if add:
+                    outs = normfuse.add_rms_norm(xs, rs, (96,), w, EPS, **kw)
+                else:
+                    outs = (normfuse.rms_norm(xs, (96,), w, EPS, **kw),)
+                assert any(direct_calls) == contiguous
+                grads = ()
+                if grad:
+                    grads = torch.autograd.grad(sum(o.float().sum() for o in outs), (xs, rs, w) if add else (xs, w))
+                runs.append((outs, grads))
+            (direct, direct_grads), (general, general_grads) = runs
+            for a, b in zip((*direct, *direct_grads), (*general, *general_grads)):
+                assert a.dtype == b.dtype and torch.equal(a, b), (kw, add)

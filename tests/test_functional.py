@@ -399,8 +399,9 @@ def test_direct_inference_path_declines_what_it_does_not_check(monkeypatch):
         "fp32 weight, fp64 x": lambda: normfuse.layer_norm(x.double(), (32,), w, b),
         "int eps": lambda: normfuse.layer_norm(x, (32,), w, b, 1),
         "weight shape": lambda: normfuse.layer_norm(x, (32,), w[:16], b),
-        "rms weight_offset": lambda: normfuse.rms_norm(x, (32,), w, weight_offset=1.0),
-        "rms xhat_dtype": lambda: normfuse.rms_norm(x, (32,), w, xhat_dtype=torch.float32),
+        # the family options go direct where they are the kinds the general path checks for
+        "rms int weight_offset": lambda: normfuse.rms_norm(x, (32,), w, weight_offset=1),
+        "rms xhat_dtype, list shape": lambda: normfuse.rms_norm(x, [32], w, xhat_dtype=torch.float32),
     }
     calls = _count_general_checks(monkeypatch)
     for name, call in declined.items():
@@ -414,6 +415,7 @@ def test_direct_inference_path_declines_what_it_does_not_check(monkeypatch):
     with torch.no_grad():
         normfuse.layer_norm(x, (32,), torch.nn.Parameter(w), b)  # no grad mode: nothing requires grad
         normfuse.rms_norm(x, (32,), w, weight_offset=0.0)
+        normfuse.rms_norm(x, (32,), w, weight_offset=1.0, xhat_dtype=torch.float32, rstd_dtype=torch.float32)
     assert len(calls) == len(declined)
 
 

@@ -621,23 +621,30 @@ def _direct_call_allowed() -> bool:
     return _eager_untransformed() and _forced_backend.get() is None and _ENV_BACKEND is None
 
 
-def cpu_inference_direct(x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool):
+# the model-family options of a direct call, (xhat_dtype, out_dtype, rstd_dtype): torch's formula
+NO_FAMILY = (None, None, None)
+
+
+def cpu_inference_direct(
+    x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, family: tuple = NO_FAMILY
+):
     """The forward's output straight from the CPU kernel, or None where the call must go the
     general way (``_direct_call_allowed``).
 
     For the front end's token-sized path: x is a contiguous CPU tensor of (*, n), weight and bias
     (n,) in its dtype (or both float32 for bf16/fp16 x) or None, nothing requires grad (the caller
-    checked).
+    checked); ``family``: (xhat_dtype, out_dtype, rstd_dtype), checked by the caller too.
     """
     if not _direct_call_allowed():
         return None
     cpu = _loaded_backends.get("cpu") or _load_backend("cpu")
-    return cpu.norm_fwd_inference(x, x.numel() // n, n, weight, bias, eps, rms)
+    return cpu.norm_fwd_inference(x, x.numel() // n, n, weight, bias, eps, rms, *family)
 
 
 def eager_training_direct(
-    x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, residual: Tensor | None = None
-):
+    x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, residual: Tensor | None = None,
+    family: tuple = NO_FAMILY,
+):  # fmt: skip
     """The forward's output (with a residual: ``(out, residual_out)``, no dropout) through
     ``NormFunction``, recorded for autograd, straight from the front end's training check; or None
     where the call must go the general way: torch.compile, a torch.func transform, forward-mode AD
@@ -645,26 +652,25 @@ def eager_training_direct(
 
     x (and the residual) is a contiguous CPU tensor of (*, n), weight and bias (n,) in its dtype
     (or both float32 for bf16/fp16 x) or None, something requires grad (the caller checked). A
-    forced backend is honoured by ``NormFunction`` itself.
+    forced backend is honoured by ``NormFunction`` itself. ``family`` as ``cpu_inference_direct``.
     """
     if not _eager_untransformed():
         return None
     h_dtype = None if residual is None else x.dtype
-    outs = NormFunction.apply(
-        x, residual, weight, bias, eps, rms, h_dtype, 0.0, None, False, None, None, None, (x.numel() // n, n)
-    )
+    outs = NormFunction.apply(x, residual, weight, bias, eps, rms, h_dtype, 0.0, None, False, *family, (x.numel() // n, n))
     return outs[0] if residual is None else outs[:2]
 
 
 def cpu_add_inference_direct(
-    x: Tensor, residual: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool
-):
+    x: Tensor, residual: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
+    family: tuple = NO_FAMILY,
+):  # fmt: skip
     """``(out, residual_out)`` of the add+norm forward straight from the CPU kernel, no dropout,
     or None as ``cpu_inference_direct``; the residual is x's shape and dtype, contiguous."""
     if not _direct_call_allowed():
         return None
     cpu = _loaded_backends.get("cpu") or _load_backend("cpu")
-    return cpu.add_norm_fwd_inference(x, residual, x.numel() // n, n, weight, bias, eps, rms)
+    return cpu.add_norm_fwd_inference(x, residual, x.numel() // n, n, weight, bias, eps, rms, *family)
 
 
 def refuse_forward_ad() -> None:

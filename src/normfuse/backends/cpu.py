@@ -1315,13 +1315,17 @@ def add_norm_fwd_inference(
     bias: torch.Tensor | None,
     eps: float,
     rms: bool,
+    xhat_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+    rstd_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, residual_out) of the add+norm forward without dropout, in x's shape, for row-major x
     and residual of n_rows rows of n in one dtype; nothing saved."""
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out_dtype is None else torch.empty_like(x, dtype=out_dtype)
     h = torch.empty_like(x)
     if n_rows and n:
-        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, None, (residual, h, None, None))
+        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, xhat_dtype, (residual, h, None, None),
+                    rstd_dtype)  # fmt: skip
     return out, h
 
 
