@@ -213,13 +213,16 @@ def test_family_options_take_the_direct_path_with_the_general_path_s_results(x_d
     from normfuse import ops
 
     direct_calls = []
-    for name in ("cpu_inference_direct", "eager_training_direct", "cpu_add_inference_direct"):
-        def counted(*args, _real=getattr(ops, name), **kwargs):
-            result = _real(*args, **kwargs)
+    def counted(real):
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
             direct_calls.append(result is not None)  # None: the direct call declined
             return result
 
-        monkeypatch.setattr(ops, name, counted)
+        return call
+
+    for name in ("cpu_inference_direct", "eager_training_direct", "cpu_add_inference_direct"):
+        monkeypatch.setattr(ops, name, counted(getattr(ops, name)))
     x, r = (torch.randn(3, 96) * 2).to(x_dtype), torch.randn(3, 96).to(x_dtype)
     w = (0.2 * torch.randn(96) + 1).to(w_dtype).requires_grad_(grad)
     # (each combination of options is a kernel specialization of its own to compile: three)
