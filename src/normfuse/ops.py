@@ -13,8 +13,9 @@ RMSNorm; a ``residual_out_dtype`` makes it the pre-norm step ``h = dropout(x) + 
 ``out = norm(h)`` returning h as ``residual_out`` (the backward then takes h as its input and
 adds the gradient arriving at ``residual_out``); ``xhat_dtype`` rounds x-hat before the weight
 multiply, ``rstd_dtype`` rounds rstd before it multiplies (the backward takes both roundings as
-the identity, as autograd does a cast, and the saved rstd is not rounded). A weight offset (Gemma's ``1 + w``) is applied by the front end to the weight it
-passes in: the gradient of the offset weight is the weight's gradient. The dropout mask is a
+the identity, as autograd does a cast, and the saved rstd is not rounded). A weight offset
+(Gemma's ``1 + w``) is applied by the front end to the weight it passes in: the gradient of the
+offset weight is the weight's gradient. The dropout mask is a
 hash of ``seed`` (a 0-d int64 tensor drawn from torch's generator) and the element's position,
 recomputed by the backward instead of stored (``normfuse._dropout``). Registered with ``torch.library`` so autograd,
 ``torch.compile(fullgraph=True)`` and the dispatcher treat them as native ops. The backward of

@@ -681,9 +681,10 @@ def _fwd(
     """Rows are independent: blocks of rows go to the threads (one block: no thread pool).
 
     A kind of None means the operand is absent: x (no residual add: h is the input), the
-    residual, the mask output, the x-hat rounding, the rounding of rstd before it multiplies. ``drop`` is None or (threshold, scale,
-    seed_lo, seed_hi). ``pair_rows``: rows go in pairs; ``hint_next_pair``: each pair hints the
-    next pair's rows into cache (rows of up to ``_PREFETCH_PAIR_MAX_ROW_BYTES``).
+    residual, the mask output, the x-hat rounding, the rounding of rstd before it multiplies.
+    ``drop`` is None or (threshold, scale, seed_lo, seed_hi). ``pair_rows``: rows go in pairs;
+    ``hint_next_pair``: each pair hints the next pair's rows into cache (rows of up to
+    ``_PREFETCH_PAIR_MAX_ROW_BYTES``).
     """
     x = _opt_view(x_at, n_rows, n, x_kind)
     res = _opt_view(res_at, n_rows, n, res_kind)
