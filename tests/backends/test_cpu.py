@@ -541,3 +541,15 @@ def test_add_keeps_nan_whose_rounding_to_bf16_would_carry(nan_bits, rms):
     expected = F.rms_norm(h.float(), (n,), w) if rms else F.layer_norm(h.float(), (n,), w, b)
     assert torch.isnan(out[[1, 3, 4]]).any(dim=1).all()
     torch.testing.assert_close(out.float(), expected, equal_nan=True)
+
+
+def test_the_kernels_source_carries_the_fingerprint_of_the_helpers_they_inline():
+    """numba's cache is keyed on cpu.py's contents: an edit of _numba_bits.py must change cpu.py
+    too, or processes would load kernels compiled against the old helpers."""
+    import hashlib
+    from pathlib import Path
+
+    from normfuse.backends import _numba_bits
+
+    actual = hashlib.sha256(Path(_numba_bits.__file__).read_bytes()).hexdigest()
+    assert cpu.NUMBA_BITS_SHA256 == actual, f"set NUMBA_BITS_SHA256 in backends/cpu.py to {actual!r}"

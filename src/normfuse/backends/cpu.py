@@ -66,10 +66,17 @@ from normfuse.backends._numba_bits import (
     prefer_vector_width,
     prefetch_line,
     round_as,
+    round_as_not_nan,
     select,
     store,
     store_not_nan,
 )
+
+# numba keys its on-disk cache on this file's contents alone, not on the helpers the kernels
+# inline from _numba_bits.py: kernels compiled against an older _numba_bits.py would load as they
+# were (the twenty-fifth session measured stale fp16 kernels that way). This fingerprint of
+# _numba_bits.py, checked by tests/backends/test_cpu.py, makes an edit there an edit here.
+NUMBA_BITS_SHA256 = "fba8f4e6f6599c67931867f08d0ff693cdfc352153d04e2957273b73ef5642fb"
 
 # numba's "internal pedantic check" of variable scopes (its words) misfires when an inlined
 # overload is called from two places in one loop (the row-pair code does); the kernels are
@@ -618,7 +625,7 @@ def _fwd_row_pair_out(x, res, h, w, b, out, xhat_like, hint_next_pair, i, m1a, c
 @njit(fastmath=_FASTMATH, inline="always")
 def _fwd_out_element(h, w, b, out, xhat_like, i, j, m1, c, r):
     """Element (i, j) of a row with no NaN to come."""
-    store_not_nan(out, i, j, round_as(xhat_like, _centred(h, load(h, i, j), m1, c) * r) * w[j] + b[j])
+    store_not_nan(out, i, j, round_as_not_nan(xhat_like, _centred(h, load(h, i, j), m1, c) * r) * w[j] + b[j])
 
 
 @njit(fastmath=_FASTMATH, inline="always")
@@ -626,8 +633,8 @@ def _fwd_pair_out_element(h, w, b, out, xhat_like, i, j, m1a, ca, ra, m1b, cb, r
     """Column j of rows i and i + 1, neither with a NaN to come."""
     w_v = w[j]
     b_v = b[j]
-    ya = round_as(xhat_like, _centred(h, load(h, i, j), m1a, ca) * ra) * w_v + b_v
-    yb = round_as(xhat_like, _centred(h, load(h, i + 1, j), m1b, cb) * rb) * w_v + b_v
+    ya = round_as_not_nan(xhat_like, _centred(h, load(h, i, j), m1a, ca) * ra) * w_v + b_v
+    yb = round_as_not_nan(xhat_like, _centred(h, load(h, i + 1, j), m1b, cb) * rb) * w_v + b_v
     store_not_nan(out, i, j, ya)
     store_not_nan(out, i + 1, j, yb)
 
