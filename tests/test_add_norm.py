@@ -362,6 +362,29 @@ def test_compile_fullgraph_with_dropout_runs_and_drops():
     assert max_rel_err(out, F.rms_norm(h, (32,), w)) <= 2 * FWD_TOL[torch.float32]
 
 
+def test_compiled_backward_over_one_feature_with_dropout():
+    """One feature takes the exact RMSNorm backward in torch ops, which applies the forward's
+    mask from its seed: under torch.compile the seed is a traced tensor (an ``int()`` of it
+    failed to compile without a residual; differential fuzz, seed 2502). Gradients against
+    float64 autograd of the formula through the returned mask."""
+    torch._dynamo.reset()
+
+    def step(x, w):
+        return normfuse.add_rms_norm(x, None, (1,), w, 1e-5, dropout_p=0.5, return_dropout_mask=True)
+
+    x, w = (torch.randn(64, 1) * 3).requires_grad_(), torch.randn(1).requires_grad_()
+    out, h, mask = torch.compile(step, fullgraph=True)(x, w)
+    assert 0 < mask.sum() < mask.numel()
+    dout, dh = torch.randn(64, 1), torch.randn(64, 1)
+    got = torch.autograd.grad((out, h), (x, w), (dout, dh))
+    leaves = [t.detach().double().requires_grad_() for t in (x, w)]
+    h64 = torch.where(mask, leaves[0] * 2.0, 0.0)
+    out64 = h64 * torch.rsqrt(h64.square() + 1e-5) * leaves[1]
+    want = torch.autograd.grad((out64, h64), leaves, (dout.double(), dh.double()))
+    for g, t in zip(got, want):
+        assert norm_err(g, t) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradients_bitwise_identical_across_thread_counts_and_calls(dtype):
     """dγ, dx and dresidual of the fused step do not depend on the thread count or on where the

@@ -55,8 +55,13 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def keep_mask(seed: int, p: float, n_rows: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The (n_rows, n) boolean mask the kernels use, computed with torch int64 ops."""
+def keep_mask(
+    seed: int | torch.Tensor, p: float, n_rows: int, n: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The (n_rows, n) boolean mask the kernels use, computed with torch int64 ops. ``seed``: an
+    int, or the 0-d int64 tensor ``draw_seed`` gives, taken as it is (no ``int()``, which
+    torch.compile cannot trace through: a compiled backward over one feature with dropout failed
+    on it)."""
     lo, hi = split_seed(seed)
     rows = torch.arange(n_rows, dtype=torch.int64, device=device)
     cols = torch.arange(n, dtype=torch.int64, device=device)

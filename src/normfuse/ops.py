@@ -421,7 +421,7 @@ def _input_gradients(ctx, dh, dresidual_out, h, seed) -> tuple[Tensor, Tensor | 
     dres = dh.to(ctx.residual_dtype) if ctx.residual_dtype is not None else None
     dx = dh
     if ctx.dropout_p > 0:
-        keep = _dropout.keep_mask(int(seed), ctx.dropout_p, *h.shape, device=h.device)
+        keep = _dropout.keep_mask(seed, ctx.dropout_p, *h.shape, device=h.device)
         dx = torch.where(keep, dh * _dropout.scale(ctx.dropout_p), 0.0)
     return dx.to(ctx.x_dtype), dres
 
@@ -607,7 +607,7 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
-def _eager_untransformed() -> bool:
+def eager_untransformed() -> bool:
     """Whether the call is plain eager code: none of torch.compile, a torch.func transform,
     forward-mode AD or ``torch.jit.trace`` active (each reads the call differently)."""
     return not (
@@ -618,8 +618,8 @@ def _eager_untransformed() -> bool:
 
 def _direct_call_allowed() -> bool:
     """Whether an eager call may go straight to the CPU kernel: plain eager code
-    (``_eager_untransformed``) and no backend forced."""
-    return _eager_untransformed() and _forced_backend.get() is None and _ENV_BACKEND is None
+    (``eager_untransformed``) and no backend forced."""
+    return eager_untransformed() and _forced_backend.get() is None and _ENV_BACKEND is None
 
 
 # the model-family options of a direct call, (xhat_dtype, out_dtype, rstd_dtype): torch's formula
@@ -627,19 +627,22 @@ NO_FAMILY = (None, None, None)
 
 
 def cpu_inference_direct(
-    x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, family: tuple = NO_FAMILY
-):
+    x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool, family: tuple = NO_FAMILY,
+    weight_offset: float = 0.0,
+):  # fmt: skip
     """The forward's output straight from the CPU kernel, or None where the call must go the
     general way (``_direct_call_allowed``).
 
     For the front end's token-sized path: x is a contiguous CPU tensor of (*, n), weight and bias
     (n,) in its dtype (or both float32 for bf16/fp16 x) or None, nothing requires grad (the caller
-    checked); ``family``: (xhat_dtype, out_dtype, rstd_dtype), checked by the caller too.
+    checked); ``family``: (xhat_dtype, out_dtype, rstd_dtype), checked by the caller too;
+    ``weight_offset``: added to the weight inside the kernel (Gemma's ``1 + w`` without the op
+    that forms it).
     """
     if not _direct_call_allowed():
         return None
     cpu = _loaded_backends.get("cpu") or _load_backend("cpu")
-    return cpu.norm_fwd_inference(x, x.numel() // n, n, weight, bias, eps, rms, *family)
+    return cpu.norm_fwd_inference(x, x.numel() // n, n, weight, bias, eps, rms, *family, weight_offset)
 
 
 def eager_training_direct(
@@ -655,7 +658,7 @@ def eager_training_direct(
     (or both float32 for bf16/fp16 x) or None, something requires grad (the caller checked). A
     forced backend is honoured by ``NormFunction`` itself. ``family`` as ``cpu_inference_direct``.
     """
-    if not _eager_untransformed():
+    if not eager_untransformed():
         return None
     h_dtype = None if residual is None else x.dtype
     outs = NormFunction.apply(x, residual, weight, bias, eps, rms, h_dtype, 0.0, None, False, *family, (x.numel() // n, n))
@@ -664,14 +667,14 @@ def eager_training_direct(
 
 def cpu_add_inference_direct(
     x: Tensor, residual: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, rms: bool,
-    family: tuple = NO_FAMILY,
+    family: tuple = NO_FAMILY, weight_offset: float = 0.0,
 ):  # fmt: skip
     """``(out, residual_out)`` of the add+norm forward straight from the CPU kernel, no dropout,
     or None as ``cpu_inference_direct``; the residual is x's shape and dtype, contiguous."""
     if not _direct_call_allowed():
         return None
     cpu = _loaded_backends.get("cpu") or _load_backend("cpu")
-    return cpu.add_norm_fwd_inference(x, residual, x.numel() // n, n, weight, bias, eps, rms, *family)
+    return cpu.add_norm_fwd_inference(x, residual, x.numel() // n, n, weight, bias, eps, rms, *family, weight_offset)
 
 
 def refuse_forward_ad() -> None:
@@ -777,7 +780,7 @@ def _tangents(ctx, tx, tresidual, tweight, tbias) -> tuple[Tensor | None, Tensor
     if tx is not None:
         th = tx.reshape(rows_n).to(acc)
         if ctx.add and ctx.dropout_p > 0:
-            keep = _dropout.keep_mask(int(seed), ctx.dropout_p, *rows_n, device=h.device)
+            keep = _dropout.keep_mask(seed, ctx.dropout_p, *rows_n, device=h.device)
             th = torch.where(keep, th * _dropout.scale(ctx.dropout_p), 0.0)
     if ctx.add and tresidual is not None:
         tr = tresidual.reshape(rows_n).to(acc)

@@ -503,7 +503,7 @@ def test_key_check_catches_a_key_that_stands_for_two_signatures(monkeypatch):
         kind = cpu._KIND[x.dtype]
         cpu._fwd_kernel[key](
             0, 0, 0, x.data_ptr(), w.data_ptr(), w.data_ptr(), out.data_ptr(), 0, 0, 2, 64, np.float32(1e-5), False,
-            False, None, None, None, None, kind, cpu._KIND[w.dtype], kind, None, None, 2, False, False,
+            False, None, None, None, None, kind, cpu._KIND[w.dtype], kind, None, None, 2, False, False, np.float32(0.0),
         )  # fmt: skip
 
     cpu._fwd_kernel.forget()

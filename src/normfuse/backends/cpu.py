@@ -683,7 +683,7 @@ def _widen_overload(p, like):
 def _fwd(
     x_at, res_at, mask_at, h_at, w_at, b_at, out_at, mean_at, rstd_at, n_rows, n, eps, rms, store_stats, drop,
     x_kind, res_kind, mask_kind, h_kind, w_kind, out_kind, xhat_kind, rstd_kind, rows_per_block, pair_rows,
-    hint_next_pair,
+    hint_next_pair, w_offset,
 ):  # fmt: skip
     """Rows are independent: blocks of rows go to the threads (one block: no thread pool).
 
@@ -691,7 +691,8 @@ def _fwd(
     residual, the mask output, the x-hat rounding, the rounding of rstd before it multiplies.
     ``drop`` is None or (threshold, scale, seed_lo, seed_hi). ``pair_rows``: rows go in pairs;
     ``hint_next_pair``: each pair hints the next pair's rows into cache (rows of up to
-    ``_PREFETCH_PAIR_MAX_ROW_BYTES``).
+    ``_PREFETCH_PAIR_MAX_ROW_BYTES``). ``w_offset`` (eps's type) is added to the weight once, before
+    the rows (Gemma's ``1 + w`` in inference; training passes the offset weight itself).
     """
     x = _opt_view(x_at, n_rows, n, x_kind)
     res = _opt_view(res_at, n_rows, n, res_kind)
@@ -703,6 +704,8 @@ def _fwd(
     mean = _view(mean_at, 1, n_rows, eps)[0]
     rstd = _view(rstd_at, 1, n_rows, eps)[0]
     w = _widen(_view(w_at, 1, n, w_kind), mean)
+    if w_offset != 0:
+        w = w + w_offset  # a new (n,) array: the weight itself is never written
     b = _widen(_view(b_at, 1, n, w_kind), mean)
     # only bf16/fp16 stores treat NaN apart (a float32/float64 store is exact either way)
     params_finite = out.itemsize > 2 or (_all_finite(w) and _all_finite(b))
@@ -1204,7 +1207,9 @@ def _drop_state(dropout_p: float, seed: int, acc: torch.dtype):
     )  # fmt: skip
 
 
-def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None, rstd_dtype=None):
+def _launch_fwd(
+    x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtype=None, add=None, rstd_dtype=None, weight_offset=0.0
+):  # fmt: skip
     """``add`` is None (plain norm of x) or (residual or None, h, mask or None, drop state)."""
     # Lean on purpose: on a token-sized input this function is most of the op's latency.
     if weight is not None and bias is not None and weight.is_contiguous() and bias.is_contiguous():
@@ -1240,6 +1245,7 @@ def _launch_fwd(x, out, mean, rstd, weight, bias, n_rows, n, eps, rms, xhat_dtyp
         _KIND[h_dtype], _KIND[w.dtype], _KIND[out_dtype], _kind(xhat_dtype), _kind(rstd_dtype),
         _rows_per_block(n_rows, n),
         n >= _PAIR_MIN_FEATURES, n * h_dtype.itemsize <= _PREFETCH_PAIR_MAX_ROW_BYTES,
+        _eps_scalar(weight_offset, x.dtype is torch.float64),
     )  # fmt: skip
 
 
@@ -1306,11 +1312,15 @@ def norm_fwd_inference(
     xhat_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     rstd_dtype: torch.dtype | None = None,
+    weight_offset: float = 0.0,
 ) -> torch.Tensor:
-    """The plain forward's output alone, in x's shape, for a row-major x of n_rows rows of n; nothing saved."""
+    """The plain forward's output alone, in x's shape, for a row-major x of n_rows rows of n; nothing saved.
+
+    ``weight_offset`` (CPU only, with a weight): the scale is ``weight_offset + weight``, formed in
+    the accumulation dtype, as the front end's ``weight.to(acc) + weight_offset`` would be."""
     out = torch.empty_like(x) if out_dtype is None else torch.empty_like(x, dtype=out_dtype)
     if n_rows and n:
-        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, xhat_dtype, None, rstd_dtype)
+        _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, xhat_dtype, None, rstd_dtype, weight_offset)
     return out
 
 
@@ -1326,14 +1336,16 @@ def add_norm_fwd_inference(
     xhat_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     rstd_dtype: torch.dtype | None = None,
+    weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, residual_out) of the add+norm forward without dropout, in x's shape, for row-major x
-    and residual of n_rows rows of n in one dtype; nothing saved."""
+    and residual of n_rows rows of n in one dtype; nothing saved. ``weight_offset``: as
+    ``norm_fwd_inference``."""
     out = torch.empty_like(x) if out_dtype is None else torch.empty_like(x, dtype=out_dtype)
     h = torch.empty_like(x)
     if n_rows and n:
         _launch_fwd(x, out, None, None, weight, bias, n_rows, n, eps, rms, xhat_dtype, (residual, h, None, None),
-                    rstd_dtype)  # fmt: skip
+                    rstd_dtype, weight_offset)  # fmt: skip
     return out, h
 
 
