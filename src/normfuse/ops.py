@@ -15,7 +15,7 @@ adds the gradient arriving at ``residual_out``); ``xhat_dtype`` rounds x-hat bef
 multiply, ``rstd_dtype`` rounds rstd before it multiplies (the backward takes both roundings as
 the identity, as autograd does a cast, and the saved rstd is not rounded). A weight offset
 (Gemma's ``1 + w``) is applied by the front end to the weight it passes in: the gradient of the
-offset weight is the weight's gradient. The dropout mask is a
+offset weight is the weight's gradient (direct CPU inference calls hand it to the kernel). The dropout mask is a
 hash of ``seed`` (a 0-d int64 tensor drawn from torch's generator) and the element's position,
 recomputed by the backward instead of stored (``normfuse._dropout``). Registered with ``torch.library`` so autograd,
 ``torch.compile(fullgraph=True)`` and the dispatcher treat them as native ops. The backward of
