@@ -503,15 +503,16 @@ def _direct_family(
 ) -> tuple[Tensor | None, tuple, float] | None:
     """For a direct RMSNorm call: (the weight to pass, the model-family options as
     ``_direct_call`` takes them, the offset the kernel adds to that weight), or None where an
-    option is not of a kind the general path accepts (it raises there, in its words). Inference
-    leaves Gemma's ``1 + w`` to the kernel (10.9 us a 1x4096 fp32 call with the op that forms it,
-    about 7 without); training forms it by a torch op, whose gradient is the weight's. The patched Llama norms (``xhat_dtype``) of
-    token-at-a-time decoding take this way: at 1x4096, 9.1 us a call the general way and 6.9
-    this way in float32, 11.3 and 8.8 in bf16 (torch's formula: 6.0, 7.3)."""
+    option is not of a kind the general path accepts (it raises there, in its words).
+
+    The patched Llama norms (``xhat_dtype``) of token-at-a-time decoding take this way: at
+    1x4096, 9.1 us a call the general way and 6.9 this way in float32, 11.3 and 8.8 in bf16
+    (torch's formula: 6.0, 7.3). Inference leaves Gemma's ``1 + w`` to the kernel (10.9 us a
+    1x4096 fp32 call with the op that forms it, about 7 without); training forms it by a torch
+    op, whose gradient is the weight's."""
     if type(weight_offset) is not float or not (
-        (xhat_dtype is None or (isinstance(xhat_dtype, torch.dtype) and xhat_dtype in KERNEL_DTYPES))
-        and (rstd_dtype is None or (isinstance(rstd_dtype, torch.dtype) and rstd_dtype in KERNEL_DTYPES))
-    ):  # fmt: skip
+        _kernel_dtype_or_none(xhat_dtype) and _kernel_dtype_or_none(rstd_dtype)
+    ):
         return None
     if weight_offset == 0.0 and xhat_dtype is None and rstd_dtype is None:
         return weight, ops.NO_FAMILY, 0.0
@@ -754,11 +755,16 @@ def _check_family_options(fn: str, weight_offset: object, xhat_dtype: object, rs
     if isinstance(weight_offset, bool) or not isinstance(weight_offset, numbers.Real):
         raise TypeError(f"{fn}(): weight_offset must be a float, not {type(weight_offset).__name__}")
     for name, dtype in (("xhat_dtype", xhat_dtype), ("rstd_dtype", rstd_dtype)):
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in KERNEL_DTYPES):
+        if not _kernel_dtype_or_none(dtype):
             raise TypeError(
                 f"{fn}(): {name} must be None or one of torch.float32, torch.float64, torch.bfloat16, "
                 f"torch.float16, got {dtype!r}"
             )
+
+
+def _kernel_dtype_or_none(dtype: object) -> bool:
+    """Whether a family option's dtype is None or one the kernels compute in."""
+    return dtype is None or (isinstance(dtype, torch.dtype) and dtype in KERNEL_DTYPES)
 
 
 def _family_out_dtype(x: Tensor, weight: Tensor | None, xhat_dtype: torch.dtype | None) -> torch.dtype | None:
