@@ -19,9 +19,10 @@ inserted just below them in the method resolution order, so a subclass with its 
 subclass whose forward never reaches torch's (it calls ``F.layer_norm`` itself) is swapped by the
 formula its forward computes, as any other class, or left alone.
 
-``fuse_residual=True`` also swaps, by their forward's statements, the blocks around a norm whose
-residual add joins the norm's kernel: Llama-family decoder layers (``formulas.PRENORM_LAYER_FORMS``)
-and BERT's post-norm output blocks (``formulas.POSTNORM_OUTPUT_BODY``).
+``fuse_residual=True`` also swaps the blocks around a norm whose residual add joins the norm's
+kernel: pre-norm blocks (Llama's decoder layer, GPT-2's, CLIP's, ViT's, Whisper's, ...), whose
+forward is compiled again with the add-then-norm statements fused (``rewrite``), and BERT's
+post-norm output blocks, recognized by their statements (``formulas.POSTNORM_OUTPUT_BODY``).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ import torch
 from normfuse import functional, modules
 
 from normfuse.patch.formulas import (
-    HF_FORMULAS, Formula, attention_drops_var_keyword, body_statements, is_postnorm_output, prenorm_layer_form,
-    probe_agrees, recognize,
+    HF_FORMULAS, Formula, body_statements, is_postnorm_output, probe_agrees, recognize,
 )  # fmt: skip
+from normfuse.patch import rewrite
 
 __all__ = ["PatchReport", "patch", "unpatch"]
 
@@ -48,6 +49,8 @@ class PatchedNorm:
     path: str
     original_class: str
     formula: str
+    # a block whose residual adds were fused (formula "fused ..."): how many adds
+    fused_adds: int = 0
 
 
 @dataclass
@@ -69,10 +72,11 @@ class PatchReport:
         for entry in self.patched:
             key = (entry.original_class, entry.formula)
             counts[key] = counts.get(key, 0) + 1
-        fused = sum(entry.formula.startswith("fused") for entry in self.patched)
-        lines = [f"normfuse.patch: {len(self.patched) - fused} norm(s) patched, {len(self.skipped)} left alone"]
-        if fused:
-            lines[0] += f", {fused} residual add(s) fused"
+        blocks = sum(entry.fused_adds > 0 for entry in self.patched)
+        adds = sum(entry.fused_adds for entry in self.patched)
+        lines = [f"normfuse.patch: {len(self.patched) - blocks} norm(s) patched, {len(self.skipped)} left alone"]
+        if adds:
+            lines[0] += f", {adds} residual add(s) fused"
         for (cls, formula), count in counts.items():
             lines.append(f"  patched  {count:3d} x {cls} ({formula})")
         for entry in self.skipped:
@@ -117,7 +121,7 @@ _TORCH_FORMULAS = {
         "torch RMSNorm", "torch.nn.RMSNorm and subclasses", "eps", None, add_forward=_torch_rms_norm_add
     ),
 }
-_generated: dict[tuple[type, str], type] = {}
+_generated: dict[tuple[type, str], type | None] = {}
 # the keys of the fused classes of a decoder layer and of a post-norm output block (formula names
 # are the others')
 _FUSED = "fused"
@@ -140,8 +144,10 @@ def _reduce_ex(self: torch.nn.Module, protocol: int) -> tuple:
 def _rebuild(original: type, key: str) -> torch.nn.Module:
     """An empty instance of the patched class of ``original`` (made again if this process has
     not made it yet); unpickling then restores the module's state into it."""
-    if key == _FUSED:
-        cls = _fused_class(original)
+    if key == _FUSED or key.startswith(_FUSED + ":"):
+        # "fused": a Llama-family decoder layer as normfuse 0.2 pickled it
+        names = key.partition(":")[2].split(",") if ":" in key else ["post_attention_layernorm"]
+        cls = _rewritten_class(original, frozenset(names))
     elif key in (_FUSED_OUTPUT, _FUSED_OUTPUT_DROPOUT):
         cls = _fused_output_class(original, key == _FUSED_OUTPUT_DROPOUT)
     else:
@@ -317,51 +323,20 @@ def patch(
     return report
 
 
-def _fused_layer_forward(self, hidden_states, *args, **kwargs):
-    """The Llama-family decoder layer with ``residual + h`` and the post-attention norm fused."""
-    # The layer's own arguments, as ``inspect.Signature.bind`` would give them, from names and
-    # defaults read once per class: Dynamo in torch 2.5 cannot trace a Signature, so a
-    # compiled or exported model (torch.export, ONNX) broke at every fused layer there.
-    names = self._normfuse_arg_names
-    if len(args) > len(names):
-        raise TypeError(f"forward() takes {len(names) + 2} positional arguments but {len(args) + 2} were given")
-    arguments = dict(zip(names, args))
-    for name, value in kwargs.items():
-        if name in arguments or name == "hidden_states":
-            raise TypeError(f"forward() got multiple values for argument '{name}'")
-        if not self._normfuse_var_keyword and name not in self._normfuse_known:
-            raise TypeError(f"forward() got an unexpected keyword argument '{name}'")
-        arguments[name] = value
-    for name, default in self._normfuse_defaults:
-        arguments.setdefault(name, default)
-    missing = [name for name in names if name not in arguments]
-    if missing:
-        raise TypeError(f"forward() missing required argument(s): {', '.join(missing)}")
-    if self._normfuse_drops_var_keyword:
-        arguments = {name: arguments[name] for name in self._normfuse_known if name in arguments}
-    residual = hidden_states
-    hidden_states = self.input_layernorm(hidden_states)
-    attended = self.self_attn(hidden_states=hidden_states, **arguments)
-    form = self._normfuse_layer_form
-    if form == "hidden states":
-        hidden_states, _ = attended
-    elif form == "outputs":
-        hidden_states, attention_weights = attended
-    else:
-        hidden_states, attention_weights, cache = attended
-    norm = self.post_attention_layernorm
-    formula = type(norm)._normfuse_formula
-    hidden_states, residual = formula.add_forward(norm, hidden_states, residual, formula.eps(norm))
-    hidden_states = residual + self.mlp(hidden_states)
-    if form == "hidden states":
-        return hidden_states
-    # transformers 4 before 4.54: a tuple, as the layer's own tail builds it
-    outputs = (hidden_states,)
-    if arguments["output_attentions"]:
-        outputs += (attention_weights,)
-    if form == "outputs and cache" and arguments["use_cache"]:
-        outputs += (cache,)
-    return outputs
+def _add_norm(self, name: str, a, b):
+    """``(N(a + b), a + b)`` for the norm ``N = self.<name>``: what the statements a rewritten
+    forward replaced compute (``rewrite``), fused where N's patched formula offers the add and the
+    operands allow it (tensors of one dtype, shape and device), unfused otherwise."""
+    norm = getattr(self, name)
+    formula = _fusable_formula(norm)
+    if (
+        formula is None or norm._forward_hooks or norm._forward_pre_hooks or "forward" in norm.__dict__
+        or not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor))
+        or a.dtype != b.dtype or a.shape != b.shape or a.device != b.device
+    ):  # fmt: skip
+        h = a + b  # hooks to run, a forward replaced on the instance, or what the kernels do not add
+        return norm(h), h
+    return formula.add_forward(norm, a, b, formula.eps(norm))
 
 
 def _fused_output_forward(self, hidden_states, input_tensor):
@@ -401,31 +376,61 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport, fuse_dropout: b
                 continue
             # an output block fused by an earlier call without fuse_dropout: its dropout joins now
             cls, upgrade = cls._normfuse_original_class, True
-        what = "residual add"
-        if prenorm_layer_form(cls) is not None:
-            norm, make = getattr(module, "post_attention_layernorm", None), functools.partial(_fused_class, cls)
-        elif is_postnorm_output(cls):
-            norm = getattr(module, "LayerNorm", None)
+        adds = 1
+        if is_postnorm_output(cls):
+            norms = {"LayerNorm": getattr(module, "LayerNorm", None)}
             # the dropout joins the kernel where it is torch's own and the norm is torch's (whose
             # functional form takes a dropout); otherwise it stays as it is
             torch_dropout = type(getattr(module, "dropout", None)) is torch.nn.Dropout
-            with_dropout = fuse_dropout and torch_dropout and isinstance(norm, (modules.LayerNorm, modules.RMSNorm))
+            with_dropout = fuse_dropout and torch_dropout and isinstance(norms["LayerNorm"], (modules.LayerNorm, modules.RMSNorm))
             make = functools.partial(_fused_output_class, cls, with_dropout)
-            what = "dropout + residual add" if with_dropout else what
+            what = "dropout + residual add" if with_dropout else "residual add"
             if upgrade and not with_dropout:
                 continue  # a dropout that is not torch's stays out, as in a single call
         else:
-            continue
-        formula = _fusable_formula(norm)
-        if formula is None:
+            names = _add_norm_names(cls)
+            # the modules the adds go into that are norms (a triple may end in self.mlp(...))
+            norms = {name: norm for name in dict.fromkeys(names) if _is_norm(norm := getattr(module, name, None))}
+            fusable = frozenset(name for name, norm in norms.items() if _fusable_formula(norm) is not None)
+            if not norms:
+                continue
+            adds = len(fusable)  # the norms an add joins (a branch may repeat one in the code)
+            make = functools.partial(_rewritten_class, cls, fusable)
+            what = "residual add" if adds == 1 else f"{adds} residual adds"
+        formulas = [formula.name for norm in norms.values() if (formula := _fusable_formula(norm)) is not None]
+        if not formulas:
             report.skipped.append(SkippedNorm(path, cls.__qualname__, "residual add not fused: its norm is not patched with a fusable formula"))
             continue
         bound = _bound_forwards(module)
         if bound is None:
             report.skipped.append(SkippedNorm(path, cls.__qualname__, f"residual add not fused: {_FORWARD_REPLACED}"))
             continue
-        _swap_class(module, make(), bound)
-        report.patched.append(PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", f"fused {what} + {formula.name}"))
+        fused = make()
+        if fused is None:
+            report.skipped.append(SkippedNorm(path, cls.__qualname__, f"residual add not fused: {_NOT_REWRITTEN}"))
+            continue
+        _swap_class(module, fused, bound)
+        formula_names = " / ".join(dict.fromkeys(formulas))
+        report.patched.append(
+            PatchedNorm(path, f"{cls.__module__}.{cls.__qualname__}", f"fused {what} + {formula_names}", fused_adds=adds)
+        )
+
+
+_NOT_REWRITTEN = (
+    "its forward could not be compiled again with the add fused (no source, a closure, or a "
+    "decorator whose wrapper normfuse cannot rebuild)"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _add_norm_names(cls: type) -> tuple[str, ...]:
+    return rewrite.add_norm_names(cls.forward) if isinstance(getattr(cls, "forward", None), types.FunctionType) else ()
+
+
+def _is_norm(module: object) -> bool:
+    return isinstance(module, torch.nn.Module) and (
+        _fusable_formula(module) is not None or _torch_formula(module) is not None or _looks_like_norm(module)
+    )
 
 
 def _fused_output_class(cls: type, with_dropout: bool = False) -> type:
@@ -441,26 +446,22 @@ def _fused_output_class(cls: type, with_dropout: bool = False) -> type:
     return fused
 
 
-def _fused_class(cls: type) -> type:
-    """The generated subclass of a Llama-family decoder layer whose forward fuses its residual add."""
-    key = (cls, _FUSED)
-    fused = _generated.get(key)
-    if fused is None:
-        parameters = list(inspect.signature(cls.forward).parameters.values())[2:]  # after self, hidden_states
-        named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        fused = type(f"NormfuseFused{cls.__name__}", (cls,), {
-            **_generated_namespace(cls, _FUSED),
-            "_normfuse_arg_names": tuple(p.name for p in named if p.kind is p.POSITIONAL_OR_KEYWORD),
-            # tuples: Dynamo in torch 2.5 reads no dict or set from a class either
-            "_normfuse_known": tuple(p.name for p in named),
-            "_normfuse_defaults": tuple((p.name, p.default) for p in named if p.default is not p.empty),
-            "_normfuse_var_keyword": any(p.kind is p.VAR_KEYWORD for p in parameters),
-            "_normfuse_layer_form": prenorm_layer_form(cls),
-            "_normfuse_drops_var_keyword": attention_drops_var_keyword(cls),
-            "forward": _fused_layer_forward,
-        })  # fmt: skip
-        _generated[key] = fused
-    return fused
+def _rewritten_class(cls: type, names: frozenset[str]) -> type | None:
+    """The generated subclass of a block whose forward has the residual adds before its norms
+    ``names`` fused (``rewrite.fused_forward``); None where its forward cannot be rewritten."""
+    key = (cls, _fused_key(names))
+    if key not in _generated:
+        owner = next(klass for klass in cls.__mro__ if "forward" in vars(klass))
+        forward = rewrite.fused_forward(cls.forward, names, owner)
+        _generated[key] = None if forward is None else type(
+            f"NormfuseFused{cls.__name__}", (cls,),
+            {**_generated_namespace(cls, key[1]), "forward": forward, rewrite.FUSED_METHOD: _add_norm},
+        )  # fmt: skip
+    return _generated[key]
+
+
+def _fused_key(names: frozenset[str]) -> str:
+    return _FUSED + ":" + ",".join(sorted(names))
 
 
 def _swap(module: torch.nn.Module, patched: type, bound: list[str]) -> None:

@@ -100,6 +100,14 @@ def _gemma4(module, x, eps):
     return functional.rms_norm(x, shape, weight, eps)
 
 
+def _f32_rms_add(module, x, residual, eps):
+    # OLMo-2's, Gemma 4's and Moshi's formula is torch's rms_norm (float32 statistics and product,
+    # one rounding): its fused add is add_rms_norm's, the sum in the residual stream's dtype
+    weight = _scale(module)
+    shape = _n(module) if weight is not None else (x.shape[-1],)
+    return functional.add_rms_norm(x, residual, shape, weight, eps)
+
+
 def _moshi(module, x, eps):
     return functional.rms_norm(x, _n(module), module.weight, eps)
 
@@ -228,6 +236,7 @@ HF_FORMULAS = (
             Body((*_F32_RMS, "return(self.weight*hidden_states).to(input_dtype)")),
             Body((*_F32_RMS, "return(self.weight.to(torch.float32)*hidden_states).to(input_dtype)")),
         ),
+        _f32_rms_add,
     ),
     Formula(
         "gemma4", "Gemma 3n and 4: (f32(x) * r * f32(w)).to(x.dtype), no weight where with_scale=False",
@@ -250,6 +259,7 @@ HF_FORMULAS = (
                 "eps",
             ),
         ),
+        _f32_rms_add,
     ),
     Formula(
         "moshi", "Moshi, Kyutai STT, Ergo: (f32(x) * r * f32(w)).to(x.dtype)", "eps", _moshi,
@@ -262,6 +272,7 @@ HF_FORMULAS = (
                 "returnoutput.to(hidden_states.dtype)",
             )),  # fmt: skip
         ),
+        _f32_rms_add,
     ),
     Formula(
         "weightless", "Llama 4's QK norm, FalconMamba's, Inkling 2's: (f32(x) * r).to(x.dtype), no weight",
@@ -495,57 +506,6 @@ def _outcome(function: Callable[..., Tensor], *args) -> tuple[Tensor | None, Exc
         return None, error
 
 
-# A pre-norm decoder layer whose residual add and following norm can be fused exactly: the
-# Llama layer, copied verbatim by Mistral, Qwen2/3, Gemma and others. The attention call must
-# pass every parameter of the layer's forward on under its own name (checked below).
-PRENORM_LAYER_BODY = (
-    "residual=hidden_states",
-    "hidden_states=self.input_layernorm(hidden_states)",
-    None,  # <targets>=self.self_attn(hidden_states=hidden_states,<name>=<name>,...,**kwargs)
-    "hidden_states=residual+hidden_states",
-    "residual=hidden_states",
-    "hidden_states=self.post_attention_layernorm(hidden_states)",
-    "hidden_states=self.mlp(hidden_states)",
-    "hidden_states=residual+hidden_states",
-)
-_OUTPUTS = ("outputs=(hidden_states,)", "ifoutput_attentions:", "outputs+=(self_attn_weights,)")
-# How the layer's transformers release takes the attention's outputs and what it returns, by name:
-# (the attention call's targets, the statements after the body above).
-PRENORM_LAYER_FORMS = {
-    # transformers 4.54 and later: the hidden states alone
-    "hidden states": ("hidden_states,_", ("returnhidden_states",)),
-    # 4.48 to 4.53: a tuple, with the attention weights where output_attentions is set
-    "outputs": ("hidden_states,self_attn_weights", (*_OUTPUTS, "returnoutputs")),
-    # up to 4.47: the same, and the attention's cache where use_cache is set
-    "outputs and cache": (
-        "hidden_states,self_attn_weights,present_key_value",
-        (*_OUTPUTS, "ifuse_cache:", "outputs+=(present_key_value,)", "returnoutputs"),
-    ),
-}
-
-
-def prenorm_layer_form(cls: type) -> str | None:
-    """Which of ``PRENORM_LAYER_FORMS`` ``cls.forward`` is (the pre-norm decoder layer above, with
-    the attention's arguments passed through); None if it is none of them."""
-    body = body_statements(cls.forward)
-    head = len(PRENORM_LAYER_BODY)
-    if body is None or len(body) <= head:
-        return None
-    if any(want is not None and got != want for got, want in zip(body, PRENORM_LAYER_BODY)):
-        return None
-    parameters = list(inspect.signature(cls.forward).parameters.values())[2:]  # after self, hidden_states
-    passed = [f"**{p.name}" if p.kind is inspect.Parameter.VAR_KEYWORD else f"{p.name}={p.name}" for p in parameters]
-    # every parameter passed on under its own name; the **kwargs may stay behind (transformers
-    # 4.45's Qwen2 layer takes them and drops them: ``attention_drops_var_keyword``)
-    calls = [",".join(passed)] + ([",".join(passed[:-1])] if passed and passed[-1].startswith("**") else [])
-    for form, (targets, tail) in PRENORM_LAYER_FORMS.items():
-        if parameters and body[head:] == tail and any(
-            body[2] == f"{targets}=self.self_attn(hidden_states=hidden_states,{call})" for call in calls
-        ):
-            return form
-    return None
-
-
 # A post-norm output block whose residual add and norm can be fused exactly: BERT's self-output
 # and output (dense, dropout, the norm of the residual sum), copied verbatim by RoBERTa, ELECTRA,
 # XLM-R and some 80 classes more, with ``forward(self, hidden_states, input_tensor)``.
@@ -566,9 +526,3 @@ def is_postnorm_output(cls: type) -> bool:
         (name, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty)
         for name in ("self", "hidden_states", "input_tensor")
     ]
-
-
-def attention_drops_var_keyword(cls: type) -> bool:
-    """Whether a ``prenorm_layer_form`` layer takes ``**kwargs`` but does not pass them on."""
-    parameters = inspect.signature(cls.forward).parameters.values()
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters) and "**" not in body_statements(cls.forward)[2]

@@ -1,0 +1,288 @@
+"""A block's ``forward`` with its pre-norm residual adds fused into the norms that follow them.
+
+Pre-norm transformer blocks (Llama's decoder layer, GPT-2's block, CLIP's and ViT's encoder
+layers, Whisper's, BART's, ... some 250 classes in transformers 5) all write the step before
+their second norm the same way, whatever else their forward does::
+
+    hidden_states = residual + hidden_states      # T = A + B
+    residual = hidden_states                      # R = T
+    hidden_states = self.post_attention_layernorm(hidden_states)   # T = self.N(T)
+
+Rather than match each class's whole forward (their attention calls, caches and outputs differ
+by class and by transformers release), ``fused_forward`` rewrites those three statements, and
+nothing else, in the syntax tree of the class's own source into one::
+
+    hidden_states, residual = self._normfuse_add_norm("post_attention_layernorm", residual, hidden_states)
+
+and compiles it again with the class's globals, defaults and decorators' wrappers: the rest of
+the forward is the class's own code. ``A`` and ``B`` are evaluated in the same order as before;
+the method (``patch``'s) computes ``(N(A + B), A + B)`` fused where the operands allow (the same
+dtype and shape; the floating-point add commutes, so the fused ``B + A`` is the same sum) and
+unfused otherwise. This module only transforms code; what the method does is ``patch``'s.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import inspect
+import textwrap
+import types
+from collections.abc import Callable
+
+FUSED_METHOD = "_normfuse_add_norm"
+
+
+def _add_then_norm(statements: list[ast.stmt], i: int, self_name: str) -> tuple[str, str, str] | None:
+    """(T, R, N) where ``statements[i:i + 3]`` is ``T = A + B; R = T; T = self.N(T)``."""
+    if i + 3 > len(statements):
+        return None
+    add, keep, norm = statements[i : i + 3]
+    if not all(isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name) for s in (add, keep, norm)):
+        return None
+    target = add.targets[0].id
+    if not (isinstance(add.value, ast.BinOp) and isinstance(add.value.op, ast.Add)):
+        return None
+    if not (isinstance(keep.value, ast.Name) and keep.value.id == target and keep.targets[0].id != target):
+        return None
+    call = norm.value
+    if not (
+        norm.targets[0].id == target and isinstance(call, ast.Call) and not call.keywords
+        and len(call.args) == 1 and isinstance(call.args[0], ast.Name) and call.args[0].id == target
+        and isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name)
+        and call.func.value.id == self_name
+    ):  # fmt: skip
+        return None
+    return target, keep.targets[0].id, call.func.attr
+
+
+class _Fuse(ast.NodeTransformer):
+    """Replaces, in every statement list, the add-then-norm triples whose norm is in ``names``
+    (None: every one); ``fused`` lists the norms' names, in order."""
+
+    def __init__(self, self_name: str, names: frozenset[str] | None):
+        self.self_name, self.names, self.fused = self_name, names, []
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        super().generic_visit(node)
+        for field in ("body", "orelse", "finalbody"):
+            statements = getattr(node, field, None)
+            if isinstance(statements, list) and statements and isinstance(statements[0], ast.stmt):
+                setattr(node, field, self._fuse(statements))
+        return node
+
+    def _fuse(self, statements: list[ast.stmt]) -> list[ast.stmt]:
+        out, i = [], 0
+        while i < len(statements):
+            sunk = _sink_into_branch(statements, i, self.self_name, self.names)
+            if sunk is not None:
+                moved, branch, consumed = sunk
+                branch.body, branch.orelse = self._fuse(branch.body), self._fuse(branch.orelse)
+                out += [*moved, branch]
+                i += consumed
+                continue
+            found = _add_then_norm(statements, i, self.self_name)
+            if found is None or not _wanted(found[2], self.names):
+                out.append(statements[i])
+                i += 1
+                continue
+            target, residual, name = found
+            add = statements[i].value
+            call = ast.Call(
+                func=ast.Attribute(value=ast.Name(self.self_name, ast.Load()), attr=FUSED_METHOD, ctx=ast.Load()),
+                args=[ast.Constant(name), add.left, add.right], keywords=[],
+            )  # fmt: skip
+            targets = ast.Tuple([ast.Name(target, ast.Store()), ast.Name(residual, ast.Store())], ast.Store())
+            out.append(ast.copy_location(ast.Assign(targets=[targets], value=call), statements[i]))
+            self.fused.append(name)
+            i += 3
+        return out
+
+
+def _sink_into_branch(
+    statements: list[ast.stmt], i: int, self_name: str, names: frozenset[str] | None
+) -> tuple[list[ast.stmt], ast.If, int] | None:
+    """Decoder layers with an optional cross-attention (GPT-2's block, Whisper's, BART's) put an
+    ``if`` between the add and the norm::
+
+        T = A + B
+        if encoder_hidden_states is not None:
+            ...                          # its own norm, attention and add
+        R = T
+        T = self.N(T)
+
+    The add and the two statements after the ``if`` go into both of its branches, where each is
+    an add-then-norm::
+
+        if encoder_hidden_states is not None:
+            T = A + B
+            ...
+            R = T
+            T = self.N(T)
+        else:
+            T = A + B
+            R = T
+            T = self.N(T)
+
+    Only the test now runs before the add: it must read neither T nor anything with side effects
+    (names, ``self``'s attributes, ``is`` / ``is not``, ``not``, ``and`` / ``or``). Assignments of
+    constants between the add and the ``if`` (``cross_attn_weights = None``) move before the add
+    where the add does not read their names. Returns (the moved statements, the new ``if``, how many
+    statements they replace); None where the statements are not of that shape."""
+    add = statements[i]
+    if not (
+        isinstance(add, ast.Assign) and len(add.targets) == 1 and isinstance(add.targets[0], ast.Name)
+        and isinstance(add.value, ast.BinOp) and isinstance(add.value.op, ast.Add)
+    ):  # fmt: skip
+        return None
+    target = add.targets[0].id
+    read = {node.id for node in ast.walk(add.value) if isinstance(node, ast.Name)}
+    k = i + 1
+    while k < len(statements) and _constant_assignment(statements[k], {target} | read):
+        k += 1
+    if k + 3 > len(statements):
+        return None
+    branch = statements[k]
+    if not (isinstance(branch, ast.If) and not branch.orelse and _side_effect_free(branch.test, target)):
+        return None
+    tail = statements[k + 1 : k + 3]
+    found = _add_then_norm([add, *tail], 0, self_name)
+    if found is None or not _wanted(found[2], names):
+        return None
+    sunk = ast.If(test=branch.test, body=[add, *branch.body, *tail], orelse=copy.deepcopy([add, *tail]))
+    return statements[i + 1 : k], ast.copy_location(sunk, branch), k + 3 - i
+
+
+def _wanted(name: str, names: frozenset[str] | None) -> bool:
+    return names is None or name in names
+
+
+def _constant_assignment(statement: ast.stmt, avoid: set[str]) -> bool:
+    return (
+        isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name)
+        and statement.targets[0].id not in avoid and isinstance(statement.value, ast.Constant)
+    )  # fmt: skip
+
+
+def _side_effect_free(test: ast.expr, target: str) -> bool:
+    for node in ast.walk(test):
+        if isinstance(node, ast.Name):
+            if node.id == target:
+                return False
+        elif isinstance(node, ast.Attribute):
+            if not isinstance(node.value, ast.Name):
+                return False
+        elif isinstance(node, ast.Compare):
+            if not all(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+                return False
+        elif isinstance(node, ast.UnaryOp):
+            if not isinstance(node.op, ast.Not):
+                return False
+        elif not isinstance(node, (ast.Constant, ast.BoolOp, ast.expr_context, ast.boolop, ast.cmpop, ast.unaryop)):
+            return False
+    return True
+
+
+def _function_tree(function: Callable) -> tuple[ast.FunctionDef, str, int] | None:
+    """The function's definition as parsed from its source, its file and first line."""
+    try:
+        lines, first = inspect.getsourcelines(function)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+        filename = inspect.getsourcefile(function) or "<unknown>"
+    except (OSError, TypeError, SyntaxError):
+        return None
+    node = tree.body[0] if tree.body else None
+    if not isinstance(node, ast.FunctionDef) or node.name != function.__name__:
+        return None
+    ast.increment_lineno(tree, first - 1)
+    return node, filename, first
+
+
+def add_norm_names(forward: Callable) -> tuple[str, ...]:
+    """The attribute names N of the norms that follow a residual add in ``forward``'s statements
+    (``T = A + B; R = T; T = self.N(T)``, also across an optional branch), in order; empty where
+    there are none or no source."""
+    found = _function_tree(inspect.unwrap(forward))
+    if found is None or not found[0].args.args:
+        return ()
+    fuse = _Fuse(found[0].args.args[0].arg, None)
+    fuse.visit(found[0])
+    return tuple(fuse.fused)
+
+
+def fused_forward(forward: Callable, names: frozenset[str], owner: type) -> Callable | None:
+    """``forward`` (a class's, with its decorators) compiled again with the add-then-norm triples
+    of the norms ``names`` fused (the module docstring); None where that cannot be done exactly:
+    no source, a closure over anything but ``super()``'s class cell, or a decorator's wrapper that
+    is not a plain function holding the function it wraps. ``owner`` is the class defining
+    ``forward`` (the cell a zero-argument ``super()`` reads)."""
+    chain = [forward]
+    while hasattr(chain[-1], "__wrapped__"):
+        chain.append(chain[-1].__wrapped__)
+    raw = chain[-1]
+    if not isinstance(raw, types.FunctionType) or set(raw.__code__.co_freevars) - {"__class__"}:
+        return None
+    found = _function_tree(raw)
+    if found is None or not found[0].args.args:
+        return None
+    node, filename, _ = found
+    fuse = _Fuse(node.args.args[0].arg, names)
+    fuse.visit(node)
+    if not fuse.fused:
+        return None
+    node.decorator_list = []  # the decorators' wrappers are rebuilt around it below, not re-run
+    node.returns = None
+    # annotations and defaults are the original function's objects, set below: evaluated again
+    # here they might name what the class body had in scope and the module has not
+    for argument in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs, node.args.vararg, node.args.kwarg):
+        if argument is not None:
+            argument.annotation = None
+    node.args.defaults = [ast.Constant(None) for _ in node.args.defaults]
+    node.args.kw_defaults = [None if d is None else ast.Constant(None) for d in node.args.kw_defaults]
+    # a factory binding ``__class__``, so that ``super()`` inside resolves as in the class body
+    factory = ast.FunctionDef(
+        name="_normfuse_factory", args=ast.arguments(posonlyargs=[], args=[ast.arg("__class__")], kwonlyargs=[],
+        kw_defaults=[], defaults=[]), body=[node, ast.Return(ast.Name(node.name, ast.Load()))], decorator_list=[],
+        **({"type_params": []} if "type_params" in ast.FunctionDef._fields else {}),
+    )  # fmt: skip
+    module = ast.fix_missing_locations(ast.Module(body=[factory], type_ignores=[]))
+    namespace: dict = {}
+    exec(compile(module, filename, "exec"), raw.__globals__, namespace)  # noqa: S102 (the class's own code, rewritten)
+    function = namespace["_normfuse_factory"](owner)
+    function.__defaults__, function.__kwdefaults__ = raw.__defaults__, raw.__kwdefaults__
+    function.__annotations__ = dict(raw.__annotations__)
+    for attribute in ("__module__", "__qualname__", "__doc__"):
+        setattr(function, attribute, getattr(raw, attribute))
+    function.__dict__.update(raw.__dict__)
+    # the decorators' wrappers, innermost first, each copied to call the new function instead
+    for wrapper, inner in zip(reversed(chain[:-1]), reversed(chain[1:])):
+        function = _rewrap(wrapper, inner, function)
+        if function is None:
+            return None
+    return function
+
+
+def _rewrap(wrapper: Callable, old: Callable, new: Callable) -> Callable | None:
+    """A copy of the decorator's ``wrapper`` whose closure holds ``new`` where it held ``old``."""
+    if not isinstance(wrapper, types.FunctionType) or not wrapper.__closure__:
+        return None
+    cells, replaced = [], False
+    for cell in wrapper.__closure__:
+        try:
+            held = cell.cell_contents
+        except ValueError:  # an empty cell
+            held = None
+        if held is old:
+            cells.append(types.CellType(new))
+            replaced = True
+        else:
+            cells.append(cell)
+    if not replaced:
+        return None
+    copied = types.FunctionType(wrapper.__code__, wrapper.__globals__, wrapper.__name__, wrapper.__defaults__, tuple(cells))
+    copied.__kwdefaults__ = wrapper.__kwdefaults__
+    copied.__dict__.update(wrapper.__dict__)
+    for attribute in ("__module__", "__qualname__", "__doc__", "__annotations__"):
+        setattr(copied, attribute, getattr(wrapper, attribute))
+    copied.__wrapped__ = new
+    return copied
