@@ -1,0 +1,390 @@
+"""``patch(model, fuse_residual=True)`` on pre-norm blocks: their forward compiled again with the
+add-then-norm statements fused (``normfuse.patch.rewrite``), checked on blocks written here (the
+rewrite's cases: decorators, ``super()``, defaults, an optional branch, what must stay unfused)
+and on tiny Hugging Face models of the families it reaches."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import io
+import pickle
+
+import pytest
+import torch
+
+import normfuse
+from normfuse import functional
+from normfuse.patch import rewrite
+from tests._helpers import norm_err
+
+WIDTH = 16
+SCALE = 0.5
+
+
+def _counted(forward):
+    """A decorator with a wrapper of its own (as transformers' ``deprecate_kwarg``)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        self.calls += 1
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+class _Base(torch.nn.Module):
+    def mix(self, h):
+        return torch.tanh(h)
+
+
+class _Block(_Base):
+    """A pre-norm block: decorated, with ``super()``, a default from the module, an annotation."""
+
+    def __init__(self, norm=torch.nn.LayerNorm):
+        super().__init__()
+        self.norm1, self.norm2 = norm(WIDTH), norm(WIDTH)
+        self.attn, self.mlp = torch.nn.Linear(WIDTH, WIDTH), torch.nn.Linear(WIDTH, WIDTH)
+        self.calls = 0
+
+    @_counted
+    def forward(self, hidden_states: torch.Tensor, scale: float = SCALE) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.norm1(hidden_states)
+        hidden_states = super().mix(self.attn(hidden_states)) * scale
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.norm2(hidden_states)
+        return residual + self.mlp(hidden_states)
+
+
+class _CrossBlock(torch.nn.Module):
+    """GPT-2's and Whisper's decoder layer: an optional cross-attention between the add and the norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm_cross, self.norm2 = (torch.nn.LayerNorm(WIDTH) for _ in range(3))
+        self.attn, self.cross, self.mlp = (torch.nn.Linear(WIDTH, WIDTH) for _ in range(3))
+
+    def forward(self, hidden_states, context=None):
+        residual = hidden_states
+        hidden_states = self.attn(self.norm1(hidden_states))
+        hidden_states = hidden_states + residual
+        weights = None
+        if context is not None:
+            residual = hidden_states
+            hidden_states = self.norm_cross(hidden_states)
+            hidden_states = self.cross(hidden_states) * context
+            hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.norm2(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return hidden_states + residual, weights
+
+
+class _ReadsTheSumInItsTest(_CrossBlock):
+    def forward(self, hidden_states, context=None):
+        hidden_states = hidden_states + self.attn(hidden_states)
+        if hidden_states is not None:
+            hidden_states = hidden_states * 2
+        residual = hidden_states
+        hidden_states = self.norm2(hidden_states)
+        return hidden_states + residual
+
+
+class _CallsInItsTest(_CrossBlock):
+    def forward(self, hidden_states, context=None):
+        hidden_states = hidden_states + self.attn(hidden_states)
+        if self.training_flag():
+            hidden_states = hidden_states * 2
+        residual = hidden_states
+        hidden_states = self.norm2(hidden_states)
+        return hidden_states + residual
+
+    def training_flag(self):
+        return False
+
+
+class _ScaledBeforeTheLast(_CrossBlock):
+    def forward(self, hidden_states, context=None):
+        hidden_states = hidden_states * 2
+        residual = hidden_states
+        hidden_states = self.norm2(hidden_states)  # no add before: nothing to fuse
+        return hidden_states + residual
+
+
+def _spy(monkeypatch):
+    calls = []
+    fused = functional.add_layer_norm
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "add_layer_norm", counting)
+    return calls
+
+
+def _with_weights(module):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            parameter.normal_(1.0 if name.endswith("weight") and "norm" in name else 0.0, 0.3)
+    return module
+
+
+def test_the_rewritten_forward_fuses_the_add_and_keeps_the_rest_of_the_class_s_code(monkeypatch):
+    block = _with_weights(_Block())
+    unfused, original = copy.deepcopy(block), copy.deepcopy(block)
+    normfuse.patch(unfused)
+    report = normfuse.patch(block, fuse_residual=True)
+    assert [e.formula for e in report.patched] == ["torch LayerNorm"] * 2 + ["fused residual add + torch LayerNorm"]
+    assert "2 norm(s) patched, 0 left alone, 1 residual add(s) fused" in str(report)
+    assert type(block).__name__ == "NormfuseFused_Block" and isinstance(block, _Block)
+    calls = _spy(monkeypatch)
+    x = torch.randn(3, 5, WIDTH)
+    for args in ((x,), (x, 2.0)):  # the default (a module constant) and a value
+        got, same, want = block(*args), unfused(*args), original(*args)
+        assert torch.equal(got, same)  # bit for bit: the add commutes, the norm is the same kernel
+        torch.testing.assert_close(got, want)
+    assert len(calls) == 2  # the add went through the fused op, once a call
+    assert block.calls == 2  # the decorator's wrapper, rebuilt around the new forward, still runs
+    assert type(block).forward.__wrapped__.__qualname__ == "_Block.forward"
+    x_ = x.clone().requires_grad_()
+    grads = [torch.autograd.grad(m(x_).square().sum(), [x_, *m.parameters()]) for m in (block, unfused)]
+    for g, r in zip(*grads):  # the backward adds the residual's gradient inside the kernel: in its order
+        assert norm_err(g, r) <= 1e-6
+    assert normfuse.unpatch(block) == 3 and type(block) is _Block
+
+
+def test_rms_norm_blocks_fuse_through_add_rms_norm():
+    block = _with_weights(_Block(torch.nn.RMSNorm))
+    unfused = copy.deepcopy(block)
+    normfuse.patch(unfused)
+    report = normfuse.patch(block, fuse_residual=True)
+    assert report.patched[-1].formula == "fused residual add + torch RMSNorm"
+    x = torch.randn(4, WIDTH, dtype=torch.float32)
+    assert torch.equal(block(x), unfused(x))
+
+
+def test_an_optional_branch_between_the_add_and_the_norm_is_fused_in_both_ways(monkeypatch):
+    block = _with_weights(_CrossBlock())
+    unfused, original = copy.deepcopy(block), copy.deepcopy(block)
+    normfuse.patch(unfused)
+    report = normfuse.patch(block, fuse_residual=True)
+    assert report.patched[-1].formula == "fused 2 residual adds + torch LayerNorm", str(report)
+    assert rewrite.add_norm_names(_CrossBlock.forward) == ("norm_cross", "norm2", "norm2")
+    calls = _spy(monkeypatch)
+    x, context = torch.randn(2, 3, WIDTH), torch.rand(2, 3, 1)
+    for args, fused in (((x,), 1), ((x, context), 2)):
+        calls.clear()
+        (got, weights), (same, _), (want, _) = block(*args), unfused(*args), original(*args)
+        assert len(calls) == fused and weights is None  # the constant assignment moved before the add
+        assert torch.equal(got, same)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("cls", [_ReadsTheSumInItsTest, _CallsInItsTest, _ScaledBeforeTheLast])
+def test_a_branch_whose_test_reads_the_sum_or_calls_anything_is_not_reordered(cls):
+    assert rewrite.add_norm_names(cls.forward) == ()
+    block = _with_weights(cls())
+    report = normfuse.patch(block, fuse_residual=True)
+    assert type(block) is cls and not any(e.fused_adds for e in report.patched) and not report.skipped
+
+
+class _Mixed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(WIDTH)
+
+    def forward(self, hidden_states, extra):
+        hidden_states = hidden_states + extra
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states)
+        return hidden_states, residual
+
+
+@pytest.mark.parametrize(
+    "extra", [torch.randn(1, WIDTH), torch.randn(3, WIDTH, dtype=torch.bfloat16), 0.5], ids=["broadcast", "bf16", "float"]
+)
+def test_what_the_kernels_do_not_add_is_added_by_torch_as_before(extra, monkeypatch):
+    block = _with_weights(_Mixed())
+    unfused = copy.deepcopy(block)
+    normfuse.patch(unfused)
+    assert normfuse.patch(block, fuse_residual=True).patched[-1].fused_adds == 1
+    calls = _spy(monkeypatch)
+    x = torch.randn(3, WIDTH)
+    (out, residual), (same, same_residual) = block(x, extra), unfused(x, extra)
+    assert torch.equal(out, same) and torch.equal(residual, same_residual) and residual.dtype == same_residual.dtype
+    assert not calls
+
+
+def test_the_norm_s_hooks_run_as_before(monkeypatch):
+    block = _with_weights(_Block())
+    unfused = copy.deepcopy(block)
+    normfuse.patch(unfused)
+    normfuse.patch(block, fuse_residual=True)
+    seen = []
+    block.norm2.register_forward_hook(lambda module, args, out: seen.append(out))
+    calls = _spy(monkeypatch)
+    x = torch.randn(2, WIDTH)
+    assert torch.equal(block(x), unfused(x))
+    assert len(seen) == 1 and not calls  # the hook saw the norm's output: that call went unfused
+
+
+def test_a_forward_with_a_closure_is_left_alone_and_reported():
+    offset = 0.25
+
+    class Closure(_Block):
+        def forward(self, hidden_states):
+            residual = hidden_states
+            hidden_states = residual + self.attn(hidden_states) + offset
+            residual = hidden_states
+            hidden_states = self.norm2(hidden_states)
+            return residual + hidden_states
+
+    block = _with_weights(Closure())
+    reference = copy.deepcopy(block)
+    report = normfuse.patch(block, fuse_residual=True)
+    assert len(report.skipped) == 1 and "could not be compiled again" in report.skipped[0].reason
+    assert type(block).__name__ == "Closure"
+    x = torch.randn(2, WIDTH)
+    torch.testing.assert_close(block(x), reference(x))
+
+
+def test_a_fused_block_pickles_copies_and_compiles():
+    block = _with_weights(_CrossBlock())
+    normfuse.patch(block, fuse_residual=True)
+    x, context = torch.randn(2, 3, WIDTH), torch.rand(2, 3, 1)
+    want = block(x, context)[0]
+    for copied in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
+        assert type(copied) is type(block) and torch.equal(copied(x, context)[0], want)
+    buffer = io.BytesIO()
+    torch.save(block, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x, context)[0], want)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, context)[0], want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled(x)[0], block(x)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_a_pickle_of_normfuse_0_2_s_fused_llama_layer_loads():
+    """normfuse 0.2 keyed a fused decoder layer "fused" (its post-attention norm implied)."""
+    patch_module = importlib.import_module("normfuse.patch")  # (normfuse.patch is the function)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input_layernorm, self.post_attention_layernorm = torch.nn.RMSNorm(WIDTH), torch.nn.RMSNorm(WIDTH)
+            self.mlp = torch.nn.Linear(WIDTH, WIDTH)
+
+        def forward(self, hidden_states):
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+            hidden_states = residual + hidden_states
+            residual = hidden_states
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            return residual + self.mlp(hidden_states)
+
+    rebuilt = patch_module._rebuild(Layer, "fused")
+    assert type(rebuilt).__name__ == "NormfuseFusedLayer" and type(rebuilt)._normfuse_key == "fused:post_attention_layernorm"
+
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install normfuse[hf])")
+
+
+def _gpt2_cross():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=61, bos_token_id=0, eos_token_id=0, add_cross_attention=True
+    ))  # fmt: skip
+
+
+def _clip():
+    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=61,
+        max_position_embeddings=32,
+    ))  # fmt: skip
+
+
+def _vit():
+    return transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=8,
+    ), add_pooling_layer=False)  # fmt: skip
+
+
+def _whisper():
+    return transformers.WhisperModel(transformers.WhisperConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16, max_target_positions=16,
+        vocab_size=61, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
+    ))  # fmt: skip
+
+
+def _mbart():
+    return transformers.MBartModel(transformers.MBartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=61, max_position_embeddings=32, pad_token_id=0,
+        bos_token_id=0, eos_token_id=0,
+    ))  # fmt: skip
+
+
+def _run(name, model, dtype):
+    torch.manual_seed(3)
+    ids = torch.randint(1, 61, (2, 7))
+    if name == "gpt2":
+        return model(ids, encoder_hidden_states=torch.randn(2, 5, 32, dtype=dtype)).logits
+    if name == "clip":
+        return model(ids).last_hidden_state
+    if name == "vit":
+        return model(torch.randn(2, 3, 16, 16, dtype=dtype)).last_hidden_state
+    if name == "whisper":
+        return model(torch.randn(2, 8, 32, dtype=dtype), decoder_input_ids=ids).last_hidden_state
+    return model(ids, decoder_input_ids=ids[:, :5]).last_hidden_state
+
+
+def _flat_gradient(model, out):
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.float().square().mean(), params, allow_unused=True)
+    return torch.cat([torch.zeros(p.numel()) if g is None else g.float().flatten() for p, g in zip(params, grads)])
+
+
+# (model, the blocks fused and the adds they fuse, as the report gives them)
+HF_BLOCKS = {
+    "gpt2": (_gpt2_cross, {"GPT2Block": "fused residual add + torch LayerNorm"}),
+    "clip": (_clip, {"CLIPEncoderLayer": "fused residual add + torch LayerNorm"}),
+    "vit": (_vit, {"ViTLayer": "fused residual add + torch LayerNorm"}),
+    "whisper": (_whisper, {
+        "WhisperEncoderLayer": "fused residual add + torch LayerNorm",
+        "WhisperDecoderLayer": "fused 2 residual adds + torch LayerNorm",
+    }),  # fmt: skip
+    "mbart": (_mbart, {
+        "MBartEncoderLayer": "fused residual add + torch LayerNorm",
+        "MBartDecoderLayer": "fused 2 residual adds + torch LayerNorm",
+    }),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", list(HF_BLOCKS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hugging_face_pre_norm_blocks_fused_give_the_unfused_patch_bit_for_bit(name, dtype):
+    build, expected = HF_BLOCKS[name]
+    torch.manual_seed(0)
+    model = _with_weights(build()).to(dtype).eval()
+    unfused, original = copy.deepcopy(model), copy.deepcopy(model)
+    normfuse.patch(unfused)
+    report = normfuse.patch(model, fuse_residual=True)
+    fused = {e.original_class.rsplit(".", 1)[1]: e.formula for e in report.patched if e.fused_adds}
+    if fused != expected and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"transformers {transformers.__version__} writes {name}'s blocks otherwise than transformers 5")
+    assert fused == expected, str(report)
+    out, same, want = (_run(name, m, dtype) for m in (model, unfused, original))
+    assert torch.equal(out, same)
+    torch.testing.assert_close(out, want, **({} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}))
+    grads = [_flat_gradient(m, o) for m, o in ((model, out), (unfused, same))]
+    # the backward adds the residual's gradient inside the kernel, in its own order: the whole
+    # model's gradient compared (some parameters' are zero but for rounding, the key bias's)
+    assert norm_err(*grads) <= (1e-5 if dtype == torch.float32 else 2e-2)
+    assert normfuse.unpatch(model) == len(report.patched)
+    assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
