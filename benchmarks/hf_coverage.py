@@ -5,8 +5,10 @@ Not a benchmark: the count behind docs/model-families.md. It imports every
 ``Norm`` (batch and group norms aside), and sorts them as ``patch`` would:
 torch's LayerNorm/RMSNorm subclasses that reach torch's forward, classes whose formula is
 recognized (by name of formula; torch's subclasses whose forward does not reach torch's too),
-and the rest. It also counts the decoder layers and the post-norm output blocks that
-``fuse_residual=True`` fuses (where their norm is patched with a fusable formula). The numerical
+and the rest. It also counts the blocks whose residual adds ``fuse_residual=True`` fuses where
+their norm is patched with a fusable formula: the pre-norm blocks with an add then a norm in their
+forward (``rewrite.add_norm_names``; here a module named ``*norm*`` or ``ln_*``, where ``patch``
+looks at the module itself) and the post-norm output blocks (BERT's). The numerical
 probe that ``patch`` runs on an instance is not run here (that needs each class's constructor
 arguments); the tests run it on the families' classes.
 
@@ -26,7 +28,8 @@ import transformers
 import transformers.models
 
 from normfuse.patch import _reaches_torch_forward
-from normfuse.patch.formulas import is_postnorm_output, prenorm_layer_form, recognize
+from normfuse.patch.formulas import is_postnorm_output, recognize
+from normfuse.patch.rewrite import add_norm_names
 
 
 def _modeling_modules():
@@ -53,7 +56,9 @@ def main() -> int:
                 continue
             if not issubclass(cls, torch.nn.Module):
                 continue
-            if prenorm_layer_form(cls) is not None:
+            if "forward" in vars(cls) and any(
+                "norm" in name.lower() or name.startswith("ln_") for name in add_norm_names(cls.forward)
+            ):
                 fusable += 1
             if is_postnorm_output(cls):
                 fusable_outputs += 1
@@ -82,7 +87,7 @@ def main() -> int:
           f"{torch_reached} of {torch_subclasses} torch LayerNorm/RMSNorm subclasses reach torch's forward, "
           f"{len(left)} left alone")  # fmt: skip
     print("formulas: " + ", ".join(f"{name} {count}" for name, count in formulas.most_common()))
-    print(f"{fusable} decoder layer classes with the pre-norm body that fuse_residual=True fuses")
+    print(f"{fusable} pre-norm block classes with a residual add then a norm that fuse_residual=True fuses")
     print(f"{fusable_outputs} output block classes with the post-norm body (BERT's) that fuse_residual=True fuses")
     if args.list:
         print("\n".join(f"  left  {entry}" for entry in sorted(left)))

@@ -272,9 +272,10 @@ def patch(
     ``layer_norm`` / ``rms_norm`` choose the kinds to swap (torch's LayerNorm and its
     subclasses; RMSNorm: torch's and the Hugging Face classes whose formula is recognized).
     ``fuse_residual`` (opt-in) also fuses the residual add with the norm that follows it
-    (``add_rms_norm`` / ``add_layer_norm``), in Llama-family decoder layers and in BERT's
-    post-norm output blocks (dense, dropout, norm of the residual sum): the same results as the
-    patched model without it, bit for bit, one pass over memory fewer.
+    (``add_rms_norm`` / ``add_layer_norm``), in pre-norm blocks (Llama's decoder layers, GPT-2's,
+    CLIP's, ViT's, Whisper's, ...: their forward compiled again with the add fused, ``rewrite``)
+    and in BERT's post-norm output blocks (dense, dropout, norm of the residual sum): the same
+    outputs as the patched model without it, bit for bit, one pass over memory fewer.
     ``fuse_dropout`` (opt-in, with ``fuse_residual``) also fuses those output blocks' dropout
     (an ``nn.Dropout``) into the add and the norm: normfuse's masks, reproduced by
     ``torch.manual_seed`` with the same keep rate and scale, but not ``nn.Dropout``'s draws, so
