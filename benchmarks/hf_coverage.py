@@ -6,9 +6,9 @@ Not a benchmark: the count behind docs/model-families.md. It imports every
 torch's LayerNorm/RMSNorm subclasses that reach torch's forward, classes whose formula is
 recognized (by name of formula; torch's subclasses whose forward does not reach torch's too),
 and the rest. It also counts the blocks whose residual adds ``fuse_residual=True`` fuses where
-their norm is patched with a fusable formula: the pre-norm blocks with an add then a norm in their
+their norm is patched with a fusable formula: the blocks with a residual add then a norm in their
 forward (``rewrite.add_norm_names``; here a module named ``*norm*`` or ``ln_*``, where ``patch``
-looks at the module itself) and the post-norm output blocks (BERT's). The numerical
+looks at the module itself) and BERT's post-norm output blocks. The numerical
 probe that ``patch`` runs on an instance is not run here (that needs each class's constructor
 arguments); the tests run it on the families' classes.
 
@@ -87,7 +87,7 @@ def main() -> int:
           f"{torch_reached} of {torch_subclasses} torch LayerNorm/RMSNorm subclasses reach torch's forward, "
           f"{len(left)} left alone")  # fmt: skip
     print("formulas: " + ", ".join(f"{name} {count}" for name, count in formulas.most_common()))
-    print(f"{fusable} pre-norm block classes with a residual add then a norm that fuse_residual=True fuses")
+    print(f"{fusable} block classes with a residual add then a norm (pre- or post-norm) that fuse_residual=True fuses")
     print(f"{fusable_outputs} output block classes with the post-norm body (BERT's) that fuse_residual=True fuses")
     if args.list:
         print("\n".join(f"  left  {entry}" for entry in sorted(left)))

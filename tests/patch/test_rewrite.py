@@ -59,6 +59,39 @@ class _Block(_Base):
         return residual + self.mlp(hidden_states)
 
 
+class _OutputNamed(_Block):
+    """ViT's layer: the sum goes on under its own name, the norm's output under another."""
+
+    def forward(self, hidden_states):
+        hidden_states = self.attn(self.norm1(hidden_states)) + hidden_states
+        layer_output = self.norm2(hidden_states)
+        return self.mlp(layer_output) + hidden_states
+
+
+class _PostNorm(_Block):
+    """BART's encoder layer: post-norm, the sum not kept."""
+
+    def forward(self, hidden_states):
+        residual = hidden_states
+        hidden_states = self.attn(hidden_states)
+        hidden_states = residual + hidden_states
+        hidden_states = self.norm1(hidden_states)
+        residual = hidden_states
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = hidden_states + residual
+        hidden_states = self.norm2(hidden_states)
+        return hidden_states
+
+
+class _EmbeddingsLike(_Block):
+    """BERT's embeddings: the sum not kept and no operand named ``residual``: not a residual add."""
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states + self.attn.bias
+        hidden_states = self.norm2(hidden_states)
+        return hidden_states
+
+
 class _CrossBlock(torch.nn.Module):
     """GPT-2's and Whisper's decoder layer: an optional cross-attention between the add and the norm."""
 
@@ -166,6 +199,28 @@ def test_rms_norm_blocks_fuse_through_add_rms_norm():
     assert report.patched[-1].formula == "fused residual add + torch RMSNorm"
     x = torch.randn(4, WIDTH, dtype=torch.float32)
     assert torch.equal(block(x), unfused(x))
+
+
+@pytest.mark.parametrize("cls,adds", [(_OutputNamed, 1), (_PostNorm, 2)])
+def test_the_other_spellings_of_an_add_then_norm_are_fused(cls, adds, monkeypatch):
+    block = _with_weights(cls())
+    unfused, original = copy.deepcopy(block), copy.deepcopy(block)
+    normfuse.patch(unfused)
+    report = normfuse.patch(block, fuse_residual=True)
+    assert report.patched[-1].fused_adds == adds, str(report)
+    calls = _spy(monkeypatch)
+    x = torch.randn(3, 4, WIDTH, requires_grad=True)
+    got, same, want = block(x), unfused(x), original(x)
+    assert len(calls) == adds
+    assert torch.equal(got, same)
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(out.square().sum(), [x, *m.parameters()]) for out, m in ((got, block), (same, unfused))]
+    for g, r in zip(*grads):
+        assert norm_err(g, r) <= 1e-6
+
+
+def test_an_add_without_a_residual_before_a_norm_whose_sum_is_dropped_is_left_alone():
+    assert rewrite.add_norm_names(_EmbeddingsLike.forward) == ()
 
 
 def test_an_optional_branch_between_the_add_and_the_norm_is_fused_in_both_ways(monkeypatch):
@@ -330,6 +385,29 @@ def _mbart():
     ))  # fmt: skip
 
 
+def _bart():
+    return transformers.BartModel(transformers.BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=61, max_position_embeddings=32, pad_token_id=0,
+        bos_token_id=0, eos_token_id=0,
+    ))  # fmt: skip
+
+
+def _dpt():
+    return transformers.DPTModel(transformers.DPTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8,
+        backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 8], fusion_hidden_size=8,
+    ), add_pooling_layer=False)  # fmt: skip
+
+
+def _aimv2():
+    if not hasattr(transformers, "Aimv2VisionModel"):
+        pytest.skip("this transformers has no Aimv2VisionModel")
+    return transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=8,
+    ))  # fmt: skip
+
+
 def _run(name, model, dtype):
     torch.manual_seed(3)
     ids = torch.randint(1, 61, (2, 7))
@@ -337,7 +415,7 @@ def _run(name, model, dtype):
         return model(ids, encoder_hidden_states=torch.randn(2, 5, 32, dtype=dtype)).logits
     if name == "clip":
         return model(ids).last_hidden_state
-    if name == "vit":
+    if name in ("vit", "dpt", "aimv2"):
         return model(torch.randn(2, 3, 16, 16, dtype=dtype)).last_hidden_state
     if name == "whisper":
         return model(torch.randn(2, 8, 32, dtype=dtype), decoder_input_ids=ids).last_hidden_state
@@ -363,6 +441,14 @@ HF_BLOCKS = {
         "MBartEncoderLayer": "fused residual add + torch LayerNorm",
         "MBartDecoderLayer": "fused 2 residual adds + torch LayerNorm",
     }),  # fmt: skip
+    # post-norm: each add into the norm after it, the sum not kept
+    "bart": (_bart, {
+        "BartEncoderLayer": "fused 2 residual adds + torch LayerNorm",
+        "BartDecoderLayer": "fused 3 residual adds + torch LayerNorm",
+    }),  # fmt: skip
+    # the norm's output under another name than the sum's
+    "dpt": (_dpt, {"DPTViTLayer": "fused residual add + torch LayerNorm"}),
+    "aimv2": (_aimv2, {"Aimv2EncoderLayer": "fused residual add + llama"}),
 }
 
 

@@ -29,31 +29,66 @@ import inspect
 import textwrap
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 
 FUSED_METHOD = "_normfuse_add_norm"
 
 
-def _add_then_norm(statements: list[ast.stmt], i: int, self_name: str) -> tuple[str, str, str] | None:
-    """(T, R, N) where ``statements[i:i + 3]`` is ``T = A + B; R = T; T = self.N(T)``."""
-    if i + 3 > len(statements):
-        return None
-    add, keep, norm = statements[i : i + 3]
-    if not all(isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name) for s in (add, keep, norm)):
+@dataclass(frozen=True)
+class _AddThenNorm:
+    """``statements[i:i + length]`` compute ``out = self.<norm>(A + B)`` and keep the sum in
+    ``kept`` (None: the sum is not kept)."""
+
+    length: int
+    out: str
+    kept: str | None
+    norm: str
+
+
+def _add_then_norm(statements: list[ast.stmt], i: int, self_name: str) -> _AddThenNorm | None:
+    """The add-then-norm at ``statements[i]``, in one of three spellings::
+
+        T = A + B; R = T; T = self.N(T)    # pre-norm: the sum goes on as the residual R
+        T = A + B; U = self.N(T)           # pre-norm: the sum goes on as T, the norm is U
+        T = A + B; T = self.N(T)           # post-norm (BART's, DETR's encoder layers): the sum
+                                           # is not kept; A or B must be the name ``residual``
+    """
+    add = statements[i]
+    if not (_assigns_a_name(add) and isinstance(add.value, ast.BinOp) and isinstance(add.value.op, ast.Add)):
         return None
     target = add.targets[0].id
-    if not (isinstance(add.value, ast.BinOp) and isinstance(add.value.op, ast.Add)):
-        return None
-    if not (isinstance(keep.value, ast.Name) and keep.value.id == target and keep.targets[0].id != target):
-        return None
-    call = norm.value
-    if not (
-        norm.targets[0].id == target and isinstance(call, ast.Call) and not call.keywords
-        and len(call.args) == 1 and isinstance(call.args[0], ast.Name) and call.args[0].id == target
+    following = statements[i + 1 : i + 3]
+    if len(following) == 2 and all(map(_assigns_a_name, following)):
+        keep, norm = following
+        if (
+            isinstance(keep.value, ast.Name) and keep.value.id == target and keep.targets[0].id != target
+            and norm.targets[0].id == target and _norm_of(norm.value, target, self_name)
+        ):  # fmt: skip
+            return _AddThenNorm(3, target, keep.targets[0].id, _norm_of(norm.value, target, self_name))
+    if following and _assigns_a_name(following[0]) and (name := _norm_of(following[0].value, target, self_name)):
+        out = following[0].targets[0].id
+        if out != target:
+            return _AddThenNorm(2, out, target, name)
+        operands = (add.value.left, add.value.right)
+        if any(isinstance(operand, ast.Name) and operand.id == "residual" for operand in operands):
+            return _AddThenNorm(2, out, None, name)
+    return None
+
+
+def _assigns_a_name(statement: ast.stmt) -> bool:
+    return isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name)
+
+
+def _norm_of(call: ast.expr, target: str, self_name: str) -> str | None:
+    """N where ``call`` is ``self.N(target)``."""
+    if (
+        isinstance(call, ast.Call) and not call.keywords and len(call.args) == 1
+        and isinstance(call.args[0], ast.Name) and call.args[0].id == target
         and isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name)
         and call.func.value.id == self_name
     ):  # fmt: skip
-        return None
-    return target, keep.targets[0].id, call.func.attr
+        return call.func.attr
+    return None
 
 
 class _Fuse(ast.NodeTransformer):
@@ -82,27 +117,30 @@ class _Fuse(ast.NodeTransformer):
                 i += consumed
                 continue
             found = _add_then_norm(statements, i, self.self_name)
-            if found is None or not _wanted(found[2], self.names):
+            if found is None or not _wanted(found.norm, self.names):
                 out.append(statements[i])
                 i += 1
                 continue
-            target, residual, name = found
             add = statements[i].value
             call = ast.Call(
                 func=ast.Attribute(value=ast.Name(self.self_name, ast.Load()), attr=FUSED_METHOD, ctx=ast.Load()),
-                args=[ast.Constant(name), add.left, add.right], keywords=[],
+                args=[ast.Constant(found.norm), add.left, add.right], keywords=[],
             )  # fmt: skip
-            targets = ast.Tuple([ast.Name(target, ast.Store()), ast.Name(residual, ast.Store())], ast.Store())
-            out.append(ast.copy_location(ast.Assign(targets=[targets], value=call), statements[i]))
-            self.fused.append(name)
-            i += 3
+            if found.kept is None:
+                fused = ast.Assign(targets=[ast.Name(found.out, ast.Store())], value=ast.Subscript(call, ast.Constant(0), ast.Load()))
+            else:
+                targets = ast.Tuple([ast.Name(found.out, ast.Store()), ast.Name(found.kept, ast.Store())], ast.Store())
+                fused = ast.Assign(targets=[targets], value=call)
+            out.append(ast.copy_location(fused, statements[i]))
+            self.fused.append(found.norm)
+            i += found.length
         return out
 
 
 def _sink_into_branch(
     statements: list[ast.stmt], i: int, self_name: str, names: frozenset[str] | None
 ) -> tuple[list[ast.stmt], ast.If, int] | None:
-    """Decoder layers with an optional cross-attention (GPT-2's block, Whisper's, BART's) put an
+    """Decoder layers with an optional cross-attention (GPT-2's block, Whisper's, MBart's) put an
     ``if`` between the add and the norm::
 
         T = A + B
@@ -130,10 +168,7 @@ def _sink_into_branch(
     where the add does not read their names. Returns (the moved statements, the new ``if``, how many
     statements they replace); None where the statements are not of that shape."""
     add = statements[i]
-    if not (
-        isinstance(add, ast.Assign) and len(add.targets) == 1 and isinstance(add.targets[0], ast.Name)
-        and isinstance(add.value, ast.BinOp) and isinstance(add.value.op, ast.Add)
-    ):  # fmt: skip
+    if not (_assigns_a_name(add) and isinstance(add.value, ast.BinOp) and isinstance(add.value.op, ast.Add)):
         return None
     target = add.targets[0].id
     read = {node.id for node in ast.walk(add.value) if isinstance(node, ast.Name)}
@@ -147,7 +182,7 @@ def _sink_into_branch(
         return None
     tail = statements[k + 1 : k + 3]
     found = _add_then_norm([add, *tail], 0, self_name)
-    if found is None or not _wanted(found[2], names):
+    if found is None or found.length != 3 or not _wanted(found.norm, names):
         return None
     sunk = ast.If(test=branch.test, body=[add, *branch.body, *tail], orelse=copy.deepcopy([add, *tail]))
     return statements[i + 1 : k], ast.copy_location(sunk, branch), k + 3 - i
@@ -158,10 +193,7 @@ def _wanted(name: str, names: frozenset[str] | None) -> bool:
 
 
 def _constant_assignment(statement: ast.stmt, avoid: set[str]) -> bool:
-    return (
-        isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name)
-        and statement.targets[0].id not in avoid and isinstance(statement.value, ast.Constant)
-    )  # fmt: skip
+    return _assigns_a_name(statement) and statement.targets[0].id not in avoid and isinstance(statement.value, ast.Constant)
 
 
 def _side_effect_free(test: ast.expr, target: str) -> bool:
