@@ -280,12 +280,23 @@ def test_the_norm_s_hooks_run_as_before(monkeypatch):
     unfused = copy.deepcopy(block)
     normfuse.patch(unfused)
     normfuse.patch(block, fuse_residual=True)
-    seen = []
-    block.norm2.register_forward_hook(lambda module, args, out: seen.append(out))
     calls = _spy(monkeypatch)
-    x = torch.randn(2, WIDTH)
-    assert torch.equal(block(x), unfused(x))
-    assert len(seen) == 1 and not calls  # the hook saw the norm's output: that call went unfused
+    x = torch.randn(2, WIDTH, requires_grad=True)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(module))
+    try:  # a hook of every module's
+        assert torch.equal(block(x), unfused(x))
+    finally:
+        handle.remove()
+    assert block.norm2 in seen and not calls
+    for register in ("register_forward_hook", "register_full_backward_hook"):
+        seen.clear()
+        handle = getattr(block.norm2, register)(lambda module, *_: seen.append(module))
+        block(x).sum().backward()
+        handle.remove()
+        assert seen == [block.norm2] and not calls  # the hook saw the norm's call: that call went unfused
+    block(x)
+    assert len(calls) == 1  # without hooks, fused again
 
 
 def test_a_forward_with_a_closure_is_left_alone_and_reported():

@@ -331,13 +331,24 @@ def _add_norm(self, name: str, a, b):
     norm = getattr(self, name)
     formula = _fusable_formula(norm)
     if (
-        formula is None or norm._forward_hooks or norm._forward_pre_hooks or "forward" in norm.__dict__
+        formula is None or _hooked(norm) or "forward" in norm.__dict__
         or not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor))
         or a.dtype != b.dtype or a.shape != b.shape or a.device != b.device
     ):  # fmt: skip
         h = a + b  # hooks to run, a forward replaced on the instance, or what the kernels do not add
         return norm(h), h
     return formula.add_forward(norm, a, b, formula.eps(norm))
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether calling the module would run hooks (its own or every module's) that the fused
+    call would skip."""
+    registry = torch.nn.modules.module
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        or registry._global_forward_hooks or registry._global_forward_pre_hooks or registry._global_backward_hooks
+        or registry._global_backward_pre_hooks
+    )  # fmt: skip
 
 
 def _fused_output_forward(self, hidden_states, input_tensor):
