@@ -485,3 +485,49 @@ def test_hugging_face_pre_norm_blocks_fused_give_the_unfused_patch_bit_for_bit(n
     assert norm_err(*grads) <= (1e-5 if dtype == torch.float32 else 2e-2)
     assert normfuse.unpatch(model) == len(report.patched)
     assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
+
+
+_STALE_MODULE = """
+import torch
+
+
+class StaleBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(16)
+        self.attn = torch.nn.Linear(16, 16)
+
+    def forward(self, hidden_states):
+        residual = hidden_states
+        hidden_states = residual + self.attn(hidden_states) * SCALE
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states)
+        return hidden_states + residual
+"""
+
+
+def test_a_source_file_changed_since_its_import_is_not_compiled_in_place_of_the_code_that_runs(tmp_path, monkeypatch):
+    """patch reads a block's source to compile it again: where the file no longer holds what the
+    running function was compiled from (edited after the import, as in a notebook), the block is
+    left unfused and reported, never swapped for the file's new code."""
+    import linecache
+    import sys
+
+    path = tmp_path / "normfuse_stale_block.py"
+    path.write_text(_STALE_MODULE.replace("SCALE", "2.0"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("normfuse_stale_block")
+    try:
+        fresh = _with_weights(module.StaleBlock())
+        # as imported, it compiles again (patch itself is not asked: it keeps the class it makes)
+        assert rewrite.fused_forward(module.StaleBlock.forward, frozenset({"norm"}), module.StaleBlock) is not None
+        path.write_text(_STALE_MODULE.replace("SCALE", "3.0"))  # the same length and layout, another constant
+        linecache.checkcache(str(path))
+        block, reference = copy.deepcopy(fresh), copy.deepcopy(fresh)
+        report = normfuse.patch(block, fuse_residual=True)
+        reason = importlib.import_module("normfuse.patch")._NOT_REWRITTEN
+        assert [s.reason for s in report.skipped] == [f"residual add not fused: {reason}"]
+        x = torch.randn(2, WIDTH)
+        torch.testing.assert_close(block(x), reference(x))  # the code imported runs: 2.0, not the file's 3.0
+    finally:
+        sys.modules.pop("normfuse_stale_block", None)

@@ -429,8 +429,8 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport, fuse_dropout: b
 
 
 _NOT_REWRITTEN = (
-    "its forward could not be compiled again with the add fused (no source, a closure, or a "
-    "decorator whose wrapper normfuse cannot rebuild)"
+    "its forward could not be compiled again with the add fused (no source, a source file changed "
+    "since it was imported, a closure, or a decorator whose wrapper normfuse cannot rebuild)"
 )
 
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import ast
 import copy
+import dis
 import inspect
-import textwrap
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -219,14 +219,20 @@ def _function_tree(function: Callable) -> tuple[ast.FunctionDef, str, int] | Non
     """The function's definition as parsed from its source, its file and first line."""
     try:
         lines, first = inspect.getsourcelines(function)
-        tree = ast.parse(textwrap.dedent("".join(lines)))
+        # under an ``if`` rather than dedented: a string literal spanning lines (a docstring)
+        # keeps its indentation, as in the compiled function
+        tree = ast.parse("if 1:\n" + "".join(lines)) if lines[0][:1].isspace() else ast.parse("".join(lines))
         filename = inspect.getsourcefile(function) or "<unknown>"
     except (OSError, TypeError, SyntaxError):
         return None
+    if isinstance(tree.body[0], ast.If):
+        tree.body = tree.body[0].body
+        ast.increment_lineno(tree, first - 2)
+    else:
+        ast.increment_lineno(tree, first - 1)
     node = tree.body[0] if tree.body else None
     if not isinstance(node, ast.FunctionDef) or node.name != function.__name__:
         return None
-    ast.increment_lineno(tree, first - 1)
     return node, filename, first
 
 
@@ -243,11 +249,13 @@ def add_norm_names(forward: Callable) -> tuple[str, ...]:
 
 
 def fused_forward(forward: Callable, names: frozenset[str], owner: type) -> Callable | None:
-    """``forward`` (a class's, with its decorators) compiled again with the add-then-norm triples
-    of the norms ``names`` fused (the module docstring); None where that cannot be done exactly:
-    no source, a closure over anything but ``super()``'s class cell, or a decorator's wrapper that
-    is not a plain function holding the function it wraps. ``owner`` is the class defining
-    ``forward`` (the cell a zero-argument ``super()`` reads)."""
+    """``forward`` (a class's, with its decorators) compiled again with the add-then-norm
+    statements of the norms ``names`` fused (the module docstring); None where that cannot be done
+    exactly: no source, a source that is not what the function was compiled from (the file
+    changed since it was imported: its code, compiled again unchanged, must be the function's),
+    a closure over anything but ``super()``'s class cell, or a decorator's wrapper that is not a
+    plain function holding the function it wraps. ``owner`` is the class defining ``forward``
+    (the cell a zero-argument ``super()`` reads)."""
     chain = [forward]
     while hasattr(chain[-1], "__wrapped__"):
         chain.append(chain[-1].__wrapped__)
@@ -258,11 +266,25 @@ def fused_forward(forward: Callable, names: frozenset[str], owner: type) -> Call
     if found is None or not found[0].args.args:
         return None
     node, filename, _ = found
+    if not _same_code(_compile(copy.deepcopy(node), filename, raw, owner).__code__, raw.__code__):
+        return None
     fuse = _Fuse(node.args.args[0].arg, names)
     fuse.visit(node)
     if not fuse.fused:
         return None
-    node.decorator_list = []  # the decorators' wrappers are rebuilt around it below, not re-run
+    function = _compile(node, filename, raw, owner)
+    # the decorators' wrappers, innermost first, each copied to call the new function instead
+    for wrapper, inner in zip(reversed(chain[:-1]), reversed(chain[1:])):
+        function = _rewrap(wrapper, inner, function)
+        if function is None:
+            return None
+    return function
+
+
+def _compile(node: ast.FunctionDef, filename: str, raw: types.FunctionType, owner: type) -> types.FunctionType:
+    """The function ``node`` defines, compiled in ``raw``'s globals with ``raw``'s defaults,
+    annotations and names, and ``owner`` as ``super()``'s class; decorators are left out."""
+    node.decorator_list = []  # the decorators' wrappers are rebuilt around it (fused_forward), not re-run
     node.returns = None
     # annotations and defaults are the original function's objects, set below: evaluated again
     # here they might name what the class body had in scope and the module has not
@@ -286,12 +308,41 @@ def fused_forward(forward: Callable, names: frozenset[str], owner: type) -> Call
     for attribute in ("__module__", "__qualname__", "__doc__"):
         setattr(function, attribute, getattr(raw, attribute))
     function.__dict__.update(raw.__dict__)
-    # the decorators' wrappers, innermost first, each copied to call the new function instead
-    for wrapper, inner in zip(reversed(chain[:-1]), reversed(chain[1:])):
-        function = _rewrap(wrapper, inner, function)
-        if function is None:
-            return None
     return function
+
+
+def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
+    """Whether two code objects hold the same instructions on the same names and constants
+    (nested code compared alike). Not compared: line numbers, qualified names, flags, jump
+    offsets, and whether an attribute call loads a method or an attribute (the compiler loads
+    ``module.f`` as an attribute where ``module`` is imported in the same file, and the code
+    compiled again here is not in that file's scope)."""
+    if (a.co_names, a.co_varnames, a.co_freevars, a.co_cellvars) != (b.co_names, b.co_varnames, b.co_freevars, b.co_cellvars):
+        return False
+    if _instructions(a) != _instructions(b) or len(a.co_consts) != len(b.co_consts):
+        return False
+    for x, y in zip(a.co_consts, b.co_consts):
+        if isinstance(x, types.CodeType) and isinstance(y, types.CodeType):
+            if not _same_code(x, y):
+                return False
+        elif type(x) is not type(y) or x != y:
+            return False
+    return True
+
+
+_JUMPS = frozenset(dis.hasjrel) | frozenset(dis.hasjabs)
+_LAYOUT = frozenset({"CACHE", "EXTENDED_ARG", "NOP", "PUSH_NULL", "PRECALL", "RESUME"})
+
+
+def _instructions(code: types.CodeType) -> list[tuple[str, object]]:
+    out = []
+    for instruction in dis.get_instructions(code):
+        name = instruction.opname
+        if name in _LAYOUT:
+            continue
+        name = "LOAD_ATTR" if name == "LOAD_METHOD" else name
+        out.append((name, None if instruction.opcode in _JUMPS else instruction.argval))
+    return out
 
 
 def _rewrap(wrapper: Callable, old: Callable, new: Callable) -> Callable | None:
