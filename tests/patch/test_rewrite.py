@@ -447,16 +447,16 @@ HF_BLOCKS = {
     "whisper": (_whisper, {
         "WhisperEncoderLayer": "fused residual add + torch LayerNorm",
         "WhisperDecoderLayer": "fused 2 residual adds + torch LayerNorm",
-    }),  # fmt: skip
+    }),
     "mbart": (_mbart, {
         "MBartEncoderLayer": "fused residual add + torch LayerNorm",
         "MBartDecoderLayer": "fused 2 residual adds + torch LayerNorm",
-    }),  # fmt: skip
+    }),
     # post-norm: each add into the norm after it, the sum not kept
     "bart": (_bart, {
         "BartEncoderLayer": "fused 2 residual adds + torch LayerNorm",
         "BartDecoderLayer": "fused 3 residual adds + torch LayerNorm",
-    }),  # fmt: skip
+    }),
     # the norm's output under another name than the sum's
     "dpt": (_dpt, {"DPTViTLayer": "fused residual add + torch LayerNorm"}),
     "aimv2": (_aimv2, {"Aimv2EncoderLayer": "fused residual add + llama"}),

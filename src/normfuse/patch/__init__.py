@@ -28,18 +28,16 @@ post-norm output blocks, recognized by their statements (``formulas.POSTNORM_OUT
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 from dataclasses import dataclass, field
 
 import torch
 
 from normfuse import functional, modules
-
+from normfuse.patch import rewrite
 from normfuse.patch.formulas import (
     HF_FORMULAS, Formula, body_statements, is_postnorm_output, probe_agrees, recognize,
 )  # fmt: skip
-from normfuse.patch import rewrite
 
 __all__ = ["PatchReport", "patch", "unpatch"]
 
@@ -434,7 +432,7 @@ _NOT_REWRITTEN = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _add_norm_names(cls: type) -> tuple[str, ...]:
     return rewrite.add_norm_names(cls.forward) if isinstance(getattr(cls, "forward", None), types.FunctionType) else ()
 
