@@ -56,12 +56,12 @@ def main() -> int:
                 continue
             if not issubclass(cls, torch.nn.Module):
                 continue
-            if "forward" in vars(cls) and any(
+            if is_postnorm_output(cls):
+                fusable_outputs += 1
+            elif "forward" in vars(cls) and any(
                 "norm" in name.lower() or name.startswith("ln_") for name in add_norm_names(cls.forward)
             ):
                 fusable += 1
-            if is_postnorm_output(cls):
-                fusable_outputs += 1
             if not cls.__name__.endswith("Norm") or issubclass(
                 cls, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)
             ):

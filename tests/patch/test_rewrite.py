@@ -83,6 +83,14 @@ class _PostNorm(_Block):
         return hidden_states
 
 
+class _Inline(_Block):
+    """DistilBERT's and OpenAI GPT's blocks: post-norm, the add inside the norm's call."""
+
+    def forward(self, hidden_states):
+        hidden_states = self.norm1(self.attn(hidden_states) + hidden_states)
+        return torch.tanh(self.norm2(hidden_states + self.mlp(hidden_states))) * 2
+
+
 class _EmbeddingsLike(_Block):
     """BERT's embeddings: the sum not kept and no operand named ``residual``: not a residual add."""
 
@@ -201,7 +209,7 @@ def test_rms_norm_blocks_fuse_through_add_rms_norm():
     assert torch.equal(block(x), unfused(x))
 
 
-@pytest.mark.parametrize("cls,adds", [(_OutputNamed, 1), (_PostNorm, 2)])
+@pytest.mark.parametrize("cls,adds", [(_OutputNamed, 1), (_PostNorm, 2), (_Inline, 2)])
 def test_the_other_spellings_of_an_add_then_norm_are_fused(cls, adds, monkeypatch):
     block = _with_weights(cls())
     unfused, original = copy.deepcopy(block), copy.deepcopy(block)
@@ -419,12 +427,24 @@ def _aimv2():
     ))  # fmt: skip
 
 
+def _distilbert():
+    return transformers.DistilBertModel(transformers.DistilBertConfig(
+        dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=61, max_position_embeddings=32, pad_token_id=0,
+    ))  # fmt: skip
+
+
+def _openai_gpt():
+    return transformers.OpenAIGPTModel(
+        transformers.OpenAIGPTConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=61, n_positions=32)
+    )
+
+
 def _run(name, model, dtype):
     torch.manual_seed(3)
     ids = torch.randint(1, 61, (2, 7))
     if name == "gpt2":
         return model(ids, encoder_hidden_states=torch.randn(2, 5, 32, dtype=dtype)).logits
-    if name == "clip":
+    if name in ("clip", "distilbert", "openai_gpt"):
         return model(ids).last_hidden_state
     if name in ("vit", "dpt", "aimv2"):
         return model(torch.randn(2, 3, 16, 16, dtype=dtype)).last_hidden_state
@@ -460,6 +480,9 @@ HF_BLOCKS = {
     # the norm's output under another name than the sum's
     "dpt": (_dpt, {"DPTViTLayer": "fused residual add + torch LayerNorm"}),
     "aimv2": (_aimv2, {"Aimv2EncoderLayer": "fused residual add + llama"}),
+    # post-norm, the add inside the norm's call
+    "distilbert": (_distilbert, {"TransformerBlock": "fused 2 residual adds + torch LayerNorm"}),
+    "openai_gpt": (_openai_gpt, {"Block": "fused 2 residual adds + torch LayerNorm"}),
 }
 
 

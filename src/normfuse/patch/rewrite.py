@@ -1,16 +1,18 @@
-"""A block's ``forward`` with its pre-norm residual adds fused into the norms that follow them.
+"""A block's ``forward`` compiled again with the residual adds before its norms fused into them.
 
-Pre-norm transformer blocks (Llama's decoder layer, GPT-2's block, CLIP's and ViT's encoder
-layers, Whisper's, BART's, ... some 250 classes in transformers 5) all write the step before
-their second norm the same way, whatever else their forward does::
+Transformer blocks (Llama's decoder layer, GPT-2's block, CLIP's, ViT's, Whisper's, BART's and
+DistilBERT's layers, ... 432 classes in transformers 5.25) write the step into a norm the same few ways,
+whatever else their forward does; the pre-norm one::
 
     hidden_states = residual + hidden_states      # T = A + B
     residual = hidden_states                      # R = T
     hidden_states = self.post_attention_layernorm(hidden_states)   # T = self.N(T)
 
+(the other spellings: ``_add_then_norm``, ``_Fuse.visit_Call``; across an optional branch:
+``_sink_into_branch``).
 Rather than match each class's whole forward (their attention calls, caches and outputs differ
-by class and by transformers release), ``fused_forward`` rewrites those three statements, and
-nothing else, in the syntax tree of the class's own source into one::
+by class and by transformers release), ``fused_forward`` rewrites those statements, and nothing
+else, in the syntax tree of the class's own source into one::
 
     hidden_states, residual = self._normfuse_add_norm("post_attention_layernorm", residual, hidden_states)
 
@@ -106,6 +108,27 @@ class _Fuse(ast.NodeTransformer):
                 setattr(node, field, self._fuse(statements))
         return node
 
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        """``self.N(A + B)`` inside any expression (DistilBERT's ``self.sa_layer_norm(attention_output
+        + hidden_states)``, ALBERT's, MPNet's, OpenAI GPT's post-norm steps): the sum not kept."""
+        self.generic_visit(node)
+        func = node.func
+        if not (
+            isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == self.self_name
+            and len(node.args) == 1 and not node.keywords and isinstance(node.args[0], ast.BinOp)
+            and isinstance(node.args[0].op, ast.Add) and _wanted(func.attr, self.names)
+        ):  # fmt: skip
+            return node
+        self.fused.append(func.attr)
+        add = node.args[0]
+        return ast.copy_location(ast.Subscript(self._call(func.attr, add), ast.Constant(0), ast.Load()), node)
+
+    def _call(self, norm: str, add: ast.BinOp) -> ast.Call:
+        return ast.Call(
+            func=ast.Attribute(value=ast.Name(self.self_name, ast.Load()), attr=FUSED_METHOD, ctx=ast.Load()),
+            args=[ast.Constant(norm), add.left, add.right], keywords=[],
+        )  # fmt: skip
+
     def _fuse(self, statements: list[ast.stmt]) -> list[ast.stmt]:
         out, i = [], 0
         while i < len(statements):
@@ -121,11 +144,7 @@ class _Fuse(ast.NodeTransformer):
                 out.append(statements[i])
                 i += 1
                 continue
-            add = statements[i].value
-            call = ast.Call(
-                func=ast.Attribute(value=ast.Name(self.self_name, ast.Load()), attr=FUSED_METHOD, ctx=ast.Load()),
-                args=[ast.Constant(found.norm), add.left, add.right], keywords=[],
-            )  # fmt: skip
+            call = self._call(found.norm, statements[i].value)
             if found.kept is None:
                 fused = ast.Assign(targets=[ast.Name(found.out, ast.Store())], value=ast.Subscript(call, ast.Constant(0), ast.Load()))
             else:
