@@ -21,6 +21,7 @@ from tests._helpers import norm_err
 
 WIDTH = 16
 SCALE = 0.5
+_ADD_LAYER_NORM = functional.add_layer_norm
 
 
 def _counted(forward):
@@ -554,3 +555,31 @@ def test_a_source_file_changed_since_its_import_is_not_compiled_in_place_of_the_
         torch.testing.assert_close(block(x), reference(x))  # the code imported runs: 2.0, not the file's 3.0
     finally:
         sys.modules.pop("normfuse_stale_block", None)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("layer_class", [torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer])
+def test_torch_s_own_transformer_layers(layer_class, norm_first, monkeypatch):
+    """torch's post-norm layers (the default) write ``self.norm1(x + self._sa_block(...))``: fused.
+    The pre-norm form (``norm_first``, an instance's choice) adds after the norm's output, with
+    nothing to fuse, in another branch of the same forward: the class's code is rewritten (and
+    counted) all the same, and that branch runs as before. The forward holds generator expressions
+    and a closure cell of its own: compiled again all the same."""
+    torch.manual_seed(0)
+    layer = _with_weights(layer_class(WIDTH, 4, 2 * WIDTH, dropout=0.0, batch_first=True, norm_first=norm_first))
+    unfused = copy.deepcopy(layer)
+    normfuse.patch(unfused)
+    report = normfuse.patch(layer, fuse_residual=True)
+    adds = 2 if layer_class is torch.nn.TransformerEncoderLayer else 3
+    assert sum(e.fused_adds for e in report.patched) == adds and not report.skipped, str(report)
+    calls = []
+    monkeypatch.setattr(functional, "add_layer_norm", lambda *a, **k: calls.append(1) or _ADD_LAYER_NORM(*a, **k))
+    x = torch.randn(2, 5, WIDTH)
+    args = (x,) if layer_class is torch.nn.TransformerEncoderLayer else (x, torch.randn(2, 3, WIDTH))
+    for training in (True, False):
+        layer.train(training), unfused.train(training)
+        with torch.set_grad_enabled(training):  # eval without grad: torch's fast path, as unfused
+            assert torch.equal(layer(*args), unfused(*args))
+    # each add fused in training, and in eval but for the encoder layer's fast path (torch's kernel)
+    calls_per_add = 1 if layer_class is torch.nn.TransformerEncoderLayer else 2
+    assert len(calls) == (0 if norm_first else adds * calls_per_add)

@@ -20,9 +20,10 @@ subclass whose forward never reaches torch's (it calls ``F.layer_norm`` itself) 
 formula its forward computes, as any other class, or left alone.
 
 ``fuse_residual=True`` also swaps the blocks around a norm whose residual add joins the norm's
-kernel: pre-norm blocks (Llama's decoder layer, GPT-2's, CLIP's, ViT's, Whisper's, ...), whose
-forward is compiled again with the add-then-norm statements fused (``rewrite``), and BERT's
-post-norm output blocks, recognized by their statements (``formulas.POSTNORM_OUTPUT_BODY``).
+kernel: pre- and post-norm blocks (Llama's decoder layer, GPT-2's, CLIP's, ViT's, Whisper's,
+BART's, DistilBERT's, torch's ``nn.TransformerEncoderLayer``, ...), whose forward is compiled
+again with the add-then-norm statements fused (``rewrite``), and BERT's post-norm output blocks,
+recognized by their statements (``formulas.POSTNORM_OUTPUT_BODY``).
 """
 
 from __future__ import annotations
@@ -270,10 +271,11 @@ def patch(
     ``layer_norm`` / ``rms_norm`` choose the kinds to swap (torch's LayerNorm and its
     subclasses; RMSNorm: torch's and the Hugging Face classes whose formula is recognized).
     ``fuse_residual`` (opt-in) also fuses the residual add with the norm that follows it
-    (``add_rms_norm`` / ``add_layer_norm``), in pre-norm blocks (Llama's decoder layers, GPT-2's,
-    CLIP's, ViT's, Whisper's, ...: their forward compiled again with the add fused, ``rewrite``)
-    and in BERT's post-norm output blocks (dense, dropout, norm of the residual sum): the same
-    outputs as the patched model without it, bit for bit, one pass over memory fewer.
+    (``add_rms_norm`` / ``add_layer_norm``), in pre- and post-norm blocks (Llama's decoder
+    layers, GPT-2's, CLIP's, ViT's, Whisper's, BART's, DistilBERT's, torch's transformer layers,
+    ...: their forward compiled again with the add fused, ``rewrite``) and in BERT's post-norm
+    output blocks (dense, dropout, norm of the residual sum): the same outputs as the patched
+    model without it, bit for bit, one pass over memory fewer.
     ``fuse_dropout`` (opt-in, with ``fuse_residual``) also fuses those output blocks' dropout
     (an ``nn.Dropout``) into the add and the norm: normfuse's masks, reproduced by
     ``torch.manual_seed`` with the same keep rate and scale, but not ``nn.Dropout``'s draws, so

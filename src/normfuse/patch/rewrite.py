@@ -360,7 +360,8 @@ def _instructions(code: types.CodeType) -> list[tuple[str, object]]:
         if name in _LAYOUT:
             continue
         name = "LOAD_ATTR" if name == "LOAD_METHOD" else name
-        out.append((name, None if instruction.opcode in _JUMPS else instruction.argval))
+        argval = None if instruction.opcode in _JUMPS else instruction.argval
+        out.append((name, "<code>" if isinstance(argval, types.CodeType) else argval))  # (compared as constants)
     return out
 
 
