@@ -359,11 +359,13 @@ def test_greedy_generate_is_identical():
     assert torch.equal(model.generate(prompt, **kwargs), reference.generate(prompt, **kwargs))
 
 
-def test_gradient_checkpointing_works():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_gradient_checkpointing_works(fuse):
     model = _build("llama")
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     reference = copy.deepcopy(model)
-    normfuse.patch(model)
+    report = normfuse.patch(model, fuse_residual=fuse)
+    assert sum(e.fused_adds for e in report.patched) == (2 if fuse else 0)  # checkpointed layers fuse too
     ids = _inputs("llama")
     (g,) = torch.autograd.grad(_logits(model, ids).square().mean(), [model.model.norm.weight])
     (rg,) = torch.autograd.grad(_logits(reference, ids).square().mean(), [reference.model.norm.weight])
