@@ -583,3 +583,115 @@ def test_torch_s_own_transformer_layers(layer_class, norm_first, monkeypatch):
     # each add fused in training, and in eval but for the encoder layer's fast path (torch's kernel)
     calls_per_add = 1 if layer_class is torch.nn.TransformerEncoderLayer else 2
     assert len(calls) == (0 if norm_first else adds * calls_per_add)
+
+
+class _DropoutBlock(_Block):
+    """BART's and Whisper's layers: a dropout just before each add (functional, then a module)."""
+
+    def __init__(self, dropout=torch.nn.Dropout, p=0.25):
+        super().__init__()
+        self.p, self.dropout = p, dropout(p)
+
+    def forward(self, hidden_states):
+        residual = hidden_states
+        hidden_states = self.attn(self.norm1(hidden_states))
+        hidden_states = torch.nn.functional.dropout(hidden_states, p=self.p, training=self.training)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.norm2(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = residual + hidden_states
+        hidden_states = self.norm1(hidden_states)
+        return hidden_states
+
+
+class _OwnDropout(torch.nn.Dropout):
+    pass
+
+
+def _dropout_calls(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        functional, "add_layer_norm", lambda *a, **k: calls.append((k.get("dropout_p"), k.get("training"))) or _ADD_LAYER_NORM(*a, **k)
+    )
+    return calls
+
+
+def _seeded(block, x, seed):
+    torch.manual_seed(seed)
+    return block(x)
+
+
+def test_fuse_dropout_takes_the_dropout_before_an_add_into_the_kernel(monkeypatch):
+    """``fuse_dropout=True``: a dropout statement just before a fused add (``F.dropout`` or an
+    ``nn.Dropout``) joins the kernel: normfuse's masks, reproduced by the seed; eval mode and p = 0
+    give the unfused patch's outputs bit for bit. Without ``fuse_dropout`` torch's dropout stays,
+    with its draws."""
+    block = _with_weights(_DropoutBlock())
+    unfused, once = copy.deepcopy(block), copy.deepcopy(block)
+    normfuse.patch(unfused)
+    report = normfuse.patch(block, fuse_residual=True)
+    assert report.patched[-1].formula == "fused 2 residual adds + torch LayerNorm"
+    x = torch.randn(4, 6, WIDTH)
+    assert torch.equal(_seeded(block, x, 0), _seeded(unfused, x, 0))  # torch's draws, in training
+    # a second call with fuse_dropout takes the dropouts in, as one call with both does
+    upgraded = normfuse.patch(block, fuse_residual=True, fuse_dropout=True)
+    assert [e.formula for e in upgraded.patched] == ["fused dropout + 2 residual adds + torch LayerNorm"]
+    normfuse.patch(once, fuse_residual=True, fuse_dropout=True)
+    assert type(once) is type(block)
+    assert normfuse.patch(block, fuse_residual=True, fuse_dropout=True).patched == []  # nothing more to take
+    calls = _dropout_calls(monkeypatch)
+    runs = [_seeded(block, x, seed) for seed in (1, 1, 2)]
+    assert calls == [(0.25, True)] * 6
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert not torch.equal(runs[0], _seeded(unfused, x, 1))  # the kernel's masks, not torch's draws
+    clone = pickle.loads(pickle.dumps(block))
+    assert type(clone) is type(block) and torch.equal(_seeded(clone, x, 1), runs[0])
+    grads = torch.autograd.grad(runs[0].square().sum(), list(block.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
+    block.eval(), unfused.eval()
+    assert torch.equal(block(x), unfused(x))
+    block.train(), unfused.train()
+    block.p = unfused.p = 0.0
+    block.dropout.p = unfused.dropout.p = 0.0
+    assert torch.equal(block(x), unfused(x))
+
+
+def test_a_dropout_of_another_class_runs_as_it_is(monkeypatch):
+    block = _with_weights(_DropoutBlock(_OwnDropout))
+    unfused = copy.deepcopy(block)
+    normfuse.patch(unfused)
+    report = normfuse.patch(block, fuse_residual=True, fuse_dropout=True)
+    assert report.patched[-1].formula == "fused dropout + 2 residual adds + torch LayerNorm"
+    calls = _dropout_calls(monkeypatch)
+    x = torch.randn(4, WIDTH)
+    got = _seeded(block, x, 5)
+    # the functional dropout in the kernel (its own draws), the _OwnDropout by torch before the add
+    assert calls == [(0.25, True), (None, None)]
+    block.eval(), unfused.eval()
+    assert torch.equal(block(x), unfused(x))
+    assert got.shape == x.shape
+
+
+def test_fuse_dropout_in_bart_s_layers_pickles_and_keeps_eval_outputs():
+    model = _with_weights(_bart())
+    model.config.dropout = 0.1
+    for layer in (*model.encoder.layers, *model.decoder.layers):
+        layer.dropout = 0.1
+    unfused = copy.deepcopy(model)
+    normfuse.patch(unfused)
+    report = normfuse.patch(model, fuse_residual=True, fuse_dropout=True)
+    fused = {e.original_class.rsplit(".", 1)[1]: e.formula for e in report.patched if e.fused_adds}
+    assert fused == {
+        "BartEncoderLayer": "fused dropout + 2 residual adds + torch LayerNorm",
+        "BartDecoderLayer": "fused dropout + 3 residual adds + torch LayerNorm",
+    }, str(report)
+    model.eval(), unfused.eval()
+    assert torch.equal(_run("bart", model, torch.float32), _run("bart", unfused, torch.float32))
+    model.train()
+    out = _run("bart", model, torch.float32)  # (_run seeds torch's generator: the same masks)
+    clone = pickle.loads(pickle.dumps(model))
+    assert [type(m) for m in clone.modules()] == [type(m) for m in model.modules()]
+    assert torch.equal(_run("bart", clone, torch.float32), out)
+    assert not torch.equal(_run("bart", unfused.train(), torch.float32), out)  # not torch's draws

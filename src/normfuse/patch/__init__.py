@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import types
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -145,8 +146,9 @@ def _rebuild(original: type, key: str) -> torch.nn.Module:
     not made it yet); unpickling then restores the module's state into it."""
     if key == _FUSED or key.startswith(_FUSED + ":"):
         # "fused": a Llama-family decoder layer as normfuse 0.2 pickled it
-        names = key.partition(":")[2].split(",") if ":" in key else ["post_attention_layernorm"]
-        cls = _rewritten_class(original, frozenset(names))
+        with_dropout = key.endswith(_WITH_DROPOUT)
+        names = key.removesuffix(_WITH_DROPOUT).partition(":")[2].split(",") if ":" in key else ["post_attention_layernorm"]
+        cls = _rewritten_class(original, frozenset(names), with_dropout)
     elif key in (_FUSED_OUTPUT, _FUSED_OUTPUT_DROPOUT):
         cls = _fused_output_class(original, key == _FUSED_OUTPUT_DROPOUT)
     else:
@@ -324,20 +326,50 @@ def patch(
     return report
 
 
-def _add_norm(self, name: str, a, b):
+def _add_norm(self, name: str, a, b, dropout: tuple | None = None):
     """``(N(a + b), a + b)`` for the norm ``N = self.<name>``: what the statements a rewritten
     forward replaced compute (``rewrite``), fused where N's patched formula offers the add and the
-    operands allow it (tensors of one dtype, shape and device), unfused otherwise."""
+    operands allow it (tensors of one dtype, shape and device), unfused otherwise. ``dropout``
+    (``fuse_dropout``): ``(which, p, training, module)``, operand ``which`` dropped first, by
+    ``F.dropout(p, training)`` or by ``module`` (the kernel's masks where it is an ``nn.Dropout``
+    or a functional dropout and N is torch's norm)."""
     norm = getattr(self, name)
     formula = _fusable_formula(norm)
-    if (
-        formula is None or _hooked(norm) or "forward" in norm.__dict__
+    fused = formula is not None and not (
+        _hooked(norm) or "forward" in norm.__dict__
         or not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor))
         or a.dtype != b.dtype or a.shape != b.shape or a.device != b.device
-    ):  # fmt: skip
+    )  # fmt: skip
+    drop = None
+    if dropout is not None:
+        which, p, training, module = dropout
+        drop = _FunctionalDropout(p, training) if module is None else module
+        # the kernels take the dropout with torch's own norms, as an nn.Dropout's (or F.dropout's)
+        # p and mode; any other dropout, or norm, has the dropout run by torch before the add
+        if not (fused and _takes_dropout(formula) and (module is None or type(module) is torch.nn.Dropout)):
+            a, b = (drop(a), b) if which == 0 else (a, drop(b))
+            drop = None
+    if not fused:
         h = a + b  # hooks to run, a forward replaced on the instance, or what the kernels do not add
         return norm(h), h
-    return formula.add_forward(norm, a, b, formula.eps(norm))
+    if drop is None:
+        return formula.add_forward(norm, a, b, formula.eps(norm))
+    x, residual = (a, b) if which == 0 else (b, a)
+    return formula.add_forward(norm, x, residual, formula.eps(norm), drop)
+
+
+def _takes_dropout(formula: Formula) -> bool:
+    return any(formula is torch_formula for torch_formula in _TORCH_FORMULAS.values())
+
+
+class _FunctionalDropout(NamedTuple):
+    """``F.dropout(x, p, training)`` as the fused adds of torch's norms take a dropout module."""
+
+    p: float
+    training: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(x, self.p, self.training)
 
 
 def _hooked(module: torch.nn.Module) -> bool:
@@ -384,10 +416,17 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport, fuse_dropout: b
         cls = _class_below_parametrize(module)
         upgrade = False
         if getattr(cls, "_normfuse_original_class", None) is not None:
-            if not (fuse_dropout and cls._normfuse_key == _FUSED_OUTPUT):
+            original = cls._normfuse_original_class
+            if not fuse_dropout or not (
+                cls._normfuse_key == _FUSED_OUTPUT
+                or (
+                    cls._normfuse_key.startswith(_FUSED + ":") and not cls._normfuse_key.endswith(_WITH_DROPOUT)
+                    and _dropouts_before_adds(original)
+                )  # fmt: skip
+            ):
                 continue
-            # an output block fused by an earlier call without fuse_dropout: its dropout joins now
-            cls, upgrade = cls._normfuse_original_class, True
+            # a block fused by an earlier call without fuse_dropout: its dropout joins now
+            cls, upgrade = original, True
         adds = 1
         if is_postnorm_output(cls):
             norms = {"LayerNorm": getattr(module, "LayerNorm", None)}
@@ -407,8 +446,10 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport, fuse_dropout: b
             if not norms:
                 continue
             adds = len(fusable)  # the norms an add joins (a branch may repeat one in the code)
-            make = functools.partial(_rewritten_class, cls, fusable)
+            with_dropout = fuse_dropout and _dropouts_before_adds(cls) > 0
+            make = functools.partial(_rewritten_class, cls, fusable, with_dropout)
             what = "residual add" if adds == 1 else f"{adds} residual adds"
+            what = f"dropout + {what}" if with_dropout else what
         formulas = [formula.name for norm in norms.values() if (formula := _fusable_formula(norm)) is not None]
         if not formulas:
             report.skipped.append(SkippedNorm(path, cls.__qualname__, "residual add not fused: its norm is not patched with a fusable formula"))
@@ -439,6 +480,11 @@ def _add_norm_names(cls: type) -> tuple[str, ...]:
     return rewrite.add_norm_names(cls.forward) if isinstance(getattr(cls, "forward", None), types.FunctionType) else ()
 
 
+@functools.cache
+def _dropouts_before_adds(cls: type) -> int:
+    return rewrite.dropouts_before_adds(cls.forward) if isinstance(getattr(cls, "forward", None), types.FunctionType) else 0
+
+
 def _is_norm(module: object) -> bool:
     return isinstance(module, torch.nn.Module) and (
         _fusable_formula(module) is not None or _torch_formula(module) is not None or _looks_like_norm(module)
@@ -458,13 +504,14 @@ def _fused_output_class(cls: type, with_dropout: bool = False) -> type:
     return fused
 
 
-def _rewritten_class(cls: type, names: frozenset[str]) -> type | None:
+def _rewritten_class(cls: type, names: frozenset[str], with_dropout: bool = False) -> type | None:
     """The generated subclass of a block whose forward has the residual adds before its norms
-    ``names`` fused (``rewrite.fused_forward``); None where its forward cannot be rewritten."""
-    key = (cls, _fused_key(names))
+    ``names`` fused (``rewrite.fused_forward``; ``with_dropout``: and the dropouts just before
+    them); None where its forward cannot be rewritten."""
+    key = (cls, _fused_key(names, with_dropout))
     if key not in _generated:
         owner = next(klass for klass in cls.__mro__ if "forward" in vars(klass))
-        forward = rewrite.fused_forward(cls.forward, names, owner)
+        forward = rewrite.fused_forward(cls.forward, names, owner, with_dropout)
         _generated[key] = None if forward is None else type(
             f"NormfuseFused{cls.__name__}", (cls,),
             {**_generated_namespace(cls, key[1]), "forward": forward, rewrite.FUSED_METHOD: _add_norm},
@@ -472,8 +519,11 @@ def _rewritten_class(cls: type, names: frozenset[str]) -> type | None:
     return _generated[key]
 
 
-def _fused_key(names: frozenset[str]) -> str:
-    return _FUSED + ":" + ",".join(sorted(names))
+def _fused_key(names: frozenset[str], with_dropout: bool) -> str:
+    return _FUSED + ":" + ",".join(sorted(names)) + (_WITH_DROPOUT if with_dropout else "")
+
+
+_WITH_DROPOUT = "+dropout"
 
 
 def _swap(module: torch.nn.Module, patched: type, bound: list[str]) -> None:

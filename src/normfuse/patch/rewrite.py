@@ -93,12 +93,66 @@ def _norm_of(call: ast.expr, target: str, self_name: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Dropout:
+    """The dropout statement before an add: ``T = F.dropout(T, p, training)`` (``p`` and
+    ``training`` the expressions, or their defaults) or ``T = self.<...dropout...>(T)`` (``module``:
+    the attribute, used as a dropout at run time only where it is an ``nn.Dropout``)."""
+
+    p: ast.expr | None
+    training: ast.expr | None
+    module: ast.expr | None
+
+
+_FUNCTIONAL = ("nn.functional", "F", "torch.nn.functional", "functional")
+
+
+def _dropout_of(statement: ast.stmt, self_name: str) -> _Dropout | None:
+    if not _assigns_a_name(statement) or not isinstance(call := statement.value, ast.Call):
+        return None
+    target, func = statement.targets[0].id, call.func
+    if not (call.args and isinstance(call.args[0], ast.Name) and call.args[0].id == target):
+        return None
+    if isinstance(func, ast.Attribute) and func.attr == "dropout" and ast.unparse(func.value) in _FUNCTIONAL:
+        # F.dropout(input, p=0.5, training=True, inplace=False)
+        parameters = ("p", "training", "inplace")
+        if len(call.args) > 1 + len(parameters):
+            return None
+        given = dict(zip(parameters, call.args[1:]))
+        for keyword in call.keywords:
+            if keyword.arg not in parameters or keyword.arg in given:
+                return None
+            given[keyword.arg] = keyword.value
+        inplace = given.get("inplace")
+        if inplace is not None and not (isinstance(inplace, ast.Constant) and inplace.value is False):
+            return None
+        return _Dropout(given.get("p", ast.Constant(0.5)), given.get("training", ast.Constant(True)), None)
+    if (
+        isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == self_name
+        and "dropout" in func.attr.lower() and len(call.args) == 1 and not call.keywords
+    ):  # fmt: skip
+        return _Dropout(None, None, func)
+    return None
+
+
+def _dropped_operand(add: ast.BinOp, target: str) -> int | None:
+    """Which operand of ``A + B`` is the dropout's output ``target`` (0 or 1), the other a name."""
+    operands = (add.left, add.right)
+    if not all(isinstance(operand, ast.Name) for operand in operands):
+        return None
+    names = [operand.id for operand in operands]
+    return names.index(target) if names.count(target) == 1 else None
+
+
 class _Fuse(ast.NodeTransformer):
     """Replaces, in every statement list, the add-then-norm triples whose norm is in ``names``
-    (None: every one); ``fused`` lists the norms' names, in order."""
+    (None: every one); ``fused`` lists the norms' names, in order. With ``with_dropout``, a dropout
+    statement just before the add (``T = F.dropout(T, ...); T = residual + T; ...``) joins the
+    call, counted in ``dropouts``."""
 
-    def __init__(self, self_name: str, names: frozenset[str] | None):
+    def __init__(self, self_name: str, names: frozenset[str] | None, with_dropout: bool = False):
         self.self_name, self.names, self.fused = self_name, names, []
+        self.with_dropout, self.dropouts = with_dropout, 0
 
     def generic_visit(self, node: ast.AST) -> ast.AST:
         super().generic_visit(node)
@@ -123,28 +177,54 @@ class _Fuse(ast.NodeTransformer):
         add = node.args[0]
         return ast.copy_location(ast.Subscript(self._call(func.attr, add), ast.Constant(0), ast.Load()), node)
 
-    def _call(self, norm: str, add: ast.BinOp) -> ast.Call:
+    def _call(self, norm: str, add: ast.BinOp, dropout: _Dropout | None = None, dropped: int = 0) -> ast.Call:
+        args = [ast.Constant(norm), add.left, add.right]
+        if dropout is not None:
+            none = ast.Constant(None)
+            args.append(ast.Tuple([ast.Constant(dropped), dropout.p or none, dropout.training or none,
+                                   dropout.module or none], ast.Load()))  # fmt: skip
+            self.dropouts += 1
         return ast.Call(
             func=ast.Attribute(value=ast.Name(self.self_name, ast.Load()), attr=FUSED_METHOD, ctx=ast.Load()),
-            args=[ast.Constant(norm), add.left, add.right], keywords=[],
+            args=args, keywords=[],
         )  # fmt: skip
+
+    def _with_dropout(self, statements: list[ast.stmt], i: int) -> tuple[_Dropout, int] | None:
+        """The dropout at ``statements[i]`` and which operand of the add after it it drops, where
+        that add is an add-then-norm of a wanted norm."""
+        if not self.with_dropout or i + 1 >= len(statements):
+            return None
+        dropout = _dropout_of(statements[i], self.self_name)
+        add = statements[i + 1]
+        if dropout is None or not (_assigns_a_name(add) and isinstance(add.value, ast.BinOp)):
+            return None
+        target = statements[i].targets[0].id
+        dropped = _dropped_operand(add.value, target) if add.targets[0].id == target else None
+        return None if dropped is None else (dropout, dropped)
 
     def _fuse(self, statements: list[ast.stmt]) -> list[ast.stmt]:
         out, i = [], 0
         while i < len(statements):
-            sunk = _sink_into_branch(statements, i, self.self_name, self.names)
+            drop = self._with_dropout(statements, i)
+            # the dropout goes along where the add goes into both branches of an ``if``
+            sunk = _sink_into_branch(statements, i + (drop is not None), self.self_name, self.names)
             if sunk is not None:
                 moved, branch, consumed = sunk
+                if drop is not None:
+                    branch.body.insert(0, statements[i])
+                    branch.orelse.insert(0, copy.deepcopy(statements[i]))
                 branch.body, branch.orelse = self._fuse(branch.body), self._fuse(branch.orelse)
                 out += [*moved, branch]
-                i += consumed
+                i += consumed + (drop is not None)
                 continue
-            found = _add_then_norm(statements, i, self.self_name)
+            found = _add_then_norm(statements, i + (drop is not None), self.self_name)
             if found is None or not _wanted(found.norm, self.names):
                 out.append(statements[i])
                 i += 1
                 continue
-            call = self._call(found.norm, statements[i].value)
+            dropout, dropped = drop if drop is not None else (None, 0)
+            i += drop is not None
+            call = self._call(found.norm, statements[i].value, dropout, dropped)
             if found.kept is None:
                 fused = ast.Assign(targets=[ast.Name(found.out, ast.Store())], value=ast.Subscript(call, ast.Constant(0), ast.Load()))
             else:
@@ -259,22 +339,33 @@ def add_norm_names(forward: Callable) -> tuple[str, ...]:
     """The attribute names N of the norms that follow a residual add in ``forward``'s statements
     (``T = A + B; R = T; T = self.N(T)``, also across an optional branch), in order; empty where
     there are none or no source."""
+    return _scan(forward)[0]
+
+
+def dropouts_before_adds(forward: Callable) -> int:
+    """How many dropout statements stand just before those adds (``fused_forward``'s
+    ``with_dropout`` takes them into the call)."""
+    return _scan(forward, with_dropout=True)[1]
+
+
+def _scan(forward: Callable, with_dropout: bool = False) -> tuple[tuple[str, ...], int]:
     found = _function_tree(inspect.unwrap(forward))
     if found is None or not found[0].args.args:
-        return ()
-    fuse = _Fuse(found[0].args.args[0].arg, None)
+        return (), 0
+    fuse = _Fuse(found[0].args.args[0].arg, None, with_dropout)
     fuse.visit(found[0])
-    return tuple(fuse.fused)
+    return tuple(fuse.fused), fuse.dropouts
 
 
-def fused_forward(forward: Callable, names: frozenset[str], owner: type) -> Callable | None:
+def fused_forward(forward: Callable, names: frozenset[str], owner: type, with_dropout: bool = False) -> Callable | None:
     """``forward`` (a class's, with its decorators) compiled again with the add-then-norm
     statements of the norms ``names`` fused (the module docstring); None where that cannot be done
     exactly: no source, a source that is not what the function was compiled from (the file
     changed since it was imported: its code, compiled again unchanged, must be the function's),
     a closure over anything but ``super()``'s class cell, or a decorator's wrapper that is not a
     plain function holding the function it wraps. ``owner`` is the class defining ``forward``
-    (the cell a zero-argument ``super()`` reads)."""
+    (the cell a zero-argument ``super()`` reads); ``with_dropout``: the dropouts just before the
+    adds join the calls (``_Fuse``)."""
     chain = [forward]
     while hasattr(chain[-1], "__wrapped__"):
         chain.append(chain[-1].__wrapped__)
@@ -287,7 +378,7 @@ def fused_forward(forward: Callable, names: frozenset[str], owner: type) -> Call
     node, filename, _ = found
     if not _same_code(_compile(copy.deepcopy(node), filename, raw, owner).__code__, raw.__code__):
         return None
-    fuse = _Fuse(node.args.args[0].arg, names)
+    fuse = _Fuse(node.args.args[0].arg, names, with_dropout)
     fuse.visit(node)
     if not fuse.fused:
         return None
