@@ -1,6 +1,7 @@
-"""BERT's output blocks (dense, dropout, LayerNorm of the residual sum): torch, ``normfuse.patch``,
-``normfuse.patch(..., fuse_residual=True)`` and ``fuse_residual=True, fuse_dropout=True`` side by
-side.
+"""BERT's output blocks (dense, dropout, LayerNorm of the residual sum), or BART's whole encoder
+layer (``--family bart``: attention, feed-forward, each with a functional dropout before its
+residual add and a post-norm): torch, ``normfuse.patch``, ``normfuse.patch(...,
+fuse_residual=True)`` and ``fuse_residual=True, fuse_dropout=True`` side by side.
 
 The blocks of a BERT-base-sized layer (hidden 768: the self-output's 768 -> 768 dense and the
 output's 3072 -> 768 one) built from transformers' own classes, on (tokens, features)
@@ -13,7 +14,7 @@ LayerNorm of the residual sum alone (torch's ``F.layer_norm(x + r)`` against nor
 default malloc, as a user's process does (``bench_cpu.py`` sets tunables that keep freed memory
 mapped; here each fresh activation may cost its page faults, in every variant alike).
 
-    python benchmarks/postnorm_blocks_cpu.py [--tokens 4096] [--rounds 15] [--dtype float32|bfloat16]
+    python benchmarks/postnorm_blocks_cpu.py [--family bert|bart] [--tokens 4096] [--rounds 15] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -36,12 +37,21 @@ def _blocks(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     return {"self-output 768": BertSelfOutput(config).to(dtype), "output 3072": BertOutput(config).to(dtype)}
 
 
+def _bart_layer(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    from transformers import BartConfig
+    from transformers.models.bart.modeling_bart import BartEncoderLayer
+
+    config = BartConfig(d_model=768, encoder_ffn_dim=3072, encoder_attention_heads=12, dropout=0.1)
+    return {"encoder layer 768": BartEncoderLayer(config).to(dtype)}
+
+
 def _median_ms(fns: dict[str, object], rounds: int) -> dict[str, float]:
     return {name: seconds * 1e3 for name, seconds in interleaved_medians(fns, rounds, 1).items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="bert", choices=["bert", "bart"])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -53,28 +63,33 @@ def main() -> int:
         f"{'block':16s} {'mode':5s} {'pass':4s} {'torch':>8s} {'patch':>8s} {'fused':>8s} {'+dropout':>8s}"
         "  fused/torch fused/patch +dropout/torch"
     )
-    for name, block in _blocks(dtype).items():
+    for name, block in (_blocks(dtype) if args.family == "bert" else _bart_layer(dtype)).items():
         variants = {k: copy.deepcopy(block) for k in ("patch", "fused", "+dropout")}
         variants = {"torch": block, **variants}
         normfuse.patch(variants["patch"])
         report = normfuse.patch(variants["fused"], fuse_residual=True)
-        assert any(e.formula.startswith("fused residual") for e in report.patched), str(report)
+        assert any(e.fused_adds and "dropout" not in e.formula for e in report.patched), str(report)
         report = normfuse.patch(variants["+dropout"], fuse_residual=True, fuse_dropout=True)
         assert any(e.formula.startswith("fused dropout") for e in report.patched), str(report)
-        width_in = block.dense.in_features
-        x = torch.randn(args.tokens, width_in, dtype=dtype, requires_grad=True)
-        r = torch.randn(args.tokens, 768, dtype=dtype, requires_grad=True)
+        if args.family == "bert":
+            x = torch.randn(args.tokens, block.dense.in_features, dtype=dtype, requires_grad=True)
+            r = torch.randn(args.tokens, 768, dtype=dtype, requires_grad=True)
+            inputs = (x, r)
+        else:  # sequences of 512 tokens, no mask
+            x = torch.randn(args.tokens // 512, 512, 768, dtype=dtype, requires_grad=True)
+            inputs = (x, None)
         for training in (True, False):
             for module in variants.values():
                 module.train(training)
 
             def forward(module=None):
                 with torch.no_grad():
-                    return module(x, r)
+                    return module(*inputs)
 
             def both(module=None):
-                out = module(x, r)
-                return torch.autograd.grad(out.float().square().sum(), [x, r, *module.parameters()])
+                out = module(*inputs)
+                leaves = [t for t in inputs if t is not None]
+                return torch.autograd.grad(out.float().square().sum(), [*leaves, *module.parameters()])
 
             for label, fn in (("fwd", forward), ("f+b", both)):
                 ms = _median_ms({k: (lambda m=m, fn=fn: fn(m)) for k, m in variants.items()}, args.rounds)
