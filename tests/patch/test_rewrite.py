@@ -695,3 +695,18 @@ def test_fuse_dropout_in_bart_s_layers_pickles_and_keeps_eval_outputs():
     assert [type(m) for m in clone.modules()] == [type(m) for m in model.modules()]
     assert torch.equal(_run("bart", clone, torch.float32), out)
     assert not torch.equal(_run("bart", unfused.train(), torch.float32), out)  # not torch's draws
+
+
+def test_a_block_with_its_dropout_fused_compiles_without_a_graph_break():
+    block = _with_weights(_DropoutBlock())
+    normfuse.patch(block, fuse_residual=True, fuse_dropout=True)
+    x = torch.randn(3, WIDTH)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    block.eval()
+    torch.testing.assert_close(compiled(x), block(x), rtol=1e-6, atol=1e-6)
+    block.train()
+    out = compiled(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    grads = torch.autograd.grad(out.square().sum(), list(block.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
