@@ -398,28 +398,25 @@ def _vit():
     ), add_pooling_layer=False)  # fmt: skip
 
 
+# the encoder-decoder models' tiny configuration
+SEQ2SEQ = dict(
+    d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=61, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+)  # fmt: skip
+
+
 def _whisper():
     return transformers.WhisperModel(transformers.WhisperConfig(
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16, max_target_positions=16,
-        vocab_size=61, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
+        **SEQ2SEQ, num_mel_bins=8, max_source_positions=16, max_target_positions=16, decoder_start_token_id=0,
     ))  # fmt: skip
 
 
 def _mbart():
-    return transformers.MBartModel(transformers.MBartConfig(
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=61, max_position_embeddings=32, pad_token_id=0,
-        bos_token_id=0, eos_token_id=0,
-    ))  # fmt: skip
+    return transformers.MBartModel(transformers.MBartConfig(**SEQ2SEQ, max_position_embeddings=32))
 
 
 def _bart():
-    return transformers.BartModel(transformers.BartConfig(
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=61, max_position_embeddings=32, pad_token_id=0,
-        bos_token_id=0, eos_token_id=0,
-    ))  # fmt: skip
+    return transformers.BartModel(transformers.BartConfig(**SEQ2SEQ, max_position_embeddings=32))
 
 
 def _dpt():
