@@ -718,3 +718,16 @@ def test_a_block_with_its_dropout_fused_compiles_without_a_graph_break():
     assert out.shape == x.shape and torch.isfinite(out).all()
     grads = torch.autograd.grad(out.square().sum(), list(block.parameters()))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_the_rewrite_probe_for_other_pythons_passes_under_this_one():
+    """``benchmarks/rewrite_probe.py`` checks the rewrite without torch, for interpreters CI does
+    not run (3.10, 3.12, 3.13 passed it by hand); here it must pass under the tests' own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = Path(__file__).resolve().parents[2] / "benchmarks" / "rewrite_probe.py"
+    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FAILED" not in done.stdout and "an edited source refused ok" in done.stdout

@@ -376,7 +376,11 @@ def fused_forward(forward: Callable, names: frozenset[str], owner: type, with_dr
     if found is None or not found[0].args.args:
         return None
     node, filename, _ = found
-    if not _same_code(_compile(copy.deepcopy(node), filename, raw, owner).__code__, raw.__code__):
+    again = _compile(copy.deepcopy(node), filename, raw, owner)
+    # (Python 3.10 passes nested functions their qualified name as a constant: compared less the
+    # enclosing functions' names, which differ)
+    prefixes = (f"_normfuse_factory.<locals>.{raw.__name__}.<locals>.", f"{raw.__qualname__}.<locals>.")
+    if not _same_code(again.__code__, raw.__code__, prefixes):
         return None
     fuse = _Fuse(node.args.args[0].arg, names, with_dropout)
     fuse.visit(node)
@@ -421,37 +425,42 @@ def _compile(node: ast.FunctionDef, filename: str, raw: types.FunctionType, owne
     return function
 
 
-def _same_code(a: types.CodeType, b: types.CodeType) -> bool:
+def _same_code(a: types.CodeType, b: types.CodeType, prefixes: tuple[str, str]) -> bool:
     """Whether two code objects hold the same instructions on the same names and constants
-    (nested code compared alike). Not compared: line numbers, qualified names, flags, jump
-    offsets, and whether an attribute call loads a method or an attribute (the compiler loads
-    ``module.f`` as an attribute where ``module`` is imported in the same file, and the code
-    compiled again here is not in that file's scope)."""
+    (nested code compared alike; string constants with ``prefixes[0]`` in a's, ``prefixes[1]``
+    in b's, as one). Not compared: line numbers, qualified names, flags, jump offsets, and whether
+    an attribute call loads a method or an attribute (the compiler loads ``module.f`` as an
+    attribute where ``module`` is imported in the same file, and the code compiled again here is
+    not in that file's scope)."""
     if (a.co_names, a.co_varnames, a.co_freevars, a.co_cellvars) != (b.co_names, b.co_varnames, b.co_freevars, b.co_cellvars):
         return False
-    if _instructions(a) != _instructions(b) or len(a.co_consts) != len(b.co_consts):
+    if _instructions(a, prefixes[0]) != _instructions(b, prefixes[1]) or len(a.co_consts) != len(b.co_consts):
         return False
     for x, y in zip(a.co_consts, b.co_consts):
         if isinstance(x, types.CodeType) and isinstance(y, types.CodeType):
-            if not _same_code(x, y):
+            if not _same_code(x, y, prefixes):
                 return False
-        elif type(x) is not type(y) or x != y:
+        elif type(x) is not type(y) or _unprefixed(x, prefixes[0]) != _unprefixed(y, prefixes[1]):
             return False
     return True
+
+
+def _unprefixed(value: object, prefix: str) -> object:
+    return value.replace(prefix, "") if isinstance(value, str) else value
 
 
 _JUMPS = frozenset(dis.hasjrel) | frozenset(dis.hasjabs)
 _LAYOUT = frozenset({"CACHE", "EXTENDED_ARG", "NOP", "PUSH_NULL", "PRECALL", "RESUME"})
 
 
-def _instructions(code: types.CodeType) -> list[tuple[str, object]]:
+def _instructions(code: types.CodeType, prefix: str) -> list[tuple[str, object]]:
     out = []
     for instruction in dis.get_instructions(code):
         name = instruction.opname
         if name in _LAYOUT:
             continue
         name = "LOAD_ATTR" if name == "LOAD_METHOD" else name
-        argval = None if instruction.opcode in _JUMPS else instruction.argval
+        argval = None if instruction.opcode in _JUMPS else _unprefixed(instruction.argval, prefix)
         out.append((name, "<code>" if isinstance(argval, types.CodeType) else argval))  # (compared as constants)
     return out
 
