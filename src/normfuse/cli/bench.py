@@ -355,11 +355,11 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--op", default="layer_norm", choices=OPS, help="which norm to time (default layer_norm)")
-    p.add_argument("--model", choices=["llama", "gpt2", "bert"], default=None,
+    p.add_argument("--model", choices=["llama", "gpt2", "bert", "bart"], default=None,
                    help="instead: a training step (forward, backward, AdamW) of a small Hugging Face model, "
                    "normfuse.patch-ed vs not (needs transformers)")
     p.add_argument("--fuse", action="store_true",
-                   help="--model: patch with fuse_residual=True (bert: and fuse_dropout=True)")
+                   help="--model: patch with fuse_residual=True (bert, bart: and fuse_dropout=True)")
     p.add_argument("--width", type=positive_int, default=512, help="--model: hidden size (default 512)")
     p.add_argument("--layers", type=positive_int, default=4, help="--model: layers (default 4)")
     p.add_argument("--seq", type=positive_int, default=256, help="--model: sequence length (default 256)")

@@ -1,9 +1,11 @@
-"""``normfuse bench --model llama|gpt2|bert``: the training step of a real model, patched vs not.
+"""``normfuse bench --model llama|gpt2|bert|bart``: the training step of a real model, patched vs not.
 
-A small Llama-shaped model (RMSNorm), GPT-2-shaped model (LayerNorm) or BERT-shaped masked-LM
-(post-norm LayerNorms, dropout 0.1) from Hugging Face transformers, built from a config (no
-download). ``--fuse`` patches with ``fuse_residual=True`` (and, for BERT, ``fuse_dropout=True``:
-its output blocks' dropout goes into the add and norm kernel); the norms' share of a step is
+A small Llama-shaped model (RMSNorm), GPT-2-shaped model (LayerNorm), BERT-shaped masked-LM
+(post-norm LayerNorms, dropout 0.1) or BART-shaped sequence-to-sequence model (post-norm
+LayerNorms, dropout 0.1 before each residual add) from Hugging Face transformers, built from a
+config (no download). ``--fuse`` patches with ``fuse_residual=True`` (and, for BERT and BART,
+``fuse_dropout=True``: the dropout before each fused add goes into the add and norm kernel); the
+norms' share of a step is
 then not measured (the fused norms are no module calls to time apart). One training step is forward, backward and an
 AdamW update on random tokens. The unpatched model and a ``normfuse.patch``-ed copy (same
 weights) alternate step by step and the medians are compared. The norms' share of a step is
@@ -39,6 +41,13 @@ def build(kind: str, width: int, layers: int, dtype: torch.dtype) -> torch.nn.Mo
             num_attention_heads=max(1, width // 64), vocab_size=vocab, max_position_embeddings=4096,
         )  # fmt: skip
         model = transformers.BertForMaskedLM(config)
+    elif kind == "bart":
+        config = transformers.BartConfig(
+            d_model=width, encoder_ffn_dim=4 * width, decoder_ffn_dim=4 * width, encoder_layers=layers,
+            decoder_layers=layers, encoder_attention_heads=max(1, width // 64),
+            decoder_attention_heads=max(1, width // 64), vocab_size=vocab, max_position_embeddings=4096,
+        )  # fmt: skip
+        model = transformers.BartForConditionalGeneration(config)
     else:
         config = transformers.GPT2Config(
             n_embd=width, n_layer=layers, n_head=max(1, width // 64), vocab_size=vocab, n_positions=4096,
@@ -115,7 +124,7 @@ def run_model_bench(
     torch.manual_seed(0)
     plain = build(kind, width, layers, dtype)
     patched = copy.deepcopy(plain)
-    report = normfuse.patch(patched, fuse_residual=fuse, fuse_dropout=fuse and kind == "bert")
+    report = normfuse.patch(patched, fuse_residual=fuse, fuse_dropout=fuse and kind in ("bert", "bart"))
     ids = torch.randint(0, plain.config.vocab_size, (batch, seq))
     steps = {"torch": _step_fn(plain, ids), "normfuse": _step_fn(patched, ids)}
     for fn in steps.values():  # warm-up: JIT compile, allocator
