@@ -127,23 +127,15 @@ def test_bench_model_training_step(tmp_path):
         assert result[key]["torch"] > 0 and result[key]["normfuse"] > 0
 
 
-def test_bench_model_bert_with_fused_residual_adds(tmp_path):
+# BERT: the embeddings' LayerNorm and the layer's two, its two output blocks fused, and the MLM
+# head's; BART: the encoder's and decoder's embedding norms and their layers' 2 and 3, the two
+# layers fused (each with its dropouts)
+@pytest.mark.parametrize("kind,patched", [("bert", 6), ("bart", 9)])
+def test_bench_model_with_fused_residual_adds(kind, patched, tmp_path):
     pytest.importorskip("transformers", reason="transformers is not installed (pip install normfuse[hf])")
-    args = ["bench", "--model", "bert", "--fuse", "--quick", "--width", "64", "--layers", "1", "--seq", "16",
+    args = ["bench", "--model", kind, "--fuse", "--quick", "--width", "64", "--layers", "1", "--seq", "16",
             "--batch", "2", "--dtypes", "float32", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
-    (result,) = json.loads((tmp_path / "bench_model_bert_fused.json").read_text())["results"]
-    # the embeddings' LayerNorm and the layer's two, its two output blocks fused, and the MLM head's
-    assert result["fused"] and result["norms"] == 6 and result["norm_share"] is None
-    assert result["step_s"]["torch"] > 0 and result["step_s"]["normfuse"] > 0
-
-
-def test_bench_model_bart_with_fused_dropout_adds_and_norms(tmp_path):
-    pytest.importorskip("transformers", reason="transformers is not installed (pip install normfuse[hf])")
-    args = ["bench", "--model", "bart", "--fuse", "--quick", "--width", "64", "--layers", "1", "--seq", "16",
-            "--batch", "2", "--dtypes", "float32", "--out", str(tmp_path)]  # fmt: skip
-    assert main(args) == 0
-    (result,) = json.loads((tmp_path / "bench_model_bart_fused.json").read_text())["results"]
-    # the encoder's and decoder's embedding norms and their layers' 2 and 3, the layers themselves
-    assert result["fused"] and result["norms"] == 9 and result["norm_share"] is None
+    (result,) = json.loads((tmp_path / f"bench_model_{kind}_fused.json").read_text())["results"]
+    assert result["fused"] and result["norms"] == patched and result["norm_share"] is None
     assert result["step_s"]["torch"] > 0 and result["step_s"]["normfuse"] > 0
