@@ -339,20 +339,16 @@ def add_norm_names(forward: Callable) -> tuple[str, ...]:
     """The attribute names N of the norms that follow a residual add in ``forward``'s statements
     (``T = A + B; R = T; T = self.N(T)``, also across an optional branch), in order; empty where
     there are none or no source."""
-    return _scan(forward)[0]
+    return scan(forward)[0]
 
 
-def dropouts_before_adds(forward: Callable) -> int:
-    """How many dropout statements stand just before those adds (``fused_forward``'s
-    ``with_dropout`` takes them into the call)."""
-    return _scan(forward, with_dropout=True)[1]
-
-
-def _scan(forward: Callable, with_dropout: bool = False) -> tuple[tuple[str, ...], int]:
+def scan(forward: Callable) -> tuple[tuple[str, ...], int]:
+    """``add_norm_names`` and how many dropout statements stand just before those adds
+    (``fused_forward``'s ``with_dropout`` takes them into the call)."""
     found = _function_tree(inspect.unwrap(forward))
     if found is None or not found[0].args.args:
         return (), 0
-    fuse = _Fuse(found[0].args.args[0].arg, None, with_dropout)
+    fuse = _Fuse(found[0].args.args[0].arg, None, with_dropout=True)
     fuse.visit(found[0])
     return tuple(fuse.fused), fuse.dropouts
 
