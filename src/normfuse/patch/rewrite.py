@@ -56,7 +56,7 @@ def _add_then_norm(statements: list[ast.stmt], i: int, self_name: str) -> _AddTh
                                            # is not kept; A or B must be the name ``residual``
     """
     add = statements[i]
-    if not (_assigns_a_name(add) and isinstance(add.value, ast.BinOp) and isinstance(add.value.op, ast.Add)):
+    if not _assigns_a_sum(add):
         return None
     target = add.targets[0].id
     following = statements[i + 1 : i + 3]
@@ -79,6 +79,11 @@ def _add_then_norm(statements: list[ast.stmt], i: int, self_name: str) -> _AddTh
 
 def _assigns_a_name(statement: ast.stmt) -> bool:
     return isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(statement.targets[0], ast.Name)
+
+
+def _assigns_a_sum(statement: ast.stmt) -> bool:
+    """``T = A + B``."""
+    return _assigns_a_name(statement) and isinstance(statement.value, ast.BinOp) and isinstance(statement.value.op, ast.Add)
 
 
 def _norm_of(call: ast.expr, target: str, self_name: str) -> str | None:
@@ -196,7 +201,7 @@ class _Fuse(ast.NodeTransformer):
             return None
         dropout = _dropout_of(statements[i], self.self_name)
         add = statements[i + 1]
-        if dropout is None or not (_assigns_a_name(add) and isinstance(add.value, ast.BinOp)):
+        if dropout is None or not _assigns_a_sum(add):
             return None
         target = statements[i].targets[0].id
         dropped = _dropped_operand(add.value, target) if add.targets[0].id == target else None
@@ -267,7 +272,7 @@ def _sink_into_branch(
     where the add does not read their names. Returns (the moved statements, the new ``if``, how many
     statements they replace); None where the statements are not of that shape."""
     add = statements[i]
-    if not (_assigns_a_name(add) and isinstance(add.value, ast.BinOp) and isinstance(add.value.op, ast.Add)):
+    if not _assigns_a_sum(add):
         return None
     target = add.targets[0].id
     read = {node.id for node in ast.walk(add.value) if isinstance(node, ast.Name)}
