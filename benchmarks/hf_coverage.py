@@ -29,7 +29,7 @@ import transformers.models
 
 from normfuse.patch import _reaches_torch_forward
 from normfuse.patch.formulas import is_postnorm_output, recognize
-from normfuse.patch.rewrite import add_norm_names
+from normfuse.patch.rewrite import scan
 
 
 def _modeling_modules():
@@ -49,7 +49,7 @@ def main() -> int:
     args = parser.parse_args()
     formulas: Counter[str] = Counter()
     left: list[str] = []
-    torch_subclasses = torch_reached = fusable = fusable_outputs = norm_classes = 0
+    torch_subclasses = torch_reached = fusable = with_dropout = fusable_outputs = norm_classes = 0
     for module in _modeling_modules():
         for cls in vars(module).values():
             if not isinstance(cls, type) or cls.__module__ != module.__name__:
@@ -58,10 +58,12 @@ def main() -> int:
                 continue
             if is_postnorm_output(cls):
                 fusable_outputs += 1
-            elif "forward" in vars(cls) and any(
-                "norm" in name.lower() or name.startswith("ln_") for name in add_norm_names(cls.forward)
-            ):
-                fusable += 1
+            elif "forward" in vars(cls):
+                names, dropped_into = scan(cls.forward)
+                norm_like = [name for name in names if "norm" in name.lower() or name.startswith("ln_")]
+                if norm_like:
+                    fusable += 1
+                    with_dropout += any(name in norm_like for name in dropped_into)
             if not cls.__name__.endswith("Norm") or issubclass(
                 cls, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)
             ):
@@ -87,7 +89,8 @@ def main() -> int:
           f"{torch_reached} of {torch_subclasses} torch LayerNorm/RMSNorm subclasses reach torch's forward, "
           f"{len(left)} left alone")  # fmt: skip
     print("formulas: " + ", ".join(f"{name} {count}" for name, count in formulas.most_common()))
-    print(f"{fusable} block classes with a residual add then a norm (pre- or post-norm) that fuse_residual=True fuses")
+    print(f"{fusable} block classes with a residual add then a norm (pre- or post-norm) that fuse_residual=True fuses, "
+          f"{with_dropout} of them with a dropout just before an add (fuse_dropout=True)")  # fmt: skip
     print(f"{fusable_outputs} output block classes with the post-norm body (BERT's) that fuse_residual=True fuses")
     if args.list:
         print("\n".join(f"  left  {entry}" for entry in sorted(left)))

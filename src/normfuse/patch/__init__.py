@@ -421,7 +421,7 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport, fuse_dropout: b
                 cls._normfuse_key == _FUSED_OUTPUT
                 or (
                     cls._normfuse_key.startswith(_FUSED + ":") and not cls._normfuse_key.endswith(_WITH_DROPOUT)
-                    and _scan(original)[1]
+                    and _scan(original)[1]  # (whether into a fusable norm: below)
                 )  # fmt: skip
             ):
                 continue
@@ -439,14 +439,16 @@ def _fuse_residuals(model: torch.nn.Module, report: PatchReport, fuse_dropout: b
             if upgrade and not with_dropout:
                 continue  # a dropout that is not torch's stays out, as in a single call
         else:
-            names, dropouts = _scan(cls)
+            names, dropped_into = _scan(cls)
             # the modules the adds go into that are norms (a triple may end in self.mlp(...))
             norms = {name: norm for name in dict.fromkeys(names) if _is_norm(norm := getattr(module, name, None))}
             fusable = frozenset(name for name, norm in norms.items() if _fusable_formula(norm) is not None)
             if not norms:
                 continue
             adds = len(fusable)  # the norms an add joins (a branch may repeat one in the code)
-            with_dropout = fuse_dropout and dropouts > 0
+            with_dropout = fuse_dropout and any(name in fusable for name in dropped_into)
+            if upgrade and not with_dropout:
+                continue  # no dropout before an add into a fusable norm: nothing to take in
             make = functools.partial(_rewritten_class, cls, fusable, with_dropout)
             what = "residual add" if adds == 1 else f"{adds} residual adds"
             what = f"dropout + {what}" if with_dropout else what
@@ -477,8 +479,9 @@ _NOT_REWRITTEN = (
 
 @functools.cache
 def _scan(cls: type) -> tuple[tuple[str, ...], int]:
-    """The norms after residual adds in the class's forward, and the dropouts before them."""
-    return rewrite.scan(cls.forward) if isinstance(getattr(cls, "forward", None), types.FunctionType) else ((), 0)
+    """The norms after residual adds in the class's forward, and those whose add has a dropout
+    just before it."""
+    return rewrite.scan(cls.forward) if isinstance(getattr(cls, "forward", None), types.FunctionType) else ((), ())
 
 
 def _is_norm(module: object) -> bool:

@@ -153,11 +153,11 @@ class _Fuse(ast.NodeTransformer):
     """Replaces, in every statement list, the add-then-norm triples whose norm is in ``names``
     (None: every one); ``fused`` lists the norms' names, in order. With ``with_dropout``, a dropout
     statement just before the add (``T = F.dropout(T, ...); T = residual + T; ...``) joins the
-    call, counted in ``dropouts``."""
+    call; ``dropped_into`` lists the norms whose add takes one."""
 
     def __init__(self, self_name: str, names: frozenset[str] | None, with_dropout: bool = False):
         self.self_name, self.names, self.fused = self_name, names, []
-        self.with_dropout, self.dropouts = with_dropout, 0
+        self.with_dropout, self.dropped_into = with_dropout, []
 
     def generic_visit(self, node: ast.AST) -> ast.AST:
         super().generic_visit(node)
@@ -188,7 +188,7 @@ class _Fuse(ast.NodeTransformer):
             none = ast.Constant(None)
             args.append(ast.Tuple([ast.Constant(dropped), dropout.p or none, dropout.training or none,
                                    dropout.module or none], ast.Load()))  # fmt: skip
-            self.dropouts += 1
+            self.dropped_into.append(norm)
         return ast.Call(
             func=ast.Attribute(value=ast.Name(self.self_name, ast.Load()), attr=FUSED_METHOD, ctx=ast.Load()),
             args=args, keywords=[],
@@ -347,15 +347,15 @@ def add_norm_names(forward: Callable) -> tuple[str, ...]:
     return scan(forward)[0]
 
 
-def scan(forward: Callable) -> tuple[tuple[str, ...], int]:
-    """``add_norm_names`` and how many dropout statements stand just before those adds
-    (``fused_forward``'s ``with_dropout`` takes them into the call)."""
+def scan(forward: Callable) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``add_norm_names``, and the norms among them whose add has a dropout statement just before
+    it (``fused_forward``'s ``with_dropout`` takes it into the call)."""
     found = _function_tree(inspect.unwrap(forward))
     if found is None or not found[0].args.args:
-        return (), 0
+        return (), ()
     fuse = _Fuse(found[0].args.args[0].arg, None, with_dropout=True)
     fuse.visit(found[0])
-    return tuple(fuse.fused), fuse.dropouts
+    return tuple(fuse.fused), tuple(fuse.dropped_into)
 
 
 def fused_forward(forward: Callable, names: frozenset[str], owner: type, with_dropout: bool = False) -> Callable | None:
