@@ -731,3 +731,41 @@ def test_the_rewrite_probe_for_other_pythons_passes_under_this_one():
     done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "FAILED" not in done.stdout and "an edited source refused ok" in done.stdout
+
+
+class _HalfFusable(_Block):
+    """A dropout before the add into a norm left unpatched; none before the add into the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.p = torch.nn.RMSNorm(WIDTH), 0.25
+
+    def forward(self, hidden_states):
+        residual = hidden_states
+        hidden_states = self.attn(hidden_states)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.norm1(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = torch.nn.functional.dropout(hidden_states, p=self.p, training=self.training)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.norm2(hidden_states)
+        return hidden_states + residual
+
+
+def test_fuse_dropout_passes_over_a_dropout_before_an_add_into_a_norm_left_alone():
+    block = _with_weights(_HalfFusable())
+    first = normfuse.patch(block, layer_norm=False, fuse_residual=True)
+    assert [e.formula for e in first.patched] == ["torch RMSNorm", "fused residual add + torch RMSNorm"], str(first)
+    fused_class = type(block)
+    assert normfuse.patch(block, layer_norm=False, fuse_residual=True, fuse_dropout=True).patched == []
+    assert type(block) is fused_class
+    once = _with_weights(_HalfFusable())
+    normfuse.patch(once, layer_norm=False, fuse_residual=True, fuse_dropout=True)
+    assert type(once) is fused_class  # the same class: no dropout it could take in
+    x = torch.randn(3, WIDTH)
+    torch.manual_seed(2)
+    got = block(x)
+    torch.manual_seed(2)
+    assert torch.equal(got, once(x))
