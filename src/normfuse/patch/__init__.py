@@ -478,7 +478,7 @@ _NOT_REWRITTEN = (
 
 
 @functools.cache
-def _scan(cls: type) -> tuple[tuple[str, ...], int]:
+def _scan(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The norms after residual adds in the class's forward, and those whose add has a dropout
     just before it."""
     return rewrite.scan(cls.forward) if isinstance(getattr(cls, "forward", None), types.FunctionType) else ((), ())
